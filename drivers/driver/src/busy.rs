@@ -1,0 +1,135 @@
+//! Who keeps a volume busy: processes whose working directory, root, executable or open files
+//! lie inside it, and filesystems mounted below it. Shared by every driver whose volumes have
+//! a path on the host.
+
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// `true` when `candidate` is `dir` itself or lies below it (compared as bytes, no resolution:
+/// both come from the kernel's own view in /proc).
+fn is_within(candidate: &[u8], dir: &[u8]) -> bool {
+    candidate == dir
+        || (candidate.len() > dir.len()
+            && candidate.starts_with(dir)
+            && (dir.ends_with(b"/") || candidate[dir.len()] == b'/'))
+}
+
+fn process_name(pid: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The first process (other than this one) that uses something inside `dir`, described as
+/// `"pid 123 (bash): cwd /srv/pool/c1/root"`. Processes that vanish while they are read are
+/// passed over.
+pub fn find_holder(dir: &Path) -> std::io::Result<Option<String>> {
+    let dir = dir.as_os_str().as_bytes();
+    let me = std::process::id().to_string();
+    for entry in fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let pid = entry.file_name();
+        let Some(pid) = pid.to_str() else { continue };
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let base = PathBuf::from("/proc").join(pid);
+        let mut links: Vec<(String, PathBuf)> = ["cwd", "root", "exe"]
+            .iter()
+            .map(|l| ((*l).to_owned(), base.join(l)))
+            .collect();
+        if let Ok(fds) = fs::read_dir(base.join("fd")) {
+            for fd in fds.flatten() {
+                links.push((
+                    format!("fd {}", fd.file_name().to_string_lossy()),
+                    fd.path(),
+                ));
+            }
+        }
+        for (what, link) in links {
+            let Ok(target) = fs::read_link(&link) else { continue };
+            if is_within(target.as_os_str().as_bytes(), dir) {
+                return Ok(Some(format!(
+                    "pid {pid} ({}): {what} {}",
+                    process_name(pid),
+                    target.display()
+                )));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Undoes the octal escapes (`\040` for a space, ...) of /proc/self/mountinfo.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// A filesystem mounted at or below `dir` (in this mount namespace), as its mount point.
+pub fn holder_of_mount_below(dir: &Path) -> std::io::Result<Option<String>> {
+    let dir = dir.as_os_str().as_bytes();
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    for line in info.lines() {
+        let Some(mount_point) = line.split(' ').nth(4) else { continue };
+        let mount_point = unescape_mountinfo(mount_point);
+        if is_within(&mount_point, dir) {
+            return Ok(Some(format!(
+                "a filesystem is mounted at {}",
+                String::from_utf8_lossy(&mount_point)
+            )));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_is_component_wise() {
+        assert!(is_within(b"/a/b", b"/a/b"));
+        assert!(is_within(b"/a/b/c", b"/a/b"));
+        assert!(!is_within(b"/a/bc", b"/a/b"));
+        assert!(is_within(b"/x", b"/"));
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(r"/a\04"), b"/a\\04");
+    }
+
+    #[test]
+    fn finds_a_process_with_its_cwd_inside() {
+        let dir = std::env::temp_dir().join(format!("reimage-busy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(&dir)
+            .spawn()
+            .unwrap();
+        let found = find_holder(&dir);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        let found = found.unwrap().expect("the sleeping child holds the directory");
+        assert!(found.contains("(sleep): cwd"), "{found}");
+    }
+}

@@ -1,0 +1,273 @@
+//! The storage-driver contract of reimage.
+//!
+//! The core never names a backend object directly. It speaks of *slots*: the live volume and
+//! the temporary volumes it builds beside it ([`SlotKind`]). Each driver maps a slot to its own
+//! physical name (a directory, a subvolume, a dataset, a logical volume) so that no volume name
+//! can ever collide with a temporary one, whatever the backend's naming rules are.
+//!
+//! Every method is one step that either happens or does not: the core's journal records which
+//! step it is about to take, and crash recovery only needs [`Driver::identity`] to find out
+//! where an interrupted operation stopped.
+
+mod busy;
+pub mod tree;
+mod name;
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+
+pub use busy::{find_holder, holder_of_mount_below};
+pub use name::{NameError, VolumeName};
+
+/// Which of a volume's slots an operation addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SlotKind {
+    /// The volume under its own name: what users see.
+    Live,
+    /// The volume being built; it becomes `Live` when complete.
+    New,
+    /// The previous content while it waits to be destroyed.
+    Old,
+}
+
+impl SlotKind {
+    pub const ALL: [SlotKind; 3] = [SlotKind::Live, SlotKind::New, SlotKind::Old];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotKind::Live => "live",
+            SlotKind::New => "new",
+            SlotKind::Old => "old",
+        }
+    }
+}
+
+/// One slot of one volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot<'a> {
+    pub volume: &'a VolumeName,
+    pub kind: SlotKind,
+}
+
+impl<'a> Slot<'a> {
+    pub fn live(volume: &'a VolumeName) -> Self {
+        Slot { volume, kind: SlotKind::Live }
+    }
+    pub fn new(volume: &'a VolumeName) -> Self {
+        Slot { volume, kind: SlotKind::New }
+    }
+    pub fn old(volume: &'a VolumeName) -> Self {
+        Slot { volume, kind: SlotKind::Old }
+    }
+}
+
+impl fmt::Display for Slot<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            SlotKind::Live => write!(f, "volume {}", self.volume),
+            kind => write!(f, "{} slot of volume {}", kind.as_str(), self.volume),
+        }
+    }
+}
+
+/// How a driver bounds the size of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeModel {
+    /// No limit at all (a plain directory without project quotas): `size` is only advisory.
+    Unlimited,
+    /// A limit on the bytes the volume may reference; space is taken only as data is written.
+    Quota,
+    /// A block device of fixed size: the whole size is taken from the pool when created.
+    Allocated,
+}
+
+/// What a driver can do; the core and the conformance suite read it instead of guessing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The backend has snapshots of volumes at all.
+    pub snapshots: bool,
+    /// A rebuild can leave existing snapshots intact and restorable.
+    pub keep_snapshots: bool,
+    pub size_model: SizeModel,
+    /// A volume's size or quota can be made smaller.
+    pub shrink: bool,
+    /// [`Driver::exchange`] swaps two slots atomically; otherwise the core uses two renames.
+    pub exchange: bool,
+}
+
+/// Size and usage of one volume.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Quota or device size in bytes; `None` when the volume has no limit.
+    pub size: Option<u64>,
+    /// Bytes the volume takes from the pool.
+    pub used: u64,
+    /// Number of inodes in the volume, where the backend can tell cheaply.
+    pub inodes: Option<u64>,
+}
+
+/// Space of the pool as a whole, from the backend's own accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolSpace {
+    /// Bytes that new data can still take.
+    pub available: u64,
+    pub total: u64,
+}
+
+/// The root directory of a volume, opened (and mounted, for block-backed drivers) for filling.
+/// Dropping it releases the mount, best effort; [`Mounted::release`] reports failures.
+pub struct Mounted {
+    root: Option<OwnedFd>,
+    release: Option<Box<dyn FnOnce() -> Result<()>>>,
+}
+
+impl Mounted {
+    /// A root that needs no release: the directory is always reachable.
+    pub fn unmanaged(root: OwnedFd) -> Self {
+        Mounted { root: Some(root), release: None }
+    }
+
+    /// A root whose `release` must run once the caller is done (an unmount).
+    pub fn with_release(root: OwnedFd, release: Box<dyn FnOnce() -> Result<()>>) -> Self {
+        Mounted { root: Some(root), release: Some(release) }
+    }
+
+    pub fn root(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match &self.root {
+            Some(fd) => fd.as_fd(),
+            None => unreachable!("the root fd lives until release"),
+        }
+    }
+
+    /// Closes the root and runs the release step (unmount), reporting its failure.
+    pub fn release(mut self) -> Result<()> {
+        self.root.take();
+        match self.release.take() {
+            Some(release) => release(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.root.take();
+        if let Some(release) = self.release.take() {
+            let _ = release();
+        }
+    }
+}
+
+/// The reason a driver step failed, in terms the core maps onto protocol error codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    /// The volume is in use; `holder` names the process or mount when it could be found.
+    Busy { holder: Option<String> },
+    /// The volume has snapshots and the step would destroy them.
+    HasSnapshots(Vec<String>),
+    NoSpace,
+    QuotaExceeded,
+    /// The backend cannot do this at all (not a transient failure).
+    Unsupported,
+    /// Anything else: a failed system call or command.
+    Failed,
+}
+
+/// A failed driver step: what kind of failure and a message that names the cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error { kind, message: message.into() }
+    }
+
+    /// A failed system call: ENOSPC and EDQUOT keep their meaning, everything else is `Failed`.
+    pub fn io(context: impl fmt::Display, err: std::io::Error) -> Self {
+        use rustix::io::Errno;
+        let kind = match err.raw_os_error().map(Errno::from_raw_os_error) {
+            Some(Errno::NOSPC) => ErrorKind::NoSpace,
+            Some(Errno::DQUOT) => ErrorKind::QuotaExceeded,
+            Some(Errno::NOENT) => ErrorKind::NotFound,
+            Some(Errno::EXIST) => ErrorKind::AlreadyExists,
+            Some(Errno::BUSY) => ErrorKind::Busy { holder: None },
+            _ => ErrorKind::Failed,
+        };
+        Error::new(kind, format!("{context}: {err}"))
+    }
+
+    pub fn errno(context: impl fmt::Display, err: rustix::io::Errno) -> Self {
+        Error::io(context, err.into())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One storage backend. Implementations are driven by the core from a single thread, one
+/// volume at a time under the core's per-volume lock; they keep no state between calls that
+/// a crash could lose.
+pub trait Driver {
+    /// The driver's name as written in argv and in the pool config.
+    fn name(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// A stable identity of the object in `slot` that survives renames (inode, subvolume
+    /// uuid, dataset guid, LV uuid), or `None` when the slot is empty. Recovery compares it
+    /// with the identity recorded in the journal to see whether a swap happened.
+    fn identity(&self, slot: Slot<'_>) -> Result<Option<String>>;
+
+    /// Creates an empty volume in `slot` (which must be empty), sized when the driver has
+    /// sizes. Fails with `AlreadyExists` if the slot is taken.
+    fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()>;
+
+    /// Destroys the volume in `slot` and, with `with_snapshots`, its snapshots. Without it a
+    /// volume that has snapshots fails with `HasSnapshots`. An empty slot is not an error.
+    fn destroy(&self, slot: Slot<'_>, with_snapshots: bool) -> Result<()>;
+
+    /// Names of the snapshots of the volume in `slot`, oldest first.
+    fn snapshots(&self, slot: Slot<'_>) -> Result<Vec<String>>;
+
+    /// Moves the volume in `from` to the empty slot `to`, atomically.
+    fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()>;
+
+    /// Swaps the volumes in two slots atomically; `Unsupported` unless
+    /// [`Capabilities::exchange`].
+    fn exchange(&self, a: Slot<'_>, b: Slot<'_>) -> Result<()>;
+
+    fn usage(&self, slot: Slot<'_>) -> Result<Usage>;
+
+    /// Sets the quota or device size of the volume in `slot`.
+    fn set_size(&self, slot: Slot<'_>, bytes: u64) -> Result<()>;
+
+    fn pool_space(&self) -> Result<PoolSpace>;
+
+    /// Opens the root directory of the volume in `slot`, mounting it first where needed.
+    fn open_root(&self, slot: Slot<'_>) -> Result<Mounted>;
+
+    /// Names a process or mount that keeps the volume in `slot` busy, if any.
+    fn busy(&self, slot: Slot<'_>) -> Result<Option<String>>;
+
+    /// Flushes the volume in `slot` to stable storage. `root` is its open root directory.
+    fn sync(&self, _slot: Slot<'_>, root: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        rustix::fs::syncfs(root).map_err(|e| Error::errno("syncfs", e))
+    }
+
+    /// Volumes that have something in a temporary slot (`New` or `Old`): the leftovers of an
+    /// interrupted operation, for `recover` without a volume name.
+    fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>>;
+}

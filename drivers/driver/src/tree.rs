@@ -1,0 +1,193 @@
+//! fd-relative operations on whole directory trees: removal and usage accounting.
+//!
+//! Both walk with an explicit stack (a hostile tree may be deeper than any thread stack),
+//! open every directory with `O_NOFOLLOW` relative to its parent's fd (a symlink is never
+//! followed), and refuse to cross into another mount: removing a tree must never reach into
+//! a filesystem that somebody mounted inside it.
+
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, StatxFlags};
+use rustix::io::Errno;
+
+use crate::{Error, ErrorKind, Result};
+
+fn mount_id(dirfd: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<u64> {
+    let st = rustix::fs::statx(
+        dirfd,
+        name,
+        AtFlags::SYMLINK_NOFOLLOW | AtFlags::EMPTY_PATH,
+        StatxFlags::MNT_ID,
+    )?;
+    Ok(st.stx_mnt_id)
+}
+
+fn open_subdir(dirfd: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dirfd,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+const FS_IMMUTABLE_FL: u32 = 0x10;
+const FS_APPEND_FL: u32 = 0x20;
+
+/// Clears the immutable and append-only flags of `name` (a directory or regular file only:
+/// opening a device node or fifo can have side effects). Returns whether anything changed.
+fn clear_protection_flags(dirfd: BorrowedFd<'_>, name: &CStr) -> bool {
+    let Ok(st) = rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW) else {
+        return false;
+    };
+    let kind = FileType::from_raw_mode(st.st_mode);
+    if kind != FileType::Directory && kind != FileType::RegularFile {
+        return false;
+    }
+    let Ok(fd) = rustix::fs::openat(
+        dirfd,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    let Ok(flags) = rustix::fs::ioctl_getflags(&fd) else {
+        return false;
+    };
+    let bits = flags.bits();
+    if bits & (FS_IMMUTABLE_FL | FS_APPEND_FL) == 0 {
+        return false;
+    }
+    let cleared = rustix::fs::IFlags::from_bits_retain(bits & !(FS_IMMUTABLE_FL | FS_APPEND_FL));
+    rustix::fs::ioctl_setflags(&fd, cleared).is_ok()
+}
+
+/// Unlinks one non-directory or empty directory, clearing immutable/append-only flags on the
+/// entry and on its directory once when the kernel says EPERM.
+fn unlink_entry(dirfd: BorrowedFd<'_>, name: &CStr, flags: AtFlags) -> rustix::io::Result<()> {
+    match rustix::fs::unlinkat(dirfd, name, flags) {
+        Err(Errno::PERM) => {
+            let changed_entry = clear_protection_flags(dirfd, name);
+            let changed_dir = clear_protection_flags(dirfd, c".");
+            if changed_entry || changed_dir {
+                rustix::fs::unlinkat(dirfd, name, flags)
+            } else {
+                Err(Errno::PERM)
+            }
+        }
+        other => other,
+    }
+}
+
+/// Removes `name` in `parent` and everything below it. A missing entry is not an error.
+/// `shown` names the tree in error messages.
+pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<()> {
+    let fail = |what: &str, e: Errno| Error::errno(format!("removing {shown}: {what}"), e);
+    let top = match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(fail("stat", e)),
+    };
+    if FileType::from_raw_mode(top.st_mode) != FileType::Directory {
+        return unlink_entry(parent, name, AtFlags::empty()).map_err(|e| fail("unlink", e));
+    }
+    let root_mnt = mount_id(parent, name).map_err(|e| fail("statx", e))?;
+
+    // Each frame: the directory being emptied, and its name in the frame below.
+    let mut stack: Vec<(Dir, CString)> = Vec::new();
+    let fd = open_subdir(parent, name).map_err(|e| fail("open", e))?;
+    stack.push((Dir::new(fd).map_err(|e| fail("read", e))?, name.to_owned()));
+    while let Some((dir, _)) = stack.last_mut() {
+        match dir.read() {
+            Some(Ok(entry)) => {
+                let child = entry.file_name().to_owned();
+                if child.as_bytes() == b"." || child.as_bytes() == b".." {
+                    continue;
+                }
+                let dirfd = dir.fd().map_err(|e| fail("fd", e))?;
+                let is_dir = match entry.file_type() {
+                    FileType::Directory => true,
+                    FileType::Unknown => rustix::fs::statat(dirfd, &child, AtFlags::SYMLINK_NOFOLLOW)
+                        .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+                        .map_err(|e| fail("stat", e))?,
+                    _ => false,
+                };
+                if !is_dir {
+                    unlink_entry(dirfd, &child, AtFlags::empty()).map_err(|e| fail("unlink", e))?;
+                    continue;
+                }
+                if mount_id(dirfd, &child).map_err(|e| fail("statx", e))? != root_mnt {
+                    return Err(Error::new(
+                        ErrorKind::Busy { holder: None },
+                        format!(
+                            "removing {shown}: a filesystem is mounted on {:?} inside it; unmount it first",
+                            child
+                        ),
+                    ));
+                }
+                let fd = open_subdir(dirfd, &child).map_err(|e| fail("open", e))?;
+                stack.push((Dir::new(fd).map_err(|e| fail("read", e))?, child));
+            }
+            Some(Err(e)) => return Err(fail("read directory", e)),
+            None => {
+                let Some((_, emptied)) = stack.pop() else { break };
+                let below = match stack.last() {
+                    Some((dir, _)) => dir.fd().map_err(|e| fail("fd", e))?,
+                    None => parent,
+                };
+                unlink_entry(below, &emptied, AtFlags::REMOVEDIR).map_err(|e| fail("rmdir", e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes allocated (`st_blocks`) and inodes in the tree below `root`, hardlinks counted once.
+/// Does not descend into other mounts.
+pub fn usage(root: BorrowedFd<'_>) -> Result<(u64, u64)> {
+    let fail = |e: Errno| Error::errno("measuring volume usage", e);
+    let root_mnt = mount_id(root, c"").map_err(fail)?;
+    let st = rustix::fs::fstat(root).map_err(fail)?;
+    let mut bytes = st.st_blocks as u64 * 512;
+    let mut inodes = 1u64;
+    let mut seen_links: HashSet<(u64, u64)> = HashSet::new();
+    let dup = rustix::io::fcntl_dupfd_cloexec(root, 0).map_err(fail)?;
+    let mut stack: Vec<Dir> = vec![Dir::new(dup).map_err(fail)?];
+    while let Some(dir) = stack.last_mut() {
+        match dir.read() {
+            Some(Ok(entry)) => {
+                let name = entry.file_name().to_owned();
+                if name.as_bytes() == b"." || name.as_bytes() == b".." {
+                    continue;
+                }
+                let dirfd = dir.fd().map_err(fail)?;
+                let st = match rustix::fs::statat(dirfd, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => st,
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(fail(e)),
+                };
+                let kind = FileType::from_raw_mode(st.st_mode);
+                if kind != FileType::Directory
+                    && st.st_nlink > 1
+                    && !seen_links.insert((st.st_dev as u64, st.st_ino as u64))
+                {
+                    continue;
+                }
+                bytes += st.st_blocks as u64 * 512;
+                inodes += 1;
+                if kind == FileType::Directory && mount_id(dirfd, &name).map_err(fail)? == root_mnt {
+                    let fd = open_subdir(dirfd, &name).map_err(fail)?;
+                    stack.push(Dir::new(fd).map_err(fail)?);
+                }
+            }
+            Some(Err(e)) => return Err(fail(e)),
+            None => {
+                stack.pop();
+            }
+        }
+    }
+    Ok((bytes, inodes))
+}

@@ -1,0 +1,156 @@
+//! The command line: `reimage [--config PATH] [--progress auto|always|never] DRIVER`, one
+//! JSON request on stdin, events on stdout, the exit status of the contract.
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+use crate::config::{Config, DriverKind, DEFAULT_CONFIG};
+use crate::error::{Code, Error, Result};
+use crate::ops::{self, Ctx};
+use crate::protocol::events::{BarMode, Events};
+use crate::protocol::request::{self, MAX_REQUEST_BYTES};
+use crate::{drivers, signals};
+
+pub const USAGE: &str = "usage: reimage [--config PATH] [--progress auto|always|never] DRIVER < request.json
+  DRIVER is one of dir, btrfs, zfs, lvm; the request and events are described in the README.";
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Args {
+    pub config: PathBuf,
+    pub bar: BarMode,
+    pub driver: DriverKind,
+}
+
+pub enum Parsed {
+    Run(Args),
+    Help,
+    Version,
+}
+
+fn usage_error(message: impl Into<String>) -> Error {
+    Error::new(Code::InvalidRequest, format!("{}\n{USAGE}", message.into())).with("path", "argv")
+}
+
+pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
+    let mut config = PathBuf::from(DEFAULT_CONFIG);
+    let mut bar = BarMode::Auto;
+    let mut driver = None;
+    let mut it = args.iter().skip(1);
+    while let Some(arg) = it.next() {
+        let text = arg.to_str().ok_or_else(|| usage_error("arguments must be UTF-8"))?;
+        let (flag, inline) = match text.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+            _ => (text, None),
+        };
+        let mut value = |name: &str| -> Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it
+                    .next()
+                    .and_then(|v| v.to_str().map(str::to_owned))
+                    .ok_or_else(|| usage_error(format!("{name} needs a value"))),
+            }
+        };
+        match flag {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "-V" | "--version" => return Ok(Parsed::Version),
+            "--config" => config = PathBuf::from(value("--config")?),
+            "--progress" => {
+                bar = match value("--progress")?.as_str() {
+                    "auto" => BarMode::Auto,
+                    "always" => BarMode::Always,
+                    "never" => BarMode::Never,
+                    other => return Err(usage_error(format!("--progress {other:?} is not auto, always or never"))),
+                }
+            }
+            f if f.starts_with('-') => return Err(usage_error(format!("unknown option {f}"))),
+            name => {
+                if driver.is_some() {
+                    return Err(usage_error(format!("unexpected argument {name:?}")));
+                }
+                driver = Some(DriverKind::parse(name).ok_or_else(|| {
+                    usage_error(format!("unknown driver {name:?}; one of dir, btrfs, zfs, lvm"))
+                })?);
+            }
+        }
+    }
+    let driver = driver.ok_or_else(|| usage_error("missing DRIVER"))?;
+    Ok(Parsed::Run(Args { config, bar, driver }))
+}
+
+fn read_request(stdin: &mut dyn Read) -> Result<String> {
+    let mut buf = Vec::new();
+    stdin
+        .take(MAX_REQUEST_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::new(Code::InvalidRequest, format!("cannot read the request from stdin: {e}")).with("path", "."))?;
+    String::from_utf8(buf)
+        .map_err(|_| Error::new(Code::InvalidRequest, "the request is not UTF-8").with("path", "."))
+}
+
+fn execute(args: &Args, stdin: &mut dyn Read, events: &mut Events) -> Result<(String, serde_json::Map<String, serde_json::Value>)> {
+    let config = Config::load(&args.config)?;
+    let op = request::parse(&read_request(stdin)?)?;
+    let pool = match op.pool() {
+        Some(name) => Some(config.pool_for(name, args.driver)?),
+        None => None,
+    };
+    // Policy before any storage is looked at: an image outside images.allow is refused
+    // here, whatever the op.
+    if let Some(request::Source::Image { path, .. }) = op.source() {
+        config.open_image(path)?;
+    }
+    events.start(
+        op.name(),
+        args.driver.as_str(),
+        op.pool(),
+        op.volume().map(|v| v.as_str()),
+    );
+    let driver = pool.map(drivers::open).transpose()?;
+    let ctx = Ctx { config: &config, pool, driver: driver.as_deref(), events };
+    let body = ops::run(ctx, &op)?;
+    Ok((op.name().to_owned(), body))
+}
+
+/// Runs one request; returns the process exit status.
+pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
+    signals::install();
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    let stderr_tty = std::io::stderr().is_terminal();
+    let parsed = parse_args(args);
+    let bar = match &parsed {
+        Ok(Parsed::Run(a)) => match a.bar {
+            BarMode::Always => true,
+            BarMode::Never => false,
+            BarMode::Auto => stderr_tty,
+        },
+        _ => false,
+    };
+    let mut events = Events::new(Box::new(std::io::stdout()), Box::new(std::io::stderr()), bar);
+    let args = match parsed {
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Help) => {
+            eprintln!("{USAGE}");
+            return 0;
+        }
+        Ok(Parsed::Version) => {
+            eprintln!("reimage {} (protocol api {})", env!("CARGO_PKG_VERSION"), request::API_VERSION);
+            return 0;
+        }
+        Err(e) => {
+            events.error(&e);
+            return e.code.exit_status();
+        }
+    };
+    match execute(&args, stdin, &mut events) {
+        Ok((op, body)) => {
+            events.result(&op, body);
+            0
+        }
+        Err(e) => {
+            events.error(&e);
+            e.code.exit_status()
+        }
+    }
+}

@@ -1,0 +1,669 @@
+//! A strict streaming tar reader: ustar, GNU (long names and links, base-256 numbers) and PAX
+//! (local and global headers), and v7.
+//!
+//! It decides once, here, what every header means; measure and unpack both read archives
+//! through it, so they can never disagree about an entry (the class of bug behind
+//! CVE-2025-62518). Precedence is fixed: a PAX record beats a GNU long name or link, which
+//! beats the header field. Every malformed header is `image_invalid` naming its offset, and
+//! every variable-size header is bounded.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, ErrorKind};
+
+use crate::error::{Code, Error, Result};
+
+const BLOCK: u64 = 512;
+
+/// Bounds on what one archive may ask for.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// GNU long name/link and PAX header bodies.
+    pub max_header_bytes: u64,
+    /// Number of records in one PAX header.
+    pub max_pax_records: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_header_bytes: 1 << 20, max_pax_records: 10_000 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Dir => "directory",
+            Kind::Symlink => "symlink",
+            Kind::Hardlink => "hardlink",
+            Kind::CharDevice => "character device",
+            Kind::BlockDevice => "block device",
+            Kind::Fifo => "fifo",
+        }
+    }
+}
+
+/// One archive member with everything its headers said about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The path as the archive spells it (not yet normalized or checked).
+    pub path: Vec<u8>,
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky (`0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds and nanoseconds since the epoch; seconds may be negative.
+    pub mtime: (i64, u32),
+    /// Bytes of file content that follow (regular files only; 0 otherwise).
+    pub size: u64,
+    /// Symlink target or hardlink target path.
+    pub link: Vec<u8>,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    /// Extended attributes, by name, from `SCHILY.xattr.*` and `LIBARCHIVE.xattr.*`.
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Offset of the entry's first header in the decompressed stream, for messages.
+    pub offset: u64,
+}
+
+impl Entry {
+    /// The path for messages: lossy UTF-8, shortened.
+    pub fn shown(&self) -> String {
+        shown(&self.path)
+    }
+}
+
+pub fn shown(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    if s.chars().count() > 200 {
+        format!("{}...", s.chars().take(200).collect::<String>())
+    } else {
+        s.into_owned()
+    }
+}
+
+/// `true` when `block` is a plausible tar header (ustar magic or a valid v7 checksum).
+pub fn looks_like_tar(block: &[u8]) -> bool {
+    if block.len() < BLOCK as usize {
+        return false;
+    }
+    if &block[257..262] == b"ustar" {
+        return true;
+    }
+    let Ok(stored) = parse_octal(&block[148..156]) else { return false };
+    checksum_matches(block, stored) && block[0] != 0
+}
+
+fn checksum_matches(block: &[u8], stored: u64) -> bool {
+    let mut unsigned: u64 = 0;
+    let mut signed: i64 = 0;
+    for (i, &b) in block[..BLOCK as usize].iter().enumerate() {
+        let b = if (148..156).contains(&i) { b' ' } else { b };
+        unsigned += u64::from(b);
+        signed += i64::from(b as i8);
+    }
+    stored == unsigned || stored as i64 == signed
+}
+
+fn parse_octal(field: &[u8]) -> std::result::Result<u64, ()> {
+    let mut value: u64 = 0;
+    let mut seen = false;
+    for &b in field {
+        match b {
+            b' ' if !seen => continue,
+            b'0'..=b'7' => {
+                seen = true;
+                value = value.checked_mul(8).ok_or(())?.checked_add(u64::from(b - b'0')).ok_or(())?;
+            }
+            0 | b' ' => break,
+            _ => return Err(()),
+        }
+    }
+    Ok(value)
+}
+
+/// A numeric header field: octal text, or GNU base-256 (high bit set, two's complement).
+fn parse_number(field: &[u8]) -> std::result::Result<i128, ()> {
+    match field.first() {
+        Some(&b) if b & 0x80 != 0 => {
+            // Big-endian two's complement with the marker bit dropped: 0x80 starts a positive
+            // number, 0xff a negative one (whose first byte, read as i8, sign-extends).
+            let mut value: i128 = if b & 0x40 != 0 { i128::from(b as i8) } else { i128::from(b & 0x7f) };
+            for &b in &field[1..] {
+                value = value.checked_mul(256).ok_or(())?.checked_add(i128::from(b)).ok_or(())?;
+            }
+            Ok(value)
+        }
+        _ => parse_octal(field).map(i128::from),
+    }
+}
+
+/// Reads entries from a decompressed tar stream.
+pub struct TarReader<R> {
+    inner: R,
+    limits: Limits,
+    /// Bytes consumed from the stream so far.
+    offset: u64,
+    /// Content bytes of the current entry not yet read, and the padding after them.
+    remaining: u64,
+    padding: u64,
+    globals: BTreeMap<String, Vec<u8>>,
+    ended: bool,
+}
+
+/// What the headers before a member said about it.
+#[derive(Default)]
+struct Pending {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: BTreeMap<String, Vec<u8>>,
+}
+
+fn invalid(offset: u64, message: impl std::fmt::Display) -> Error {
+    Error::new(Code::ImageInvalid, format!("tar header at offset {offset}: {message}"))
+        .with("offset", offset)
+}
+
+/// A read failure of the (decompressed) image stream.
+pub fn read_error(e: std::io::Error) -> Error {
+    if e.kind() == ErrorKind::UnexpectedEof {
+        Error::new(Code::ImageInvalid, "the image is truncated")
+    } else {
+        Error::new(Code::ImageInvalid, format!("cannot read the image: {e}"))
+    }
+}
+
+impl<R: BufRead> TarReader<R> {
+    pub fn new(inner: R) -> Self {
+        TarReader::with_limits(inner, Limits::default())
+    }
+
+    pub fn with_limits(inner: R, limits: Limits) -> Self {
+        TarReader {
+            inner,
+            limits,
+            offset: 0,
+            remaining: 0,
+            padding: 0,
+            globals: BTreeMap::new(),
+            ended: false,
+        }
+    }
+
+    /// Bytes of the decompressed stream consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_exact(buf).map_err(read_error)?;
+        self.offset += buf.len() as u64;
+        Ok(())
+    }
+
+    fn skip(&mut self, mut n: u64) -> Result<()> {
+        while n > 0 {
+            let chunk = self.inner.fill_buf().map_err(read_error)?;
+            if chunk.is_empty() {
+                return Err(read_error(ErrorKind::UnexpectedEof.into()));
+            }
+            let take = chunk.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            self.inner.consume(take);
+            self.offset += take as u64;
+            n -= take as u64;
+        }
+        Ok(())
+    }
+
+    /// Up to `max` bytes of the current entry's content, borrowed from the stream's buffer.
+    /// Empty when the content is exhausted. Call [`TarReader::consume`] with what was used.
+    pub fn data(&mut self) -> Result<&[u8]> {
+        if self.remaining == 0 {
+            return Ok(&[]);
+        }
+        let remaining = self.remaining;
+        let chunk = self.inner.fill_buf().map_err(read_error)?;
+        if chunk.is_empty() {
+            return Err(read_error(ErrorKind::UnexpectedEof.into()));
+        }
+        let take = chunk.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        Ok(&chunk[..take])
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.inner.consume(n);
+        self.offset += n as u64;
+        self.remaining -= n as u64;
+    }
+
+    /// Reads a whole variable-size header body (long name, PAX) of `size` bytes.
+    fn read_body(&mut self, size: u64, at: u64, what: &str) -> Result<Vec<u8>> {
+        if size > self.limits.max_header_bytes {
+            return Err(invalid(
+                at,
+                format!("{what} of {size} bytes exceeds the limit of {}", self.limits.max_header_bytes),
+            ));
+        }
+        let mut body = vec![0u8; size as usize];
+        self.read_exact(&mut body)?;
+        self.skip(padding_of(size))?;
+        Ok(body)
+    }
+
+    /// The next member, or `None` at the end of the archive.
+    pub fn next_entry(&mut self) -> Result<Option<Entry>> {
+        if self.ended {
+            return Ok(None);
+        }
+        self.skip(self.remaining + self.padding)?;
+        self.remaining = 0;
+        self.padding = 0;
+        let mut pending = Pending::default();
+        let mut first_header: Option<u64> = None;
+        loop {
+            let at = self.offset;
+            let mut block = [0u8; BLOCK as usize];
+            match self.inner.fill_buf() {
+                Ok([]) if first_header.is_none() => {
+                    return Err(Error::new(
+                        Code::ImageInvalid,
+                        format!("the tar archive ends at offset {at} without its end-of-archive marker (truncated?)"),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(read_error(e)),
+            }
+            self.read_exact(&mut block)?;
+            if block.iter().all(|&b| b == 0) {
+                if first_header.is_some() {
+                    return Err(invalid(at, "end-of-archive marker inside an entry's headers"));
+                }
+                self.ended = true;
+                return Ok(None);
+            }
+            first_header.get_or_insert(at);
+            let stored = parse_octal(&block[148..156]).map_err(|_| invalid(at, "unreadable checksum"))?;
+            if !checksum_matches(&block, stored) {
+                return Err(invalid(at, "checksum mismatch (corrupt or not a tar archive)"));
+            }
+            let size = header_size(&block, at)?;
+            let typeflag = block[156];
+            match typeflag {
+                b'L' => {
+                    let body = self.read_body(size, at, "GNU long name")?;
+                    pending.long_name = Some(trim_nul(body));
+                }
+                b'K' => {
+                    let body = self.read_body(size, at, "GNU long link")?;
+                    pending.long_link = Some(trim_nul(body));
+                }
+                b'x' | b'X' => {
+                    let body = self.read_body(size, at, "PAX header")?;
+                    parse_pax(&body, at, self.limits.max_pax_records, &mut pending.pax)?;
+                }
+                b'g' => {
+                    let body = self.read_body(size, at, "PAX global header")?;
+                    let mut globals = std::mem::take(&mut self.globals);
+                    parse_pax(&body, at, self.limits.max_pax_records, &mut globals)?;
+                    globals.retain(|_, v| !v.is_empty());
+                    self.globals = globals;
+                }
+                b'V' => {
+                    // A volume label names the archive, not a member.
+                    self.skip(size + padding_of(size))?;
+                }
+                b'S' => {
+                    return Err(Error::new(
+                        Code::ImageUnsupported,
+                        format!("tar header at offset {at}: GNU sparse members are not supported yet"),
+                    ))
+                }
+                b'M' | b'N' => {
+                    return Err(Error::new(
+                        Code::ImageUnsupported,
+                        format!(
+                            "tar header at offset {at}: multi-volume or old GNU long-name members are not supported"
+                        ),
+                    ))
+                }
+                _ => {
+                    let entry = self.member(&block, typeflag, size, pending, first_header.unwrap_or(at))?;
+                    return Ok(Some(entry));
+                }
+            }
+        }
+    }
+
+    fn member(&mut self, block: &[u8; 512], typeflag: u8, header_size: u64, pending: Pending, at: u64) -> Result<Entry> {
+        let ustar_posix = &block[257..263] == b"ustar\0";
+        let record = |key: &str| -> Option<&Vec<u8>> {
+            match pending.pax.get(key) {
+                Some(v) if v.is_empty() => None,
+                Some(v) => Some(v),
+                None => self.globals.get(key),
+            }
+        };
+        let path = if let Some(p) = record("path") {
+            p.clone()
+        } else if let Some(p) = pending.long_name.clone() {
+            p
+        } else {
+            let name = field_str(&block[0..100]);
+            if ustar_posix && block[345] != 0 {
+                let mut full = field_str(&block[345..500]).to_vec();
+                full.push(b'/');
+                full.extend_from_slice(name);
+                full
+            } else {
+                name.to_vec()
+            }
+        };
+        let link = if let Some(l) = record("linkpath") {
+            l.clone()
+        } else if let Some(l) = pending.long_link.clone() {
+            l
+        } else {
+            field_str(&block[157..257]).to_vec()
+        };
+        let kind = match typeflag {
+            b'0' | 0 | b'7' if path.ends_with(b"/") => Kind::Dir,
+            b'0' | 0 | b'7' => Kind::File,
+            b'1' => Kind::Hardlink,
+            b'2' => Kind::Symlink,
+            b'3' => Kind::CharDevice,
+            b'4' => Kind::BlockDevice,
+            b'5' | b'D' => Kind::Dir,
+            b'6' => Kind::Fifo,
+            other => {
+                return Err(Error::new(
+                    Code::ImageUnsupported,
+                    format!(
+                        "tar entry {:?} at offset {at}: unknown member type {:?}",
+                        shown(&path),
+                        other as char
+                    ),
+                ))
+            }
+        };
+        let number = |key: &str, field: std::ops::Range<usize>, what: &str| -> Result<i128> {
+            match record(key) {
+                Some(text) => parse_decimal(text).ok_or_else(|| invalid(at, format!("PAX {key} is not a number"))),
+                None => parse_number(&block[field]).map_err(|_| invalid(at, format!("unreadable {what}"))),
+            }
+        };
+        let id = |value: i128, what: &str| -> Result<u32> {
+            u32::try_from(value)
+                .ok()
+                .filter(|&v| v != u32::MAX)
+                .ok_or_else(|| invalid(at, format!("{what} {value} is not a valid id")))
+        };
+        let uid = id(number("uid", 108..116, "uid")?, "uid")?;
+        let gid = id(number("gid", 116..124, "gid")?, "gid")?;
+        let mode = parse_number(&block[100..108]).map_err(|_| invalid(at, "unreadable mode"))?;
+        let mode = (mode & 0o7777) as u32;
+        let mtime = match record("mtime") {
+            Some(text) => parse_pax_time(text).ok_or_else(|| invalid(at, "PAX mtime is not a time"))?,
+            None => {
+                let secs = parse_number(&block[136..148]).map_err(|_| invalid(at, "unreadable mtime"))?;
+                (i64::try_from(secs).map_err(|_| invalid(at, "mtime out of range"))?, 0)
+            }
+        };
+        let size = match record("size") {
+            Some(text) => parse_decimal(text)
+                .and_then(|v| u64::try_from(v).ok())
+                .ok_or_else(|| invalid(at, "PAX size is not a size"))?,
+            None => header_size,
+        };
+        let device = |key: &str, field: std::ops::Range<usize>| -> Result<u32> {
+            let v = number(key, field, "device number")?;
+            u32::try_from(v).map_err(|_| invalid(at, "device number out of range"))
+        };
+        let (dev_major, dev_minor) = if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
+            (device("SCHILY.devmajor", 329..337)?, device("SCHILY.devminor", 337..345)?)
+        } else {
+            (0, 0)
+        };
+        let mut xattrs = BTreeMap::new();
+        for (key, value) in self.globals.iter().chain(pending.pax.iter()) {
+            if let Some(name) = key.strip_prefix("LIBARCHIVE.xattr.") {
+                let name = percent_decode(name.as_bytes())
+                    .ok_or_else(|| invalid(at, format!("bad xattr name in {key}")))?;
+                let value = base64_decode(value)
+                    .ok_or_else(|| invalid(at, format!("bad base64 value in {key}")))?;
+                xattrs.insert(name, value);
+            }
+        }
+        // SCHILY records are written by GNU tar and bsdtar alike; they win over the
+        // LIBARCHIVE copy of the same attribute.
+        for (key, value) in self.globals.iter().chain(pending.pax.iter()) {
+            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                xattrs.insert(name.as_bytes().to_vec(), value.clone());
+            }
+        }
+        // Content follows regular files only. Other members may still claim a size (a
+        // hardlink "with data", CVE-2016-5418): those bytes are skipped, never written.
+        let (content, skipped) = if kind == Kind::File { (size, 0) } else { (0, size) };
+        self.remaining = content;
+        self.padding = skipped + padding_of(size);
+        Ok(Entry {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            size: content,
+            link,
+            dev_major,
+            dev_minor,
+            xattrs,
+            offset: at,
+        })
+    }
+}
+
+fn padding_of(size: u64) -> u64 {
+    (BLOCK - size % BLOCK) % BLOCK
+}
+
+fn header_size(block: &[u8; 512], at: u64) -> Result<u64> {
+    let size = parse_number(&block[124..136]).map_err(|_| invalid(at, "unreadable size"))?;
+    u64::try_from(size).map_err(|_| invalid(at, format!("negative size {size}")))
+}
+
+/// A NUL-terminated header field.
+fn field_str(field: &[u8]) -> &[u8] {
+    match field.iter().position(|&b| b == 0) {
+        Some(end) => &field[..end],
+        None => field,
+    }
+}
+
+fn trim_nul(mut body: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = body.iter().position(|&b| b == 0) {
+        body.truncate(end);
+    }
+    body
+}
+
+/// Parses PAX records (`"%d %s=%s\n"`) into `into`; later records replace earlier ones.
+fn parse_pax(body: &[u8], at: u64, max_records: usize, into: &mut BTreeMap<String, Vec<u8>>) -> Result<()> {
+    let mut rest = body;
+    let mut count = 0;
+    while !rest.is_empty() {
+        // Some writers pad the body with NULs.
+        if rest.iter().all(|&b| b == 0) {
+            break;
+        }
+        count += 1;
+        if count > max_records {
+            return Err(invalid(at, format!("PAX header has more than {max_records} records")));
+        }
+        let space = rest
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or_else(|| invalid(at, "malformed PAX record (no length)"))?;
+        let len_text = &rest[..space];
+        if len_text.is_empty() || len_text.len() > 12 || !len_text.iter().all(u8::is_ascii_digit) {
+            return Err(invalid(at, "malformed PAX record length"));
+        }
+        let len: usize = std::str::from_utf8(len_text)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| invalid(at, "malformed PAX record length"))?;
+        if len <= space + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+            return Err(invalid(at, "PAX record length does not match its content"));
+        }
+        let record = &rest[space + 1..len - 1];
+        let eq = record
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or_else(|| invalid(at, "malformed PAX record (no '=')"))?;
+        let key = std::str::from_utf8(&record[..eq])
+            .map_err(|_| invalid(at, "PAX record key is not UTF-8"))?;
+        if key.is_empty() {
+            return Err(invalid(at, "PAX record with an empty key"));
+        }
+        into.insert(key.to_owned(), record[eq + 1..].to_vec());
+        rest = &rest[len..];
+    }
+    Ok(())
+}
+
+fn parse_decimal(text: &[u8]) -> Option<i128> {
+    let s = std::str::from_utf8(text).ok()?;
+    if s.is_empty() || s.len() > 30 {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// A PAX time: `[-]seconds[.fraction]`, kept to the nanosecond.
+fn parse_pax_time(text: &[u8]) -> Option<(i64, u32)> {
+    let s = std::str::from_utf8(text).ok()?;
+    let (negative, s) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: i64 = whole.parse().ok()?;
+    let mut nanos: u32 = 0;
+    for (i, d) in frac.bytes().take(9).enumerate() {
+        nanos += u32::from(d - b'0') * 10u32.pow(8 - i as u32);
+    }
+    if !negative {
+        return Some((secs, nanos));
+    }
+    // -1.25 is 1.25 s before the epoch: seconds -2, nanoseconds 750_000_000.
+    if nanos == 0 {
+        Some((-secs, 0))
+    } else {
+        Some((-secs - 1, 1_000_000_000 - nanos))
+    }
+}
+
+fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            let hex = std::str::from_utf8(s.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let s: Vec<u8> = s.iter().copied().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut acc = 0u32;
+        for &c in chunk {
+            acc = (acc << 6) | value(c)?;
+        }
+        match chunk.len() {
+            4 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8, acc as u8]),
+            3 => out.extend_from_slice(&[(acc >> 10) as u8, (acc >> 2) as u8]),
+            2 => out.push((acc >> 4) as u8),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_octal(b"0000644\0"), Ok(0o644));
+        assert_eq!(parse_octal(b"   755 \0"), Ok(0o755));
+        assert_eq!(parse_octal(b"\0\0\0"), Ok(0));
+        assert!(parse_octal(b"12a").is_err());
+        let mut big = [0u8; 12];
+        big[0] = 0x80;
+        big[11] = 0x01;
+        big[10] = 0x02;
+        assert_eq!(parse_number(&big), Ok(0x0201));
+        let neg = [0xffu8; 12];
+        assert_eq!(parse_number(&neg), Ok(-1));
+    }
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(parse_pax_time(b"1700000000.123456789"), Some((1700000000, 123456789)));
+        assert_eq!(parse_pax_time(b"5"), Some((5, 0)));
+        assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(parse_pax_time(b"1.2.3"), None);
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
+
+    #[test]
+    fn pax_records() {
+        let mut m = BTreeMap::new();
+        parse_pax(b"11 path=ab\n16 SCHILY.x=a=b\n", 0, 10, &mut m).unwrap();
+        assert_eq!(m["path"], b"ab");
+        assert_eq!(m["SCHILY.x"], b"a=b");
+        for bad in [&b"99 path=ab\n"[..], b"10 path=ab\n", b"x path=a\n", b"5 =a\n\n", b"8 patha\n"] {
+            assert!(parse_pax(bad, 0, 10, &mut BTreeMap::new()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base64_and_percent() {
+        assert_eq!(base64_decode(b"aGVsbG8="), Some(b"hello".to_vec()));
+        assert_eq!(base64_decode(b"AQID"), Some(vec![1, 2, 3]));
+        assert_eq!(percent_decode(b"user.a%3Db"), Some(b"user.a=b".to_vec()));
+    }
+}

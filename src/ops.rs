@@ -1,0 +1,697 @@
+//! The operations: each takes a parsed request, plans it (measure, size, space) before it
+//! changes anything, then carries the plan out step by step, journaling before every
+//! destructive step and rolling back on failure.
+//!
+//! Flow, with no step going back to an earlier one: lock → recover what a crash left →
+//! check → measure → plan → (dry run stops here) → build in a temporary slot → commit under
+//! the volume's name → clean up → result.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use reimage_driver::{Driver, Mounted, Slot, SlotKind, VolumeName};
+use serde_json::{json, Map, Value};
+
+use crate::config::{Config, Pool};
+use crate::error::{Code, Error, Result};
+use crate::image::{self, Format};
+use crate::journal::{Intent, IntentOp, Journal, Phase};
+use crate::lock::VolumeLock;
+use crate::measure::{measure_tar, Measurement};
+use crate::plan::{plan_fill, Plan};
+use crate::protocol::events::{Events, Phase as EventPhase};
+use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source};
+use crate::recover::{recover_orphans, recover_volume, Outcome};
+use crate::unpack::idmap::IdMap;
+use crate::unpack::path::{normalize, RelPath};
+use crate::unpack::{self, Observer};
+use crate::{preserve, signals};
+
+/// Everything an operation works with.
+pub struct Ctx<'a> {
+    pub config: &'a Config,
+    pub pool: Option<&'a Pool>,
+    pub driver: Option<&'a dyn Driver>,
+    pub events: &'a mut Events,
+}
+
+/// Wall time of each phase, for `timings_ms`.
+#[derive(Default)]
+struct Timings {
+    phases: Map<String, Value>,
+    started: Option<Instant>,
+}
+
+impl Timings {
+    fn start() -> Self {
+        Timings { phases: Map::new(), started: Some(Instant::now()) }
+    }
+
+    fn time<T>(&mut self, name: &str, step: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = step();
+        let ms = t.elapsed().as_millis() as u64;
+        let before = self.phases.get(name).and_then(Value::as_u64).unwrap_or(0);
+        self.phases.insert(name.to_owned(), (before + ms).into());
+        out
+    }
+
+    fn to_json(&self) -> Value {
+        let mut m = self.phases.clone();
+        if let Some(s) = self.started {
+            m.insert("total".into(), (s.elapsed().as_millis() as u64).into());
+        }
+        Value::Object(m)
+    }
+}
+
+/// An image opened and measured, or nothing for an empty volume.
+enum Content {
+    Empty,
+    Image { file: File, path: PathBuf, measurement: Measurement },
+}
+
+impl Content {
+    fn measurement(&self) -> Measurement {
+        match self {
+            Content::Empty => Measurement::empty(),
+            Content::Image { measurement, .. } => measurement.clone(),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            Content::Empty => json!({"empty": true}),
+            Content::Image { path, measurement, .. } => {
+                let mut v = measurement.to_json();
+                v["path"] = path.display().to_string().into();
+                v
+            }
+        }
+    }
+}
+
+/// Progress and cancellation for the unpacker.
+struct UnpackObserver<'e> {
+    events: &'e mut Events,
+    total: u64,
+}
+
+impl Observer for UnpackObserver<'_> {
+    fn progress(&mut self, done: u64) {
+        self.events.progress(EventPhase::Unpack, done, self.total, "bytes");
+    }
+    fn warning(&mut self, code: &str, message: &str) {
+        self.events.warning(code, message);
+    }
+    fn cancelled(&self) -> bool {
+        signals::cancelled()
+    }
+}
+
+fn open_and_measure(config: &Config, events: &mut Events, source: &Source, timings: &mut Timings) -> Result<Content> {
+    let (path, prefix) = match source {
+        Source::Empty => return Ok(Content::Empty),
+        Source::Image { path, rootfs_prefix } => (path, rootfs_prefix.as_deref()),
+    };
+    let (file, resolved) = config.open_image(path)?;
+    let detected = image::detect(&file)?;
+    if detected.format == Format::Squashfs {
+        return Err(Error::new(
+            Code::ImageUnsupported,
+            "squashfs images are not supported by this version yet; use a tar image",
+        ));
+    }
+    let measurement = timings.time("measure", || {
+        measure_tar(&file, detected.compression, prefix, &mut |done, total| {
+            events.progress(EventPhase::Measure, done, total, "bytes")
+        })
+    })?;
+    Ok(Content::Image { file, path: resolved, measurement })
+}
+
+fn preserve_paths(paths: &[PathBuf]) -> Result<Vec<RelPath>> {
+    paths
+        .iter()
+        .map(|p| {
+            use std::os::unix::ffi::OsStrExt;
+            normalize(p.as_os_str().as_bytes())
+                .map_err(|e| Error::new(Code::InvalidRequest, e.message).with("path", "preserve"))
+        })
+        .collect()
+}
+
+/// Unpacks `content` into the open root of the volume being built.
+fn unpack_into(events: &mut Events, root: &Mounted, content: &Content, idmap: &IdMap, skip: &[RelPath]) -> Result<()> {
+    let Content::Image { file, measurement, .. } = content else {
+        if !idmap.is_identity() {
+            let owner = idmap.map(0).unwrap_or(0);
+            rustix::fs::fchown(
+                root.root(),
+                Some(rustix::fs::Uid::from_raw(owner)),
+                Some(rustix::fs::Gid::from_raw(owner)),
+            )
+            .map_err(|e| Error::new(Code::DriverError, format!("chown of the new volume's root: {e}")))?;
+        }
+        return Ok(());
+    };
+    let (stream, _) = image::open_stream(file, measurement.compression)?;
+    let mut reader = image::tar::TarReader::new(stream);
+    let options = unpack::Options {
+        prefix: measurement.rootfs_prefix.clone(),
+        idmap: idmap.clone(),
+        skip: skip.to_vec(),
+        expected_bytes: Some(measurement.tally.unpacked_bytes),
+    };
+    let total = measurement.tally.unpacked_bytes;
+    events.progress(EventPhase::Unpack, 0, total, "bytes");
+    let mut observer = UnpackObserver { events, total };
+    unpack::unpack_tar(&mut reader, root.root(), &options, &mut observer)?;
+    Ok(())
+}
+
+fn volume_json(driver: &dyn Driver, volume: &VolumeName) -> Result<Value> {
+    let usage = driver.usage(Slot::live(volume))?;
+    let snapshots = driver.snapshots(Slot::live(volume))?;
+    Ok(json!({
+        "name": volume.as_str(),
+        "exists": true,
+        "size": usage.size,
+        "used": usage.used,
+        "inodes": usage.inodes,
+        "snapshots": snapshots,
+    }))
+}
+
+fn cancelled_check() -> Result<()> {
+    if signals::cancelled() {
+        return Err(Error::new(Code::Interrupted, "interrupted by a signal; nothing was changed"));
+    }
+    Ok(())
+}
+
+/// One volume's operation context: driver, journal and the held lock.
+struct VolumeOp<'a> {
+    driver: &'a dyn Driver,
+    journal: Journal,
+    volume: &'a VolumeName,
+    events: &'a mut Events,
+    _lock: VolumeLock,
+}
+
+impl VolumeOp<'_> {
+    fn intent(&self, op: IntentOp, phase: Phase, with_snapshots: bool) -> Result<()> {
+        self.journal.write(
+            self.volume,
+            &Intent { op, phase, with_snapshots, pid: std::process::id() },
+        )
+    }
+
+    /// Finishes or rolls back what an earlier, interrupted request left for this volume.
+    fn recover_first(&mut self) -> Result<Option<Outcome>> {
+        let outcome = match self.journal.read(self.volume)? {
+            Some(intent) => Some(recover_volume(self.driver, &self.journal, self.volume, &intent)?),
+            None => recover_orphans(self.driver, self.volume)?,
+        };
+        if let Some(o) = &outcome {
+            self.events.warning("recovered", &o.describe());
+        }
+        Ok(outcome)
+    }
+
+    /// Destroys the `New` slot after a failure and clears the journal; if that fails too the
+    /// journal stays so that the next request finishes the job, and the error says so.
+    fn roll_back_new(&mut self, err: Error) -> Error {
+        let undone = self
+            .driver
+            .destroy(Slot::new(self.volume), false)
+            .map_err(Error::from)
+            .and_then(|()| self.journal.clear(self.volume));
+        match undone {
+            Ok(()) => err,
+            Err(e) => err
+                .with("recovery", format!("pending: {}; run recover", e.message))
+                .context("rolled back only partly"),
+        }
+    }
+
+    fn check_not_busy(&self, slot: Slot<'_>) -> Result<()> {
+        if let Some(holder) = self.driver.busy(slot)? {
+            return Err(Error::new(
+                Code::VolumeBusy,
+                format!("{slot} is in use ({holder}); stop what uses it first"),
+            )
+            .with("holder", holder));
+        }
+        Ok(())
+    }
+
+    /// Commits the complete new volume (identity `new_id`) under the volume's name.
+    fn commit(&mut self, op: IntentOp, new_id: String, with_snapshots: bool, timings: &mut Timings) -> Result<()> {
+        self.intent(op, Phase::Committing { new_id: new_id.clone() }, with_snapshots)?;
+        let (driver, volume) = (self.driver, self.volume);
+        let swapped = timings.time("swap", || -> Result<()> {
+            let live_exists = driver.identity(Slot::live(volume))?.is_some();
+            if !live_exists {
+                driver.rename(Slot::new(volume), Slot::live(volume))?;
+            } else if driver.capabilities().exchange {
+                driver.exchange(Slot::live(volume), Slot::new(volume))?;
+            } else {
+                driver.rename(Slot::live(volume), Slot::old(volume))?;
+                driver.rename(Slot::new(volume), Slot::live(volume))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = swapped {
+            // The new volume is complete: finishing the swap is the recovery.
+            let intent = Intent { op, phase: Phase::Committing { new_id }, with_snapshots, pid: std::process::id() };
+            return match recover_volume(driver, &self.journal, volume, &intent) {
+                Ok(_) => Ok(()),
+                Err(again) => Err(e.with("recovery", format!("pending: {}; run recover", again.message))),
+            };
+        }
+        self.events.progress(EventPhase::Swap, 1, 1, "steps");
+        let cleaned = timings.time("cleanup", || -> Result<()> {
+            for kind in [SlotKind::New, SlotKind::Old] {
+                let slot = Slot { volume, kind };
+                if driver.identity(slot)?.is_some_and(|id| id != new_id) {
+                    driver.destroy(slot, with_snapshots)?;
+                }
+            }
+            Ok(())
+        });
+        match cleaned {
+            Ok(()) => self.journal.clear(volume)?,
+            Err(e) => self.events.warning(
+                "cleanup_pending",
+                &format!("the new volume is in place but the old content could not be removed yet ({}); the next request or `recover` removes it", e.message),
+            ),
+        }
+        self.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+        Ok(())
+    }
+}
+
+/// Syncs and closes the volume being built, and returns its identity.
+fn seal(driver: &dyn Driver, events: &mut Events, root: Mounted, volume: &VolumeName, timings: &mut Timings) -> Result<String> {
+    events.progress(EventPhase::Sync, 0, 1, "steps");
+    timings.time("sync", || driver.sync(Slot::new(volume), root.root()))?;
+    root.release()?;
+    events.progress(EventPhase::Sync, 1, 1, "steps");
+    cancelled_check()?;
+    driver
+        .identity(Slot::new(volume))?
+        .ok_or_else(|| Error::internal("the new volume vanished before it was committed"))
+}
+
+pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
+    match op {
+        Op::Measure { source } => measure(ctx, source),
+        Op::Recover { volume, .. } => recover(ctx, volume.as_ref()),
+        Op::Inspect { volume, .. } => inspect(ctx, volume),
+        Op::Create { volume, fill, .. } => create(ctx, volume, fill),
+        Op::Rebuild { volume, fill, snapshots, mode, preserve, .. } => {
+            rebuild(ctx, volume, fill, *snapshots, *mode, preserve)
+        }
+        Op::Delete { volume, snapshots, .. } => delete(ctx, volume, *snapshots),
+        Op::Resize { volume, size, .. } => resize(ctx, volume, *size),
+    }
+}
+
+fn needs<'a>(ctx: &Ctx<'a>) -> Result<(&'a Pool, &'a dyn Driver)> {
+    match (ctx.pool, ctx.driver) {
+        (Some(p), Some(d)) => Ok((p, d)),
+        _ => Err(Error::internal("this op needs a pool")),
+    }
+}
+
+fn lock_volume<'a>(ctx: &'a mut Ctx<'_>, volume: &'a VolumeName) -> Result<VolumeOp<'a>> {
+    let (pool, driver) = needs(ctx)?;
+    let lock = VolumeLock::acquire(&ctx.config.state_dir, &pool.name, volume.as_str())?;
+    Ok(VolumeOp {
+        driver,
+        journal: Journal::new(&ctx.config.state_dir, &pool.name),
+        volume,
+        events: ctx.events,
+        _lock: lock,
+    })
+}
+
+fn measure(ctx: Ctx<'_>, source: &Source) -> Result<Map<String, Value>> {
+    let mut timings = Timings::start();
+    let content = open_and_measure(ctx.config, ctx.events, source, &mut timings)?;
+    let mut out = Map::new();
+    out.insert("image".into(), content.to_json());
+    out.insert("timings_ms".into(), timings.to_json());
+    Ok(out)
+}
+
+fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, Value>> {
+    let (pool, driver) = needs(&ctx)?;
+    let journal = Journal::new(&ctx.config.state_dir, &pool.name);
+    let pending = journal.read(volume)?.is_some()
+        || driver.leftovers()?.iter().any(|(v, _)| v == volume);
+    let mut info = if driver.identity(Slot::live(volume))?.is_some() {
+        volume_json(driver, volume)?
+    } else {
+        json!({"name": volume.as_str(), "exists": false})
+    };
+    info["pending_recovery"] = pending.into();
+    let mut out = Map::new();
+    out.insert("volume".into(), info);
+    Ok(out)
+}
+
+fn fill_result(driver: &dyn Driver, volume: &VolumeName, content: &Content, timings: &Timings) -> Result<Map<String, Value>> {
+    let mut out = Map::new();
+    out.insert("volume".into(), volume_json(driver, volume)?);
+    out.insert("image".into(), content.to_json());
+    out.insert("timings_ms".into(), timings.to_json());
+    Ok(out)
+}
+
+fn dry_run_result(plan: &Plan, content: &Content, steps: &[&str], pending: bool) -> Map<String, Value> {
+    let mut out = Map::new();
+    out.insert("dry_run".into(), true.into());
+    let mut p = plan.to_json(steps);
+    p["pending_recovery"] = pending.into();
+    out.insert("plan".into(), p);
+    out.insert("image".into(), content.to_json());
+    out
+}
+
+fn warn_size_ignored(events: &mut Events, plan: &Plan, driver: &dyn Driver) {
+    if plan.size_ignored {
+        events.warning(
+            "size_ignored",
+            &format!("the {} driver cannot limit a volume's size on this pool; `size` is not enforced", driver.name()),
+        );
+    }
+}
+
+fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<String, Value>> {
+    let mut timings = Timings::start();
+    let config = ctx.config;
+    let mut vop = lock_volume(&mut ctx, volume)?;
+    let driver = vop.driver;
+    if !fill.dry_run {
+        vop.recover_first()?;
+    }
+    if driver.identity(Slot::live(volume))?.is_some() {
+        return Err(Error::new(Code::AlreadyExists, format!("volume {volume} already exists; use rebuild to replace its content")));
+    }
+    let content = open_and_measure(config, vop.events, &fill.source, &mut timings)?;
+    let measurement = content.measurement();
+    let plan = plan_fill(driver.capabilities().size_model, fill, measurement.tally.allocated_bytes, None, Mode::Atomic, driver.pool_space()?)?;
+    warn_size_ignored(vop.events, &plan, driver);
+    if fill.dry_run {
+        return Ok(dry_run_result(&plan, &content, &["create", "unpack", "sync", "publish"], false));
+    }
+    cancelled_check()?;
+    let idmap = IdMap::new(fill.idmap.clone());
+    vop.intent(IntentOp::Create, Phase::Building, false)?;
+    let built = (|| -> Result<String> {
+        vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+        timings.time("prepare", || driver.create(Slot::new(volume), plan.target_size))?;
+        let root = driver.open_root(Slot::new(volume))?;
+        vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
+        let events = &mut *vop.events;
+        timings.time("unpack", || unpack_into(events, &root, &content, &idmap, &[]))?;
+        seal(driver, vop.events, root, volume, &mut timings)
+    })();
+    let new_id = match built {
+        Ok(id) => id,
+        Err(e) => return Err(vop.roll_back_new(e)),
+    };
+    vop.commit(IntentOp::Create, new_id, false, &mut timings)?;
+    fill_result(driver, volume, &content, &timings)
+}
+
+fn rebuild(
+    mut ctx: Ctx<'_>,
+    volume: &VolumeName,
+    fill: &Fill,
+    snapshots: SnapshotPolicy,
+    mode: Mode,
+    preserve_list: &[PathBuf],
+) -> Result<Map<String, Value>> {
+    let mut timings = Timings::start();
+    let config = ctx.config;
+    let mut vop = lock_volume(&mut ctx, volume)?;
+    let driver = vop.driver;
+    let pending = vop.journal.read(volume)?.is_some();
+    if !fill.dry_run {
+        vop.recover_first()?;
+    }
+    let live = Slot::live(volume);
+    if driver.identity(live)?.is_none() {
+        return Err(Error::new(Code::NotFound, format!("volume {volume} does not exist; use create")));
+    }
+    vop.check_not_busy(live)?;
+    let existing = driver.snapshots(live)?;
+    if !existing.is_empty() {
+        match snapshots {
+            SnapshotPolicy::Refuse => {
+                return Err(Error::new(
+                    Code::VolumeHasSnapshots,
+                    format!(
+                        "volume {volume} has snapshots ({}); pass \"snapshots\": \"delete\" or \"keep\"",
+                        existing.join(", ")
+                    ),
+                )
+                .with("snapshots", existing))
+            }
+            SnapshotPolicy::Keep if !driver.capabilities().keep_snapshots => {
+                return Err(Error::new(
+                    Code::Unsupported,
+                    format!("the {} driver cannot keep snapshots across a rebuild; use \"delete\"", driver.name()),
+                ))
+            }
+            _ => {}
+        }
+    }
+    let with_snapshots = snapshots == SnapshotPolicy::Delete;
+    let keep = preserve_paths(preserve_list)?;
+    let content = open_and_measure(config, vop.events, &fill.source, &mut timings)?;
+    let measurement = content.measurement();
+    let current = driver.usage(live)?;
+    let plan = plan_fill(driver.capabilities().size_model, fill, measurement.tally.allocated_bytes, Some(&current), mode, driver.pool_space()?)?;
+    warn_size_ignored(vop.events, &plan, driver);
+    if fill.dry_run {
+        let steps: &[&str] = match mode {
+            Mode::Atomic => &["create new", "unpack", "preserve", "sync", "swap", "destroy old"],
+            Mode::InPlace => &["move old aside", "create new", "preserve", "destroy old", "unpack", "sync", "publish"],
+        };
+        return Ok(dry_run_result(&plan, &content, steps, pending));
+    }
+    cancelled_check()?;
+    let idmap = IdMap::new(fill.idmap.clone());
+    match mode {
+        Mode::Atomic => {
+            vop.intent(IntentOp::Rebuild, Phase::Building, with_snapshots)?;
+            let built = (|| -> Result<String> {
+                vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+                timings.time("prepare", || driver.create(Slot::new(volume), plan.target_size))?;
+                let root = driver.open_root(Slot::new(volume))?;
+                vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
+                let events = &mut *vop.events;
+                timings.time("unpack", || unpack_into(events, &root, &content, &idmap, &[]))?;
+                if !keep.is_empty() {
+                    let old = driver.open_root(live)?;
+                    let events = &mut *vop.events;
+                    timings.time("preserve", || copy_preserved(events, &old, &root, &keep))?;
+                    old.release()?;
+                }
+                seal(driver, vop.events, root, volume, &mut timings)
+            })();
+            let new_id = match built {
+                Ok(id) => id,
+                Err(e) => return Err(vop.roll_back_new(e)),
+            };
+            vop.commit(IntentOp::Rebuild, new_id, with_snapshots, &mut timings)?;
+        }
+        Mode::InPlace => {
+            vop.intent(IntentOp::RebuildInPlace, Phase::Detaching, with_snapshots)?;
+            let op = IntentOp::RebuildInPlace;
+            // Until the old content is destroyed, a failure puts it back.
+            let prepared = (|| -> Result<Mounted> {
+                vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+                driver.rename(live, Slot::old(volume))?;
+                timings.time("prepare", || driver.create(Slot::new(volume), plan.target_size))?;
+                let root = driver.open_root(Slot::new(volume))?;
+                vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
+                if !keep.is_empty() {
+                    let old = driver.open_root(Slot::old(volume))?;
+                    let events = &mut *vop.events;
+                    timings.time("preserve", || copy_preserved(events, &old, &root, &keep))?;
+                    old.release()?;
+                }
+                cancelled_check()?;
+                Ok(root)
+            })();
+            let root = match prepared {
+                Ok(root) => root,
+                Err(e) => {
+                    let intent = Intent { op, phase: Phase::Detaching, with_snapshots, pid: std::process::id() };
+                    return Err(match recover_volume(driver, &vop.journal, volume, &intent) {
+                        Ok(_) => e,
+                        Err(again) => e.with("recovery", format!("pending: {}; run recover", again.message)),
+                    });
+                }
+            };
+            vop.intent(op, Phase::DestroyingOld, with_snapshots)?;
+            let built = (|| -> Result<String> {
+                timings.time("cleanup", || driver.destroy(Slot::old(volume), with_snapshots))?;
+                let events = &mut *vop.events;
+                timings.time("unpack", || unpack_into(events, &root, &content, &idmap, &keep))?;
+                seal(driver, vop.events, root, volume, &mut timings)
+            })();
+            match built {
+                Ok(new_id) => vop.commit(op, new_id, with_snapshots, &mut timings)?,
+                Err(e) => {
+                    let e = vop.roll_back_new(e);
+                    return Err(e.with("volume_lost", true).context(format!(
+                        "in-place rebuild failed after the old content of {volume} was destroyed; the volume is gone"
+                    )));
+                }
+            }
+        }
+    }
+    fill_result(driver, volume, &content, &timings)
+}
+
+fn copy_preserved(events: &mut Events, old: &Mounted, new: &Mounted, keep: &[RelPath]) -> Result<()> {
+    events.progress(EventPhase::Preserve, 0, keep.len() as u64, "paths");
+    let mut missing = Vec::new();
+    preserve::preserve(old.root(), new.root(), keep, &mut |p| missing.push(p.shown()))?;
+    for p in missing {
+        events.warning("preserve_missing", &format!("{p} does not exist in the old volume; nothing to preserve"));
+    }
+    events.progress(EventPhase::Preserve, keep.len() as u64, keep.len() as u64, "paths");
+    Ok(())
+}
+
+fn delete(mut ctx: Ctx<'_>, volume: &VolumeName, snapshots: SnapshotPolicy) -> Result<Map<String, Value>> {
+    let mut vop = lock_volume(&mut ctx, volume)?;
+    let driver = vop.driver;
+    vop.recover_first()?;
+    let live = Slot::live(volume);
+    if driver.identity(live)?.is_none() {
+        return Err(Error::new(Code::NotFound, format!("volume {volume} does not exist")));
+    }
+    vop.check_not_busy(live)?;
+    let existing = driver.snapshots(live)?;
+    if !existing.is_empty() && snapshots == SnapshotPolicy::Refuse {
+        return Err(Error::new(
+            Code::VolumeHasSnapshots,
+            format!("volume {volume} has snapshots ({}); pass \"snapshots\": \"delete\"", existing.join(", ")),
+        )
+        .with("snapshots", existing));
+    }
+    let with_snapshots = snapshots == SnapshotPolicy::Delete;
+    vop.intent(IntentOp::Delete, Phase::Deleting, with_snapshots)?;
+    vop.events.progress(EventPhase::Cleanup, 0, 1, "steps");
+    let deleted = driver
+        .rename(live, Slot::old(volume))
+        .and_then(|()| driver.destroy(Slot::old(volume), with_snapshots));
+    if let Err(e) = deleted {
+        let e = Error::from(e);
+        // Finish what can be finished: a volume moved aside is deleted, one still under its
+        // name stays.
+        let intent = Intent { op: IntentOp::Delete, phase: Phase::Deleting, with_snapshots, pid: std::process::id() };
+        return Err(match recover_volume(driver, &vop.journal, volume, &intent) {
+            Ok(_) => e,
+            Err(again) => e.with("recovery", format!("pending: {}; run recover", again.message)),
+        });
+    }
+    vop.journal.clear(volume)?;
+    vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+    let mut out = Map::new();
+    out.insert("volume".into(), json!({"name": volume.as_str(), "exists": false}));
+    Ok(out)
+}
+
+fn resize(mut ctx: Ctx<'_>, volume: &VolumeName, size: u64) -> Result<Map<String, Value>> {
+    let mut vop = lock_volume(&mut ctx, volume)?;
+    let driver = vop.driver;
+    vop.recover_first()?;
+    let live = Slot::live(volume);
+    if driver.identity(live)?.is_none() {
+        return Err(Error::new(Code::NotFound, format!("volume {volume} does not exist")));
+    }
+    let caps = driver.capabilities();
+    let usage = driver.usage(live)?;
+    match caps.size_model {
+        reimage_driver::SizeModel::Unlimited => {
+            vop.events.warning(
+                "size_ignored",
+                &format!("the {} driver cannot limit a volume's size on this pool; nothing to resize", driver.name()),
+            );
+        }
+        model => {
+            let current = usage.size.unwrap_or(0);
+            if size < current && !caps.shrink {
+                return Err(Error::new(
+                    Code::Unsupported,
+                    format!("the {} driver cannot shrink volume {volume} ({current} → {size} bytes)", driver.name()),
+                ));
+            }
+            if size < usage.used {
+                return Err(Error::new(
+                    Code::InsufficientSpace,
+                    format!("volume {volume} uses {} bytes, more than the requested size {size}", usage.used),
+                )
+                .with("used", usage.used)
+                .with("size", size));
+            }
+            if model == reimage_driver::SizeModel::Allocated && size > current {
+                let available = driver.pool_space()?.available;
+                if size - current > available {
+                    return Err(Error::new(
+                        Code::InsufficientSpace,
+                        format!("growing {volume} by {} bytes needs more than the pool's {available} free", size - current),
+                    )
+                    .with("needed", size - current)
+                    .with("available", available));
+                }
+            }
+            driver.set_size(live, size)?;
+        }
+    }
+    let mut out = Map::new();
+    out.insert("volume".into(), volume_json(driver, volume)?);
+    Ok(out)
+}
+
+fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map<String, Value>> {
+    let (pool, driver) = needs(&ctx)?;
+    let journal = Journal::new(&ctx.config.state_dir, &pool.name);
+    let mut volumes: Vec<VolumeName> = match only {
+        Some(v) => vec![v.clone()],
+        None => {
+            let mut v = journal.volumes()?;
+            v.extend(driver.leftovers()?.into_iter().map(|(name, _)| name));
+            v
+        }
+    };
+    volumes.sort();
+    volumes.dedup();
+    let mut recovered = Vec::new();
+    for volume in &volumes {
+        let mut vop = match lock_volume(&mut ctx, volume) {
+            Ok(v) => v,
+            Err(e) if e.code == Code::Locked => {
+                ctx.events.warning("locked", &format!("volume {volume} is in use by a running request; skipped"));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(outcome) = vop.recover_first()? {
+            recovered.push(outcome.to_json());
+        }
+    }
+    let mut out = Map::new();
+    out.insert("recovered".into(), Value::Array(recovered));
+    Ok(out)
+}

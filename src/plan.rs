@@ -1,0 +1,164 @@
+//! Planning a fill: from the measured image, the request and the pool's state, the size the
+//! new volume gets and the space it needs, decided before anything is changed.
+//!
+//! Pure functions: no I/O, so every rule here is unit-tested.
+
+use reimage_driver::{PoolSpace, SizeModel, Usage};
+use serde_json::{json, Value};
+
+use crate::error::{Code, Error, Result};
+use crate::protocol::request::{Fill, Mode, SizePolicy};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Bytes the image takes on a 4 KiB-block filesystem (the measure estimate).
+    pub need: u64,
+    /// `need` grown by the headroom.
+    pub need_with_headroom: u64,
+    /// Size or quota the new volume gets; `None` where the driver has no sizes.
+    pub target_size: Option<u64>,
+    /// Bytes the pool must have free before anything is destroyed.
+    pub required: u64,
+    /// Bytes the pool has free for it (in-place counts the old volume as freed).
+    pub available: u64,
+    /// `size` was asked for but the driver cannot enforce it.
+    pub size_ignored: bool,
+}
+
+fn grown(bytes: u64, headroom: f64) -> u64 {
+    let v = (bytes as f64 * (1.0 + headroom)).ceil();
+    if v >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        v as u64
+    }
+}
+
+/// Decides the size and checks the space for filling a volume with `need` bytes.
+/// `current` is the volume being replaced (rebuild), `None` for create.
+pub fn plan_fill(
+    model: SizeModel,
+    fill: &Fill,
+    need: u64,
+    current: Option<&Usage>,
+    mode: Mode,
+    space: PoolSpace,
+) -> Result<Plan> {
+    let need_with_headroom = grown(need, fill.headroom);
+    let target_size = match model {
+        SizeModel::Unlimited => None,
+        SizeModel::Quota | SizeModel::Allocated => Some(match (fill.size_policy, fill.size) {
+            (SizePolicy::Exact, Some(size)) => {
+                if need > size {
+                    return Err(Error::new(
+                        Code::InsufficientSpace,
+                        format!(
+                            "the image needs {need} bytes but size_policy \"exact\" fixes the size at {size}; \
+                             give a larger size or drop size_policy"
+                        ),
+                    )
+                    .with("needed", need)
+                    .with("size", size));
+                }
+                size
+            }
+            (_, size) => size
+                .unwrap_or(0)
+                .max(current.and_then(|u| u.size).unwrap_or(0))
+                .max(need_with_headroom),
+        }),
+    };
+    let required = match (model, target_size) {
+        (SizeModel::Allocated, Some(size)) => size,
+        _ => need_with_headroom,
+    };
+    let freed = match (mode, current) {
+        (Mode::InPlace, Some(usage)) => match model {
+            SizeModel::Allocated => usage.size.unwrap_or(usage.used),
+            _ => usage.used,
+        },
+        _ => 0,
+    };
+    let available = space.available.saturating_add(freed);
+    if required > available {
+        return Err(Error::new(
+            Code::InsufficientSpace,
+            format!(
+                "the pool has {available} bytes free but the new volume needs {required} \
+                 (image {need} bytes + {:.0}% headroom); free space in the pool or use a smaller headroom",
+                fill.headroom * 100.0
+            ),
+        )
+        .with("needed", required)
+        .with("available", available)
+        .with("measured", need)
+        .with("headroom", fill.headroom));
+    }
+    Ok(Plan {
+        need,
+        need_with_headroom,
+        target_size,
+        required,
+        available,
+        size_ignored: fill.size.is_some() && model == SizeModel::Unlimited,
+    })
+}
+
+impl Plan {
+    pub fn to_json(&self, steps: &[&str]) -> Value {
+        json!({
+            "measured_bytes": self.need,
+            "needed_with_headroom": self.need_with_headroom,
+            "target_size": self.target_size,
+            "required_space": self.required,
+            "available_space": self.available,
+            "steps": steps,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::request::Source;
+
+    fn fill(size: Option<u64>, policy: SizePolicy) -> Fill {
+        Fill { source: Source::Empty, size, headroom: 0.2, size_policy: policy, idmap: vec![], dry_run: false }
+    }
+
+    const ROOMY: PoolSpace = PoolSpace { available: 1 << 40, total: 1 << 40 };
+
+    #[test]
+    fn size_is_the_largest_of_request_current_and_need() {
+        let cur = Usage { size: Some(500), used: 100, inodes: None };
+        let p = plan_fill(SizeModel::Quota, &fill(Some(300), SizePolicy::Grow), 1000, Some(&cur), Mode::Atomic, ROOMY).unwrap();
+        assert_eq!(p.target_size, Some(1200));
+        let p = plan_fill(SizeModel::Quota, &fill(Some(5000), SizePolicy::Grow), 1000, Some(&cur), Mode::Atomic, ROOMY).unwrap();
+        assert_eq!(p.target_size, Some(5000));
+        let p = plan_fill(SizeModel::Unlimited, &fill(Some(5000), SizePolicy::Grow), 1000, None, Mode::Atomic, ROOMY).unwrap();
+        assert_eq!(p.target_size, None);
+        assert!(p.size_ignored);
+    }
+
+    #[test]
+    fn exact_refuses_an_image_that_does_not_fit() {
+        let e = plan_fill(SizeModel::Quota, &fill(Some(999), SizePolicy::Exact), 1000, None, Mode::Atomic, ROOMY).unwrap_err();
+        assert_eq!(e.code, Code::InsufficientSpace);
+        let p = plan_fill(SizeModel::Quota, &fill(Some(1000), SizePolicy::Exact), 1000, None, Mode::Atomic, ROOMY).unwrap();
+        assert_eq!(p.target_size, Some(1000));
+    }
+
+    #[test]
+    fn space_is_checked_and_in_place_counts_the_old_volume() {
+        let small = PoolSpace { available: 1000, total: 10_000 };
+        let cur = Usage { size: None, used: 5000, inodes: None };
+        let e = plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), 1000, Some(&cur), Mode::Atomic, small).unwrap_err();
+        assert_eq!(e.code, Code::InsufficientSpace);
+        assert_eq!(e.details["needed"], 1200);
+        assert_eq!(e.details["available"], 1000);
+        assert!(plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), 1000, Some(&cur), Mode::InPlace, small).is_ok());
+        // A block device takes its whole size from the pool.
+        let e = plan_fill(SizeModel::Allocated, &fill(Some(1 << 20), SizePolicy::Grow), 10, None, Mode::Atomic, small).unwrap_err();
+        assert_eq!(e.details["needed"], 1 << 20);
+    }
+}

@@ -1,0 +1,217 @@
+//! `preserve`: copying listed paths from the old volume into the new one before the swap.
+//!
+//! The old volume was written by its container and is as untrusted as an image: paths are
+//! resolved in-root in both volumes, nothing is ever followed (a symlink is copied as a
+//! symlink), copies never cross into another mount, and owners, modes, times, xattrs and
+//! hardlinks inside a copied tree are kept.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
+use rustix::io::Errno;
+
+use crate::error::{Code, Error, Result};
+use crate::unpack::fs::{apply_meta_at, apply_meta_fd, cstring, Meta, Tree, RESOLVE};
+use crate::unpack::path::RelPath;
+
+fn fail(path: &RelPath, what: &str, e: Errno) -> Error {
+    let code = match e {
+        Errno::NOSPC => Code::InsufficientSpace,
+        Errno::DQUOT => Code::QuotaExceeded,
+        _ => Code::DriverError,
+    };
+    Error::new(code, format!("preserving {}: {what}: {}", path.shown(), std::io::Error::from(e)))
+}
+
+/// xattrs of an object: through its fd, or through `/proc/self/fd/DIR/NAME` without following.
+fn xattrs(fd: Option<BorrowedFd<'_>>, dir: BorrowedFd<'_>, name: &CStr) -> std::result::Result<Vec<(CString, Vec<u8>)>, Errno> {
+    let via = || -> std::result::Result<CString, Errno> {
+        let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+        p.extend_from_slice(name.to_bytes());
+        cstring(&p)
+    };
+    let mut names = vec![0u8; 64 * 1024];
+    let n = match fd {
+        Some(fd) => rustix::fs::flistxattr(fd, &mut names[..]),
+        None => rustix::fs::llistxattr(&via()?, &mut names[..]),
+    };
+    let n = match n {
+        Ok(n) => n,
+        Err(Errno::NOTSUP) => 0,
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for attr in names[..n].split(|&b| b == 0).filter(|a| !a.is_empty()) {
+        let attr = cstring(attr)?;
+        let mut value = vec![0u8; 64 * 1024];
+        let len = match fd {
+            Some(fd) => rustix::fs::fgetxattr(fd, &attr, &mut value[..]),
+            None => rustix::fs::lgetxattr(&via()?, &attr, &mut value[..]),
+        };
+        match len {
+            Ok(len) => {
+                value.truncate(len);
+                out.push((attr, value));
+            }
+            Err(Errno::NODATA) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // security.capability last, as when unpacking.
+    out.sort_by_key(|(n, _)| n.as_bytes() == b"security.capability");
+    Ok(out)
+}
+
+fn meta_of(st: &Stat, xattrs: Vec<(CString, Vec<u8>)>) -> Meta {
+    Meta {
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        xattrs,
+    }
+}
+
+/// Deeper trees are refused rather than recursed into (the old volume is untrusted).
+const MAX_DEPTH: usize = 1024;
+
+struct Copier {
+    /// (dev, ino) of a copied file with several links → its fd in the new volume, for linkat.
+    links: HashMap<(u64, u64), OwnedFd>,
+    bytes: u64,
+    dev: u64,
+}
+
+impl Copier {
+    /// Copies `name` in `src_dir` to `name` in `dst_dir` (which must not exist), recursively.
+    fn copy(&mut self, src_dir: BorrowedFd<'_>, dst_dir: BorrowedFd<'_>, name: &CStr, shown: &RelPath, depth: usize) -> Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(Error::new(
+                Code::InvalidRequest,
+                format!("preserving {}: the tree is deeper than {MAX_DEPTH} levels", shown.shown()),
+            ));
+        }
+        let st = rustix::fs::statat(src_dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(shown, "stat", e))?;
+        let kind = FileType::from_raw_mode(st.st_mode);
+        if kind != FileType::Directory && st.st_nlink > 1 {
+            if let Some(first) = self.links.get(&(st.st_dev as u64, st.st_ino as u64)) {
+                return rustix::fs::linkat(first, c"", dst_dir, name, AtFlags::EMPTY_PATH)
+                    .map_err(|e| fail(shown, "link", e));
+            }
+        }
+        match kind {
+            FileType::Directory => {
+                if st.st_dev as u64 != self.dev {
+                    return Err(Error::new(
+                        Code::VolumeBusy,
+                        format!("preserving {}: a filesystem is mounted there in the old volume", shown.shown()),
+                    ));
+                }
+                let src = rustix::fs::openat(src_dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| fail(shown, "open", e))?;
+                rustix::fs::mkdirat(dst_dir, name, Mode::from_raw_mode(0o700)).map_err(|e| fail(shown, "mkdir", e))?;
+                let dst = rustix::fs::openat(dst_dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| fail(shown, "open", e))?;
+                let dup = rustix::io::fcntl_dupfd_cloexec(&src, 0).map_err(|e| fail(shown, "dup", e))?;
+                let mut entries = Dir::new(dup).map_err(|e| fail(shown, "read directory", e))?;
+                while let Some(entry) = entries.read() {
+                    let entry = entry.map_err(|e| fail(shown, "read directory", e))?;
+                    let child = entry.file_name();
+                    if child.to_bytes() == b"." || child.to_bytes() == b".." {
+                        continue;
+                    }
+                    let child_shown = shown.join(child.to_bytes());
+                    self.copy(src.as_fd(), dst.as_fd(), child, &child_shown, depth + 1)?;
+                }
+                let meta = meta_of(&st, xattrs(Some(src.as_fd()), src_dir, name).map_err(|e| fail(shown, "xattrs", e))?);
+                apply_meta_fd(dst.as_fd(), &meta).map_err(|e| fail(shown, "set metadata", e))?;
+            }
+            FileType::RegularFile => {
+                let src = rustix::fs::openat(src_dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())
+                    .map_err(|e| fail(shown, "open", e))?;
+                let dst = rustix::fs::openat(
+                    dst_dir,
+                    name,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| fail(shown, "create", e))?;
+                let mut from = std::fs::File::from(src);
+                let mut to = std::fs::File::from(dst);
+                self.bytes += std::io::copy(&mut from, &mut to).map_err(|e| {
+                    fail(shown, "copy", Errno::from_io_error(&e).unwrap_or(Errno::IO))
+                })?;
+                let meta = meta_of(&st, xattrs(Some(from.as_fd()), src_dir, name).map_err(|e| fail(shown, "xattrs", e))?);
+                apply_meta_fd(to.as_fd(), &meta).map_err(|e| fail(shown, "set metadata", e))?;
+                if st.st_nlink > 1 {
+                    let keep = rustix::fs::openat(dst_dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                        .map_err(|e| fail(shown, "open", e))?;
+                    self.links.insert((st.st_dev as u64, st.st_ino as u64), keep);
+                }
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(src_dir, name, Vec::new()).map_err(|e| fail(shown, "readlink", e))?;
+                rustix::fs::symlinkat(&target, dst_dir, name).map_err(|e| fail(shown, "symlink", e))?;
+                let meta = meta_of(&st, xattrs(None, src_dir, name).map_err(|e| fail(shown, "xattrs", e))?);
+                apply_meta_at(dst_dir, name, &meta, true).map_err(|e| fail(shown, "set metadata", e))?;
+            }
+            FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+                rustix::fs::mknodat(dst_dir, name, kind, Mode::from_raw_mode(0o600), st.st_rdev)
+                    .map_err(|e| fail(shown, "mknod", e))?;
+                let meta = meta_of(&st, xattrs(None, src_dir, name).map_err(|e| fail(shown, "xattrs", e))?);
+                apply_meta_at(dst_dir, name, &meta, false).map_err(|e| fail(shown, "set metadata", e))?;
+            }
+            // Sockets belong to running programs; there is nothing to keep.
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Copies each of `paths` from `old_root` to `new_root`, replacing what the image put there.
+/// Paths missing from the old volume are reported through `missing` and skipped. Returns the
+/// bytes copied.
+pub fn preserve(
+    old_root: BorrowedFd<'_>,
+    new_root: BorrowedFd<'_>,
+    paths: &[RelPath],
+    missing: &mut dyn FnMut(&RelPath),
+) -> Result<u64> {
+    let dev = rustix::fs::fstat(old_root).map_err(|e| fail(&RelPath::root(), "stat", e))?.st_dev as u64;
+    let mut copier = Copier { links: HashMap::new(), bytes: 0, dev };
+    let mut new_tree = Tree::new(new_root, (0, 0));
+    for path in paths {
+        let Some((parent, name)) = path.split_last() else { continue };
+        let parent_bytes: &[u8] = if parent.is_root() { b"." } else { parent.as_bytes() };
+        let src_parent = match rustix::fs::openat2(
+            old_root,
+            cstring(parent_bytes).map_err(|e| fail(path, "path", e))?.as_c_str(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::NOTDIR) => {
+                missing(path);
+                continue;
+            }
+            Err(e) => return Err(fail(path, "open in the old volume", e)),
+        };
+        let name = cstring(name).map_err(|e| fail(path, "path", e))?;
+        if let Err(Errno::NOENT) = rustix::fs::statat(&src_parent, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            missing(path);
+            continue;
+        }
+        let dst_parent = new_tree.dir(&parent).map_err(|e| fail(path, "open in the new volume", e))?;
+        new_tree
+            .remove(dst_parent.as_fd(), &name)
+            .map_err(|e| match e {
+                crate::unpack::fs::RemoveError::Errno(e) => fail(path, "replace", e),
+                crate::unpack::fs::RemoveError::Tree(e) => Error::from(e),
+            })?;
+        copier.copy(src_parent.as_fd(), dst_parent.as_fd(), &name, path, 0)?;
+    }
+    Ok(copier.bytes)
+}

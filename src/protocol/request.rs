@@ -1,0 +1,577 @@
+//! Parsing of the one JSON request on stdin into a typed, validated [`Request`].
+//!
+//! Strictness is the point: an unknown field, a duplicate key, a wrong type or a value out of
+//! range is `invalid_request` with the JSON path of the offending value in `details.path`,
+//! before anything else happens. Each op has its own struct with `deny_unknown_fields`, so a
+//! field that another op would accept is still rejected.
+
+use std::path::PathBuf;
+
+use reimage_driver::VolumeName;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::size::Size;
+use crate::error::{Code, Error, Result};
+
+pub const API_VERSION: u64 = 1;
+/// Requests are small; anything larger is not one.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotPolicy {
+    Refuse,
+    Delete,
+    Keep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Mode {
+    #[serde(rename = "atomic")]
+    Atomic,
+    #[serde(rename = "in-place")]
+    InPlace,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SizePolicy {
+    /// The volume grows to fit the image (the default).
+    Grow,
+    /// `size` is exact: an image that needs more is an error.
+    Exact,
+}
+
+/// Where the new content comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Image { path: PathBuf, rootfs_prefix: Option<String> },
+    Empty,
+}
+
+/// One range of an id mapping: container ids `container..container+count` become host ids
+/// `host..host+count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdRange {
+    pub host: u32,
+    pub container: u32,
+    pub count: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fill {
+    pub source: Source,
+    pub size: Option<u64>,
+    pub headroom: f64,
+    pub size_policy: SizePolicy,
+    pub idmap: Vec<IdRange>,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Measure { source: Source },
+    Inspect { pool: String, volume: VolumeName },
+    Create { pool: String, volume: VolumeName, fill: Fill },
+    Rebuild {
+        pool: String,
+        volume: VolumeName,
+        fill: Fill,
+        snapshots: SnapshotPolicy,
+        mode: Mode,
+        preserve: Vec<PathBuf>,
+    },
+    Delete { pool: String, volume: VolumeName, snapshots: SnapshotPolicy },
+    Resize { pool: String, volume: VolumeName, size: u64 },
+    Recover { pool: String, volume: Option<VolumeName> },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Measure { .. } => "measure",
+            Op::Inspect { .. } => "inspect",
+            Op::Create { .. } => "create",
+            Op::Rebuild { .. } => "rebuild",
+            Op::Delete { .. } => "delete",
+            Op::Resize { .. } => "resize",
+            Op::Recover { .. } => "recover",
+        }
+    }
+
+    pub fn pool(&self) -> Option<&str> {
+        match self {
+            Op::Measure { .. } => None,
+            Op::Inspect { pool, .. }
+            | Op::Create { pool, .. }
+            | Op::Rebuild { pool, .. }
+            | Op::Delete { pool, .. }
+            | Op::Resize { pool, .. }
+            | Op::Recover { pool, .. } => Some(pool),
+        }
+    }
+
+    pub fn volume(&self) -> Option<&VolumeName> {
+        match self {
+            Op::Measure { .. } => None,
+            Op::Recover { volume, .. } => volume.as_ref(),
+            Op::Inspect { volume, .. }
+            | Op::Create { volume, .. }
+            | Op::Rebuild { volume, .. }
+            | Op::Delete { volume, .. }
+            | Op::Resize { volume, .. } => Some(volume),
+        }
+    }
+
+    pub fn source(&self) -> Option<&Source> {
+        match self {
+            Op::Measure { source } => Some(source),
+            Op::Create { fill, .. } | Op::Rebuild { fill, .. } => Some(&fill.source),
+            _ => None,
+        }
+    }
+}
+
+// ---- wire structs: exactly the fields each op accepts ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSource {
+    image: Option<String>,
+    empty: Option<bool>,
+    rootfs_prefix: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireMeasure {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    source: WireSource,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireVolume {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    pool: String,
+    volume: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireCreate {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    pool: String,
+    volume: String,
+    source: WireSource,
+    size: Option<Size>,
+    headroom: Option<f64>,
+    size_policy: Option<SizePolicy>,
+    idmap: Option<Vec<IdRange>>,
+    dry_run: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRebuild {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    pool: String,
+    volume: String,
+    source: WireSource,
+    size: Option<Size>,
+    headroom: Option<f64>,
+    size_policy: Option<SizePolicy>,
+    idmap: Option<Vec<IdRange>>,
+    dry_run: Option<bool>,
+    snapshots: Option<SnapshotPolicy>,
+    mode: Option<Mode>,
+    preserve: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireDelete {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    pool: String,
+    volume: String,
+    snapshots: Option<SnapshotPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireResize {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    pool: String,
+    volume: String,
+    size: Size,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRecover {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    pool: String,
+    volume: Option<String>,
+}
+
+/// Only `api` and `op`, read first so that the op's own struct can be chosen.
+#[derive(Deserialize)]
+struct WireHead {
+    api: Option<serde_json::Value>,
+    op: Option<serde_json::Value>,
+}
+
+fn invalid(path: &str, message: impl Into<String>) -> Error {
+    Error::new(Code::InvalidRequest, message).with("path", path)
+}
+
+/// Deserializes the whole text into `T`, turning serde's error into `invalid_request` with
+/// the JSON path of the offending value.
+fn strict<T: DeserializeOwned>(text: &str) -> Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        // A duplicate key is reported at its object; name the key itself.
+        let path = match message
+            .strip_prefix("duplicate field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            Some(field) if path == "." || path.is_empty() => field.to_owned(),
+            Some(field) => format!("{path}.{field}"),
+            None if path.is_empty() => ".".to_owned(),
+            None => path,
+        };
+        let message = match message.split(" at line ").next() {
+            Some(m) => m.to_owned(),
+            None => message,
+        };
+        invalid(&path, format!("{message} (at {path})"))
+    })?;
+    de.end()
+        .map_err(|_| invalid(".", "the request must be exactly one JSON object"))?;
+    Ok(value)
+}
+
+fn volume_name(text: String) -> Result<VolumeName> {
+    VolumeName::parse(&text)
+        .map_err(|e| invalid("volume", format!("invalid volume name: {e}")))
+}
+
+fn source(wire: WireSource) -> Result<Source> {
+    match (wire.image, wire.empty) {
+        (Some(image), None) => {
+            let path = PathBuf::from(&image);
+            if !path.is_absolute() {
+                return Err(invalid("source.image", format!("image path {image:?} must be absolute")));
+            }
+            if let Some(prefix) = &wire.rootfs_prefix {
+                if prefix.contains('\0') || prefix.split('/').any(|c| c == "..") {
+                    return Err(invalid(
+                        "source.rootfs_prefix",
+                        "rootfs_prefix must be a relative path inside the image without '..'",
+                    ));
+                }
+            }
+            Ok(Source::Image { path, rootfs_prefix: wire.rootfs_prefix })
+        }
+        (None, Some(true)) if wire.rootfs_prefix.is_none() => Ok(Source::Empty),
+        (None, Some(true)) => Err(invalid(
+            "source.rootfs_prefix",
+            "rootfs_prefix only goes with an image source",
+        )),
+        (None, Some(false)) => Err(invalid(
+            "source.empty",
+            "source.empty must be true; to fill from an image, give source.image",
+        )),
+        (Some(_), Some(_)) => Err(invalid(
+            "source",
+            "source takes either \"image\" or \"empty\", not both",
+        )),
+        (None, None) => Err(invalid(
+            "source",
+            "source needs {\"image\": \"/abs/path\"} or {\"empty\": true}",
+        )),
+    }
+}
+
+fn idmap(ranges: Option<Vec<IdRange>>) -> Result<Vec<IdRange>> {
+    let ranges = ranges.unwrap_or_default();
+    for (i, r) in ranges.iter().enumerate() {
+        let path = format!("idmap[{i}]");
+        if r.count == 0 {
+            return Err(invalid(&format!("{path}.count"), "count must be at least 1"));
+        }
+        if u64::from(r.host) + u64::from(r.count) > 1 << 32
+            || u64::from(r.container) + u64::from(r.count) > 1 << 32
+        {
+            return Err(invalid(&path, "the range runs past the largest id (4294967295)"));
+        }
+        for (j, other) in ranges[..i].iter().enumerate() {
+            let overlaps = |a: u32, b: u32| {
+                u64::from(a) < u64::from(b) + u64::from(other.count)
+                    && u64::from(b) < u64::from(a) + u64::from(r.count)
+            };
+            if overlaps(r.container, other.container) {
+                return Err(invalid(
+                    &path,
+                    format!("the container ids of idmap[{i}] overlap those of idmap[{j}]"),
+                ));
+            }
+            if overlaps(r.host, other.host) {
+                return Err(invalid(
+                    &path,
+                    format!("the host ids of idmap[{i}] overlap those of idmap[{j}]"),
+                ));
+            }
+        }
+    }
+    Ok(ranges)
+}
+
+fn headroom(value: Option<f64>) -> Result<f64> {
+    match value {
+        None => Ok(0.2),
+        Some(h) if h.is_finite() && (0.0..=10.0).contains(&h) => Ok(h),
+        Some(h) => Err(invalid("headroom", format!("headroom {h} must be between 0 and 10"))),
+    }
+}
+
+fn size(value: Option<Size>, path: &str) -> Result<Option<u64>> {
+    match value {
+        Some(Size(0)) => Err(invalid(path, "size must be larger than 0")),
+        Some(Size(n)) => Ok(Some(n)),
+        None => Ok(None),
+    }
+}
+
+fn preserve(paths: Option<Vec<String>>) -> Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for (i, p) in paths.unwrap_or_default().into_iter().enumerate() {
+        let path = format!("preserve[{i}]");
+        if !p.starts_with('/') {
+            return Err(invalid(&path, format!("{p:?} must be an absolute path")));
+        }
+        if p.contains('\0') || p.split('/').any(|c| c == ".." || c == ".") {
+            return Err(invalid(&path, format!("{p:?} must not contain '.' or '..' components")));
+        }
+        let normal: PathBuf = p.split('/').filter(|c| !c.is_empty()).collect();
+        if normal.as_os_str().is_empty() {
+            return Err(invalid(&path, "preserving \"/\" would keep the whole old volume"));
+        }
+        out.push(PathBuf::from("/").join(normal));
+    }
+    Ok(out)
+}
+
+fn fill(
+    wire_source: WireSource,
+    wire_size: Option<Size>,
+    wire_headroom: Option<f64>,
+    wire_policy: Option<SizePolicy>,
+    wire_idmap: Option<Vec<IdRange>>,
+    dry_run: Option<bool>,
+) -> Result<Fill> {
+    let size = size(wire_size, "size")?;
+    let size_policy = wire_policy.unwrap_or(SizePolicy::Grow);
+    if size_policy == SizePolicy::Exact && size.is_none() {
+        return Err(invalid("size_policy", "size_policy \"exact\" needs a size"));
+    }
+    Ok(Fill {
+        source: source(wire_source)?,
+        size,
+        headroom: headroom(wire_headroom)?,
+        size_policy,
+        idmap: idmap(wire_idmap)?,
+        dry_run: dry_run.unwrap_or(false),
+    })
+}
+
+/// Parses one request. Every failure is `invalid_request` with `details.path`.
+pub fn parse(text: &str) -> Result<Op> {
+    if text.len() > MAX_REQUEST_BYTES {
+        return Err(invalid(".", format!("the request is larger than {MAX_REQUEST_BYTES} bytes")));
+    }
+    let head: WireHead = serde_json::from_str(text).map_err(|e| {
+        let what = if e.is_data() {
+            "the request must be a JSON object".to_owned()
+        } else {
+            format!("malformed JSON: {e}")
+        };
+        invalid(".", what)
+    })?;
+    match head.api {
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(API_VERSION) => {}
+        Some(other) => {
+            return Err(invalid(
+                "api",
+                format!("api {other} is not supported; this reimage speaks api {API_VERSION}"),
+            ))
+        }
+        None => return Err(invalid("api", format!("missing \"api\": {API_VERSION}"))),
+    }
+    let op = match head.op {
+        Some(serde_json::Value::String(op)) => op,
+        Some(_) => return Err(invalid("op", "op must be a string")),
+        None => return Err(invalid("op", "missing \"op\"")),
+    };
+    Ok(match op.as_str() {
+        "measure" => {
+            let w: WireMeasure = strict(text)?;
+            Op::Measure { source: source(w.source)? }
+        }
+        "inspect" => {
+            let w: WireVolume = strict(text)?;
+            Op::Inspect { pool: w.pool, volume: volume_name(w.volume)? }
+        }
+        "create" => {
+            let w: WireCreate = strict(text)?;
+            Op::Create {
+                pool: w.pool,
+                volume: volume_name(w.volume)?,
+                fill: fill(w.source, w.size, w.headroom, w.size_policy, w.idmap, w.dry_run)?,
+            }
+        }
+        "rebuild" => {
+            let w: WireRebuild = strict(text)?;
+            Op::Rebuild {
+                pool: w.pool,
+                volume: volume_name(w.volume)?,
+                fill: fill(w.source, w.size, w.headroom, w.size_policy, w.idmap, w.dry_run)?,
+                snapshots: w.snapshots.unwrap_or(SnapshotPolicy::Refuse),
+                mode: w.mode.unwrap_or(Mode::Atomic),
+                preserve: preserve(w.preserve)?,
+            }
+        }
+        "delete" => {
+            let w: WireDelete = strict(text)?;
+            let snapshots = w.snapshots.unwrap_or(SnapshotPolicy::Refuse);
+            if snapshots == SnapshotPolicy::Keep {
+                return Err(invalid(
+                    "snapshots",
+                    "delete takes snapshots \"refuse\" or \"delete\"; a deleted volume keeps none",
+                ));
+            }
+            Op::Delete { pool: w.pool, volume: volume_name(w.volume)?, snapshots }
+        }
+        "resize" => {
+            let w: WireResize = strict(text)?;
+            let size = size(Some(w.size), "size")?.unwrap_or(0);
+            Op::Resize { pool: w.pool, volume: volume_name(w.volume)?, size }
+        }
+        "recover" => {
+            let w: WireRecover = strict(text)?;
+            Op::Recover { pool: w.pool, volume: w.volume.map(volume_name).transpose()? }
+        }
+        other => {
+            let shown: String = other.chars().take(40).collect();
+            return Err(invalid(
+                "op",
+                format!(
+                    "unknown op {shown:?}; one of measure, inspect, create, rebuild, delete, resize, recover"
+                ),
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path_of(text: &str) -> String {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.code, Code::InvalidRequest, "{e}");
+        e.details["path"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn a_full_rebuild() {
+        let op = parse(
+            r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1",
+                "source":{"image":"/img/a.tar"},"size":"1GiB","headroom":0.5,
+                "snapshots":"keep","mode":"in-place","preserve":["/etc//ssh/"],
+                "idmap":[{"host":100000,"container":0,"count":65536}],"dry_run":true}"#,
+        )
+        .unwrap();
+        let Op::Rebuild { fill, snapshots, mode, preserve, .. } = op else { panic!() };
+        assert_eq!(fill.size, Some(1 << 30));
+        assert_eq!(snapshots, SnapshotPolicy::Keep);
+        assert_eq!(mode, Mode::InPlace);
+        assert_eq!(preserve, vec![PathBuf::from("/etc/ssh")]);
+        assert!(fill.dry_run);
+    }
+
+    #[test]
+    fn paths_name_the_offending_value() {
+        let base = r#""api":1,"op":"rebuild","pool":"p","volume":"v","source":{"empty":true}"#;
+        assert_eq!(path_of(&format!("{{{base},\"bogus\":1}}")), "bogus");
+        assert_eq!(path_of(r#"{"api":1,"op":"measure","source":{"image":"/x","extra":1}}"#), "source.extra");
+        assert_eq!(path_of(&format!("{{{base},\"size\":true}}")), "size");
+        assert_eq!(path_of(&format!("{{{base},\"idmap\":[{{\"host\":1,\"container\":0}}]}}")), "idmap[0]");
+        assert_eq!(path_of(&format!("{{{base},\"mode\":\"fast\"}}")), "mode");
+        assert_eq!(path_of(r#"{"api":2,"op":"inspect","pool":"p","volume":"v"}"#), "api");
+        assert_eq!(path_of(r#"{"api":1,"op":"format","pool":"p"}"#), "op");
+        assert_eq!(path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"-o"}"#), "volume");
+        // A field another op accepts is still unknown here.
+        assert_eq!(path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"v","size":1}"#), "size");
+        assert_eq!(path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"v","pool":"q"}"#), "pool");
+    }
+
+    #[test]
+    fn malformed_input() {
+        for text in ["", "{", "[]", "null", "{\"api\":1} {}", "\"x\"", "{\"api\":1,\"op\":\"inspect\"}"] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.code, Code::InvalidRequest, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn sources_and_values() {
+        let p = |src: &str| path_of(&format!(r#"{{"api":1,"op":"measure","source":{src}}}"#));
+        assert_eq!(p(r#"{"image":"rel.tar"}"#), "source.image");
+        assert_eq!(p(r#"{"image":"/a","empty":true}"#), "source");
+        assert_eq!(p(r#"{}"#), "source");
+        assert_eq!(p(r#"{"empty":false}"#), "source.empty");
+        let r = |extra: &str| {
+            path_of(&format!(
+                r#"{{"api":1,"op":"rebuild","pool":"p","volume":"v","source":{{"empty":true}},{extra}}}"#
+            ))
+        };
+        assert_eq!(r(r#""headroom":-1"#), "headroom");
+        assert_eq!(r(r#""size":0"#), "size");
+        assert_eq!(r(r#""size":-5"#), "size");
+        assert_eq!(r(r#""preserve":["etc"]"#), "preserve[0]");
+        assert_eq!(r(r#""preserve":["/a/../b"]"#), "preserve[0]");
+        assert_eq!(r(r#""preserve":["/"]"#), "preserve[0]");
+        assert_eq!(r(r#""size_policy":"exact""#), "size_policy");
+        assert_eq!(
+            r(r#""idmap":[{"host":0,"container":0,"count":10},{"host":100,"container":5,"count":10}]"#),
+            "idmap[1]"
+        );
+    }
+}
