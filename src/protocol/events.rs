@@ -56,7 +56,7 @@ pub struct Events {
     bar_drawn: bool,
     finished: bool,
     out_failed: bool,
-    last_progress: Option<(Instant, Phase)>,
+    last_progress: Option<(Instant, Phase, u64)>,
 }
 
 impl Events {
@@ -115,16 +115,19 @@ impl Events {
         self.emit(v);
     }
 
-    /// Reports progress. Events are dropped when less than 100 ms passed since the last one of
-    /// the same phase, except a phase's first and final (`done == total`) event.
+    /// Reports progress. An event is dropped when it repeats the previous one, or when less
+    /// than 100 ms passed since the previous one of the same phase, except a phase's first and
+    /// final (`done == total`) event.
     pub fn progress(&mut self, phase: Phase, done: u64, total: u64, unit: &str) {
         let now = Instant::now();
-        if let Some((at, last_phase)) = self.last_progress {
-            if last_phase == phase && done < total && now.duration_since(at) < MIN_INTERVAL {
+        if let Some((at, last_phase, last_done)) = self.last_progress {
+            if last_phase == phase
+                && (done == last_done || (done < total && now.duration_since(at) < MIN_INTERVAL))
+            {
                 return;
             }
         }
-        self.last_progress = Some((now, phase));
+        self.last_progress = Some((now, phase, done));
         self.emit(json!({
             "event": "progress", "phase": phase.as_str(), "done": done, "total": total, "unit": unit
         }));

@@ -1,0 +1,280 @@
+//! The harness every end-to-end test uses: a private pool, image directory, state directory
+//! and root-owned config, removed again when the test ends (also when it fails), and a way to
+//! run the real binary as a daemon would: spawn it, write the JSON request, read event lines.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use reimage_fixtures::manifest::{self, Manifest};
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_reimage");
+
+/// One test's world. Dropping it unmounts what it mounted and removes every file it made.
+pub struct Env {
+    pub dir: PathBuf,
+    pub conf_dir: PathBuf,
+    pub config: PathBuf,
+    pub pool: PathBuf,
+    pub images: PathBuf,
+    pub state: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Env {
+    pub fn new(name: &str) -> Env {
+        let id = format!("{name}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("reimage-tests").join(&id);
+        // The config must sit in root-owned, non-writable directories all the way up; /run is
+        // such a place on every Debian machine, whatever the checkout's location.
+        let conf_dir = PathBuf::from("/run/reimage-tests").join(&id);
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in [&dir, &conf_dir] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let env = Env {
+            pool: dir.join("pool"),
+            images: dir.join("images"),
+            state: dir.join("state"),
+            config: conf_dir.join("config.toml"),
+            dir,
+            conf_dir,
+            mounts: Vec::new(),
+        };
+        std::fs::create_dir_all(&env.pool).unwrap();
+        std::fs::create_dir_all(&env.images).unwrap();
+        env.write_config(&env.default_config());
+        env
+    }
+
+    pub fn default_config(&self) -> String {
+        format!(
+            "state_dir = {:?}\n[images]\nallow = [{:?}]\n[pools.default]\ndriver = \"dir\"\npath = {:?}\n",
+            self.state, self.images, self.pool
+        )
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Mounts a tmpfs of `size` on the pool (for full-pool tests); unmounted on drop.
+    pub fn small_pool(&mut self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "reimage-test"])
+            .arg(&self.pool)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs pool failed");
+        self.mounts.push(self.pool.clone());
+    }
+
+    /// Runs `reimage DRIVER` with `request` on stdin (as a JSON value or raw text).
+    pub fn run_with(&self, args: &[&str], stdin: &[u8]) -> Run {
+        let mut child = Command::new(BIN)
+            .args(["--config"])
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
+    }
+
+    pub fn run(&self, request: &Value) -> Run {
+        self.run_with(&["dir"], request.to_string().as_bytes())
+    }
+
+    /// Starts a request and returns the child with a line reader on its stdout.
+    pub fn spawn(&self, request: &Value) -> Spawned {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("dir")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Spawned { child, stdout, seen: Vec::new() }
+    }
+
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.images.join(name)
+    }
+
+    pub fn volume(&self, name: &str) -> PathBuf {
+        self.pool.join(name)
+    }
+
+    pub fn manifest_of(&self, name: &str) -> Manifest {
+        manifest::manifest(&self.volume(name)).unwrap()
+    }
+
+    /// Manifest of the whole pool and of the state directory's journal: "nothing changed"
+    /// means both are equal before and after.
+    pub fn snapshot(&self) -> (Manifest, Vec<String>) {
+        let mut journal = Vec::new();
+        if let Ok(pools) = std::fs::read_dir(self.state.join("journal")) {
+            for pool in pools.flatten() {
+                for rec in std::fs::read_dir(pool.path()).unwrap().flatten() {
+                    journal.push(rec.path().display().to_string());
+                }
+            }
+        }
+        (manifest::manifest(&self.pool).unwrap(), journal)
+    }
+
+    /// Temporary volumes left in the pool.
+    pub fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(&self.pool)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".reimage"))
+            .collect()
+    }
+
+    pub fn create_from(&self, volume: &str, image: &Path) -> Run {
+        self.run(&json!({"api": 1, "op": "create", "pool": "default", "volume": volume,
+                         "source": {"image": image}}))
+    }
+
+    pub fn rebuild_from(&self, volume: &str, image: &Path) -> Run {
+        self.run(&json!({"api": 1, "op": "rebuild", "pool": "default", "volume": volume,
+                         "source": {"image": image}}))
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for m in self.mounts.drain(..).rev() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.conf_dir);
+    }
+}
+
+/// What one run printed and returned.
+#[derive(Debug)]
+pub struct Run {
+    pub status: i32,
+    pub events: Vec<Value>,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(status: i32, stdout: &[u8], stderr: &[u8]) -> Run {
+        let text = String::from_utf8_lossy(stdout);
+        let events = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON on stdout: {l:?}: {e}")))
+            .collect::<Vec<_>>();
+        for e in &events {
+            assert!(e["event"].is_string(), "every line has an event key: {e}");
+        }
+        Run { status, events, stderr: String::from_utf8_lossy(stderr).into_owned() }
+    }
+
+    pub fn last(&self) -> &Value {
+        self.events.last().unwrap_or_else(|| panic!("no events; stderr: {}", self.stderr))
+    }
+
+    /// The result event; fails the test with the error if there is none.
+    pub fn ok(&self) -> &Value {
+        let last = self.last();
+        assert_eq!(last["event"], "result", "expected success, got {last}\nstderr: {}", self.stderr);
+        assert_eq!(self.status, 0);
+        last
+    }
+
+    /// Asserts failure with `code` and exit `status`; returns the error event.
+    pub fn failed(&self, code: &str, status: i32) -> &Value {
+        let last = self.last();
+        assert_eq!(last["event"], "error", "expected {code}, got {last}\nstderr: {}", self.stderr);
+        assert_eq!(last["code"], code, "{last}");
+        assert_eq!(self.status, status, "{last}");
+        last
+    }
+
+    pub fn warnings(&self) -> Vec<&str> {
+        self.events
+            .iter()
+            .filter(|e| e["event"] == "warning")
+            .filter_map(|e| e["code"].as_str())
+            .collect()
+    }
+}
+
+pub struct Spawned {
+    pub child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    pub seen: Vec<Value>,
+}
+
+impl Spawned {
+    /// Reads events until one satisfies `until`; returns it (None at end of stream).
+    pub fn wait_for(&mut self, until: impl Fn(&Value) -> bool) -> Option<Value> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.stdout.read_line(&mut line).unwrap() == 0 {
+                return None;
+            }
+            let v: Value = serde_json::from_str(line.trim()).unwrap();
+            self.seen.push(v.clone());
+            if until(&v) {
+                return Some(v);
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::from_named_raw(sig).unwrap()).unwrap();
+    }
+
+    /// Waits for the end; returns the exit code (None when killed) and the remaining events.
+    pub fn finish(mut self) -> (Option<i32>, Vec<Value>) {
+        self.wait_for(|_| false);
+        let status = self.child.wait().unwrap();
+        (status.code(), self.seen)
+    }
+}
+
+/// Builds the rich tree with `seed` and packs it with GNU tar into the env's image directory.
+pub fn rich_image(env: &Env, name: &str, seed: u64, format: reimage_fixtures::TarFormat, compression: reimage_fixtures::Compression) -> PathBuf {
+    let src = env.dir.join(format!("src-{name}"));
+    std::fs::create_dir_all(&src).unwrap();
+    reimage_fixtures::tree::rich(&src, seed).unwrap();
+    let out = env.image(name);
+    reimage_fixtures::gnu_tar(&src, &out, format, compression).unwrap();
+    out
+}
+
+/// GNU tar's extraction of `image` into a fresh directory, as a manifest.
+pub fn gnu_manifest(env: &Env, image: &Path) -> Manifest {
+    let dest = env.dir.join(format!("gnu-{}", image.file_name().unwrap().to_string_lossy()));
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::create_dir_all(&dest).unwrap();
+    reimage_fixtures::gnu_extract(image, &dest).unwrap();
+    manifest::manifest(&dest).unwrap()
+}
+
+/// Asserts two manifests match, printing every difference.
+pub fn assert_same(expected: &Manifest, actual: &Manifest, ignore: &manifest::Ignore) {
+    let d = manifest::diff(expected, actual, ignore);
+    assert!(d.is_empty(), "{} differences:\n{}", d.len(), d.join("\n"));
+}
