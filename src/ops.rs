@@ -19,7 +19,7 @@ use crate::image::{self, Format};
 use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::lock::VolumeLock;
 use crate::measure::{measure_tar, Measurement};
-use crate::plan::{plan_fill, Plan};
+use crate::plan::{plan_fill, Need, Plan};
 use crate::protocol::events::{Events, Phase as EventPhase};
 use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source};
 use crate::recover::{recover_orphans, recover_volume, Outcome};
@@ -403,7 +403,7 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
     }
     let content = open_and_measure(config, vop.events, &fill.source, &mut timings)?;
     let measurement = content.measurement();
-    let plan = plan_fill(driver.capabilities().size_model, fill, measurement.tally.allocated_bytes, None, Mode::Atomic, driver.pool_space()?)?;
+    let plan = plan_fill(driver.capabilities().size_model, fill, Need { bytes: measurement.tally.allocated_bytes, inodes: measurement.tally.inodes }, None, Mode::Atomic, driver.pool_space()?)?;
     warn_size_ignored(vop.events, &plan, driver);
     if fill.dry_run {
         return Ok(dry_run_result(&plan, &content, &["create", "unpack", "sync", "publish"], false));
@@ -476,7 +476,7 @@ fn rebuild(
     let content = open_and_measure(config, vop.events, &fill.source, &mut timings)?;
     let measurement = content.measurement();
     let current = driver.usage(live)?;
-    let plan = plan_fill(driver.capabilities().size_model, fill, measurement.tally.allocated_bytes, Some(&current), mode, driver.pool_space()?)?;
+    let plan = plan_fill(driver.capabilities().size_model, fill, Need { bytes: measurement.tally.allocated_bytes, inodes: measurement.tally.inodes }, Some(&current), mode, driver.pool_space()?)?;
     warn_size_ignored(vop.events, &plan, driver);
     if fill.dry_run {
         let steps: &[&str] = match mode {

@@ -34,16 +34,26 @@ fn grown(bytes: u64, headroom: f64) -> u64 {
     }
 }
 
-/// Decides the size and checks the space for filling a volume with `need` bytes.
+/// What the measured image needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Need {
+    /// Bytes on a 4 KiB-block filesystem (the measure estimate).
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+/// Decides the size and checks the space for filling a volume with what `need` says.
 /// `current` is the volume being replaced (rebuild), `None` for create.
 pub fn plan_fill(
     model: SizeModel,
     fill: &Fill,
-    need: u64,
+    need: Need,
     current: Option<&Usage>,
     mode: Mode,
     space: PoolSpace,
 ) -> Result<Plan> {
+    let inodes = need.inodes;
+    let need = need.bytes;
     let need_with_headroom = grown(need, fill.headroom);
     let target_size = match model {
         SizeModel::Unlimited => None,
@@ -94,6 +104,23 @@ pub fn plan_fill(
         .with("measured", need)
         .with("headroom", fill.headroom));
     }
+    if let Some(free_inodes) = space.inodes_available {
+        let freed = match (mode, current) {
+            (Mode::InPlace, Some(usage)) => usage.inodes.unwrap_or(0),
+            _ => 0,
+        };
+        if inodes > free_inodes.saturating_add(freed) {
+            return Err(Error::new(
+                Code::InsufficientSpace,
+                format!(
+                    "the pool has {free_inodes} free inodes but the image needs {inodes}; \
+                     free inodes in the pool (or make its filesystem with more)"
+                ),
+            )
+            .with("needed_inodes", inodes)
+            .with("available_inodes", free_inodes));
+        }
+    }
     Ok(Plan {
         need,
         need_with_headroom,
@@ -126,39 +153,45 @@ mod tests {
         Fill { source: Source::Empty, size, headroom: 0.2, size_policy: policy, idmap: vec![], dry_run: false }
     }
 
-    const ROOMY: PoolSpace = PoolSpace { available: 1 << 40, total: 1 << 40 };
+    const ROOMY: PoolSpace = PoolSpace { available: 1 << 40, total: 1 << 40, inodes_available: None };
+
+    fn n(bytes: u64) -> Need {
+        Need { bytes, inodes: 1 }
+    }
 
     #[test]
     fn size_is_the_largest_of_request_current_and_need() {
         let cur = Usage { size: Some(500), used: 100, inodes: None };
-        let p = plan_fill(SizeModel::Quota, &fill(Some(300), SizePolicy::Grow), 1000, Some(&cur), Mode::Atomic, ROOMY).unwrap();
+        let p = plan_fill(SizeModel::Quota, &fill(Some(300), SizePolicy::Grow), n(1000), Some(&cur), Mode::Atomic, ROOMY).unwrap();
         assert_eq!(p.target_size, Some(1200));
-        let p = plan_fill(SizeModel::Quota, &fill(Some(5000), SizePolicy::Grow), 1000, Some(&cur), Mode::Atomic, ROOMY).unwrap();
+        let p = plan_fill(SizeModel::Quota, &fill(Some(5000), SizePolicy::Grow), n(1000), Some(&cur), Mode::Atomic, ROOMY).unwrap();
         assert_eq!(p.target_size, Some(5000));
-        let p = plan_fill(SizeModel::Unlimited, &fill(Some(5000), SizePolicy::Grow), 1000, None, Mode::Atomic, ROOMY).unwrap();
+        let p = plan_fill(SizeModel::Unlimited, &fill(Some(5000), SizePolicy::Grow), n(1000), None, Mode::Atomic, ROOMY).unwrap();
         assert_eq!(p.target_size, None);
         assert!(p.size_ignored);
     }
 
     #[test]
     fn exact_refuses_an_image_that_does_not_fit() {
-        let e = plan_fill(SizeModel::Quota, &fill(Some(999), SizePolicy::Exact), 1000, None, Mode::Atomic, ROOMY).unwrap_err();
+        let e = plan_fill(SizeModel::Quota, &fill(Some(999), SizePolicy::Exact), n(1000), None, Mode::Atomic, ROOMY).unwrap_err();
         assert_eq!(e.code, Code::InsufficientSpace);
-        let p = plan_fill(SizeModel::Quota, &fill(Some(1000), SizePolicy::Exact), 1000, None, Mode::Atomic, ROOMY).unwrap();
+        let p = plan_fill(SizeModel::Quota, &fill(Some(1000), SizePolicy::Exact), n(1000), None, Mode::Atomic, ROOMY).unwrap();
         assert_eq!(p.target_size, Some(1000));
     }
 
     #[test]
     fn space_is_checked_and_in_place_counts_the_old_volume() {
-        let small = PoolSpace { available: 1000, total: 10_000 };
+        let small = PoolSpace { available: 1000, total: 10_000, inodes_available: Some(10) };
         let cur = Usage { size: None, used: 5000, inodes: None };
-        let e = plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), 1000, Some(&cur), Mode::Atomic, small).unwrap_err();
+        let e = plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), n(1000), Some(&cur), Mode::Atomic, small).unwrap_err();
         assert_eq!(e.code, Code::InsufficientSpace);
         assert_eq!(e.details["needed"], 1200);
         assert_eq!(e.details["available"], 1000);
-        assert!(plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), 1000, Some(&cur), Mode::InPlace, small).is_ok());
+        assert!(plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), n(1000), Some(&cur), Mode::InPlace, small).is_ok());
         // A block device takes its whole size from the pool.
-        let e = plan_fill(SizeModel::Allocated, &fill(Some(1 << 20), SizePolicy::Grow), 10, None, Mode::Atomic, small).unwrap_err();
+        let e = plan_fill(SizeModel::Allocated, &fill(Some(1 << 20), SizePolicy::Grow), n(10), None, Mode::Atomic, small).unwrap_err();
         assert_eq!(e.details["needed"], 1 << 20);
+        let e = plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), Need { bytes: 1, inodes: 11 }, None, Mode::Atomic, small).unwrap_err();
+        assert_eq!(e.details["needed_inodes"], 11);
     }
 }

@@ -189,6 +189,7 @@ impl Driver for DirDriver {
         Ok(PoolSpace {
             available: st.f_bavail.saturating_mul(st.f_frsize),
             total: st.f_blocks.saturating_mul(st.f_frsize),
+            inodes_available: (st.f_files > 0).then_some(st.f_favail),
         })
     }
 

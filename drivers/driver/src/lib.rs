@@ -112,6 +112,9 @@ pub struct PoolSpace {
     /// Bytes that new data can still take.
     pub available: u64,
     pub total: u64,
+    /// Inodes that can still be created, where the filesystem has a fixed number of them
+    /// (`None` for filesystems that allocate inodes dynamically, like btrfs).
+    pub inodes_available: Option<u64>,
 }
 
 /// The root directory of a volume, opened (and mounted, for block-backed drivers) for filling.
