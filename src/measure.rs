@@ -5,14 +5,18 @@
 //! path rules, so an image that would be refused while unpacking is refused here, before the
 //! old volume is touched.
 
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::fs::File;
+use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
 
 use serde_json::{json, Value};
 
 use crate::error::{Code, Error, Result};
-use crate::image::tar::{Entry, Kind, TarReader};
+use crate::image::tar::{shown, Entry, Kind, TarReader};
 use crate::image::{self, Compression, Format};
+use crate::unpack::idmap::IdMap;
 use crate::unpack::path::{normalize, RelPath};
 
 const BLOCK: u64 = 4096;
@@ -87,23 +91,142 @@ impl Measurement {
     }
 }
 
-/// Measures a tar image. `prefix_override` is the request's `rootfs_prefix`; without it a
-/// unified image (`metadata.yaml` beside `rootfs/`) is detected. `progress` gets
-/// (compressed bytes read, image size) now and then.
+/// What a path was last made into, as far as the archive alone tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One way of reading the archive (the whole of it, or only below a rootfs prefix): what it
+/// adds up to, and the first entry the unpacker would refuse.
+///
+/// The validator applies the unpacker's rules that do not need the filesystem, so that an
+/// image the unpacker would refuse half-way is refused here, before any volume is touched
+/// (which matters most for `in-place` rebuilds). Paths are remembered as 64-bit keyed hashes:
+/// a collision can only make a check pass here that the unpacker still makes.
+struct View {
+    prefix: Option<RelPath>,
+    tally: Tally,
+    seen: HashMap<u64, Seen>,
+    error: Option<Error>,
+}
+
+impl View {
+    fn new(prefix: Option<RelPath>) -> Self {
+        View { prefix, tally: Tally::default(), seen: HashMap::new(), error: None }
+    }
+
+    fn key(hasher: &RandomState, path: &RelPath) -> u64 {
+        hasher.hash_one(path.as_bytes())
+    }
+
+    /// The path inside this view, or `None` when the entry lies outside it.
+    fn place(&self, path: &RelPath) -> Option<RelPath> {
+        match &self.prefix {
+            Some(prefix) => path.strip_prefix(prefix),
+            None => Some(path.clone()),
+        }
+    }
+
+    fn add(&mut self, hasher: &RandomState, entry: &Entry, path: &RelPath, idmap: &IdMap) {
+        let Some(path) = self.place(path) else { return };
+        self.tally.add(entry);
+        if self.error.is_none() {
+            self.error = self.check(hasher, entry, &path, idmap).err();
+        }
+    }
+
+    fn check(&mut self, hasher: &RandomState, entry: &Entry, path: &RelPath, idmap: &IdMap) -> Result<()> {
+        let refuse = |code: Code, why: String| {
+            Err(Error::new(code, format!("entry {}: {why}", path.shown())).with("entry", path.shown()))
+        };
+        if path.is_root() && entry.kind != Kind::Dir {
+            return refuse(Code::UnsafeImage, format!("a {} cannot replace the volume root", entry.kind.as_str()));
+        }
+        for (id, what) in [(entry.uid, "uid"), (entry.gid, "gid")] {
+            if idmap.map(id).is_none() {
+                return refuse(Code::ImageInvalid, format!("{what} {id} is outside every idmap range"));
+            }
+        }
+        for (name, value) in &entry.xattrs {
+            if let Err(why) = idmap.shift_xattr(name, value) {
+                return refuse(Code::ImageInvalid, format!("xattr {}: {why}", String::from_utf8_lossy(name)));
+            }
+        }
+        // A parent that is known to be neither a directory nor a symlink cannot hold it.
+        if let Some(Seen::Other) = self.ancestor(hasher, path) {
+            return refuse(Code::ImageInvalid, "a parent is not a directory".into());
+        }
+        if entry.kind == Kind::Hardlink {
+            let target = normalize(&entry.link)?;
+            let Some(target) = self.place(&target) else {
+                return refuse(Code::UnsafeImage, format!("hardlink target {:?} lies outside the unpacked tree", shown(&entry.link)));
+            };
+            if target.is_root() {
+                return refuse(Code::UnsafeImage, "a hardlink to the volume root".into());
+            }
+            match self.seen.get(&Self::key(hasher, &target)) {
+                Some(Seen::Dir) => return refuse(Code::UnsafeImage, format!("hardlink to the directory {}", target.shown())),
+                Some(_) => {}
+                // Through a symlinked directory the target may exist; the unpacker decides.
+                None if self.ancestor(hasher, &target) == Some(Seen::Symlink) => {}
+                None => {
+                    return refuse(
+                        Code::ImageInvalid,
+                        format!("hardlink target {} does not exist (it must come earlier in the image)", target.shown()),
+                    )
+                }
+            }
+        }
+        let seen = match entry.kind {
+            Kind::Dir => Seen::Dir,
+            Kind::Symlink => Seen::Symlink,
+            _ => Seen::Other,
+        };
+        self.seen.insert(Self::key(hasher, path), seen);
+        Ok(())
+    }
+
+    /// The nearest ancestor of `path` that the archive made into a symlink or a
+    /// non-directory, if any.
+    fn ancestor(&self, hasher: &RandomState, path: &RelPath) -> Option<Seen> {
+        let mut current = path.split_last().map(|(parent, _)| parent);
+        while let Some(dir) = current {
+            if dir.is_root() {
+                return None;
+            }
+            match self.seen.get(&Self::key(hasher, &dir)) {
+                Some(Seen::Dir) => return None,
+                Some(other) => return Some(*other),
+                None => {}
+            }
+            current = dir.split_last().map(|(parent, _)| parent);
+        }
+        None
+    }
+}
+
+/// Measures a tar image and validates it against the unpacker's rules (and `idmap`). Without
+/// `prefix_override` a unified image (`metadata.yaml` beside `rootfs/`) is detected.
+/// `progress` gets (compressed bytes read, image size) now and then.
 pub fn measure_tar(
     file: &File,
     compression: Compression,
     prefix_override: Option<&str>,
+    idmap: &IdMap,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Measurement> {
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let (stream, count) = image::open_stream(file, compression)?;
     let mut reader = TarReader::new(stream);
+    let hasher = RandomState::new();
 
     let explicit = prefix_override.map(|p| normalize(p.as_bytes())).transpose()?;
-    let unified = normalize(b"rootfs")?;
-    let mut whole = Tally::default();
-    let mut below_prefix = Tally::default();
+    let explicit = explicit.filter(|p| !p.is_root());
+    let mut whole = View::new(None);
+    let mut below = View::new(Some(explicit.clone().unwrap_or(normalize(b"rootfs")?)));
     let mut has_metadata_yaml = false;
     let mut last_report = 0u64;
     while let Some(entry) = reader.next_entry()? {
@@ -111,11 +234,10 @@ pub fn measure_tar(
         if entry.kind == Kind::Hardlink {
             normalize(&entry.link)?;
         }
-        whole.add(&entry);
-        let prefix = explicit.as_ref().unwrap_or(&unified);
-        if path.strip_prefix(prefix).is_some() {
-            below_prefix.add(&entry);
+        if explicit.is_none() {
+            whole.add(&hasher, &entry, &path, idmap);
         }
+        below.add(&hasher, &entry, &path, idmap);
         if path.as_bytes() == b"metadata.yaml" && entry.kind == Kind::File {
             has_metadata_yaml = true;
         }
@@ -125,20 +247,16 @@ pub fn measure_tar(
             progress(read, size);
         }
     }
+    reader.finish()?;
     progress(size, size);
-    let (tally, rootfs_prefix) = match explicit {
-        Some(prefix) if prefix.is_root() => (whole, None),
-        Some(prefix) => {
-            if below_prefix.entries == 0 {
-                return Err(Error::new(
-                    Code::ImageInvalid,
-                    format!("the image has nothing below rootfs_prefix {}", prefix.shown()),
-                ));
-            }
-            (below_prefix, Some(prefix))
-        }
-        None if has_metadata_yaml && below_prefix.entries > 0 => (below_prefix, Some(unified)),
-        None => (whole, None),
-    };
-    Ok(Measurement { format: Format::Tar, compression, tally, rootfs_prefix })
+    let unified = explicit.is_none() && has_metadata_yaml && below.tally.entries > 0;
+    let view = if explicit.is_some() || unified { below } else { whole };
+    if let Some(e) = view.error {
+        return Err(e);
+    }
+    if view.tally.entries == 0 && view.prefix.is_some() {
+        let prefix = view.prefix.as_ref().map(RelPath::shown).unwrap_or_default();
+        return Err(Error::new(Code::ImageInvalid, format!("the image has nothing below rootfs_prefix {prefix}")));
+    }
+    Ok(Measurement { format: Format::Tar, compression, tally: view.tally, rootfs_prefix: view.prefix })
 }

@@ -110,7 +110,7 @@ impl Observer for UnpackObserver<'_> {
     }
 }
 
-fn open_and_measure(config: &Config, events: &mut Events, source: &Source, timings: &mut Timings) -> Result<Content> {
+fn open_and_measure(config: &Config, events: &mut Events, source: &Source, idmap: &IdMap, timings: &mut Timings) -> Result<Content> {
     let (path, prefix) = match source {
         Source::Empty => return Ok(Content::Empty),
         Source::Image { path, rootfs_prefix } => (path, rootfs_prefix.as_deref()),
@@ -124,7 +124,7 @@ fn open_and_measure(config: &Config, events: &mut Events, source: &Source, timin
         ));
     }
     let measurement = timings.time("measure", || {
-        measure_tar(&file, detected.compression, prefix, &mut |done, total| {
+        measure_tar(&file, detected.compression, prefix, idmap, &mut |done, total| {
             events.progress(EventPhase::Measure, done, total, "bytes")
         })
     })?;
@@ -340,7 +340,7 @@ fn lock_volume<'a>(ctx: &'a mut Ctx<'_>, volume: &'a VolumeName) -> Result<Volum
 
 fn measure(ctx: Ctx<'_>, source: &Source) -> Result<Map<String, Value>> {
     let mut timings = Timings::start();
-    let content = open_and_measure(ctx.config, ctx.events, source, &mut timings)?;
+    let content = open_and_measure(ctx.config, ctx.events, source, &IdMap::default(), &mut timings)?;
     let mut out = Map::new();
     out.insert("image".into(), content.to_json());
     out.insert("timings_ms".into(), timings.to_json());
@@ -401,7 +401,8 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
     if driver.identity(Slot::live(volume))?.is_some() {
         return Err(Error::new(Code::AlreadyExists, format!("volume {volume} already exists; use rebuild to replace its content")));
     }
-    let content = open_and_measure(config, vop.events, &fill.source, &mut timings)?;
+    let idmap = IdMap::new(fill.idmap.clone());
+    let content = open_and_measure(config, vop.events, &fill.source, &idmap, &mut timings)?;
     let measurement = content.measurement();
     let plan = plan_fill(driver.capabilities().size_model, fill, Need { bytes: measurement.tally.allocated_bytes, inodes: measurement.tally.inodes }, None, Mode::Atomic, driver.pool_space()?)?;
     warn_size_ignored(vop.events, &plan, driver);
@@ -409,7 +410,6 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
         return Ok(dry_run_result(&plan, &content, &["create", "unpack", "sync", "publish"], false));
     }
     cancelled_check()?;
-    let idmap = IdMap::new(fill.idmap.clone());
     vop.intent(IntentOp::Create, Phase::Building, false)?;
     let built = (|| -> Result<String> {
         vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
@@ -473,7 +473,8 @@ fn rebuild(
     }
     let with_snapshots = snapshots == SnapshotPolicy::Delete;
     let keep = preserve_paths(preserve_list)?;
-    let content = open_and_measure(config, vop.events, &fill.source, &mut timings)?;
+    let idmap = IdMap::new(fill.idmap.clone());
+    let content = open_and_measure(config, vop.events, &fill.source, &idmap, &mut timings)?;
     let measurement = content.measurement();
     let current = driver.usage(live)?;
     let plan = plan_fill(driver.capabilities().size_model, fill, Need { bytes: measurement.tally.allocated_bytes, inodes: measurement.tally.inodes }, Some(&current), mode, driver.pool_space()?)?;
@@ -486,7 +487,6 @@ fn rebuild(
         return Ok(dry_run_result(&plan, &content, steps, pending));
     }
     cancelled_check()?;
-    let idmap = IdMap::new(fill.idmap.clone());
     match mode {
         Mode::Atomic => {
             vop.intent(IntentOp::Rebuild, Phase::Building, with_snapshots)?;

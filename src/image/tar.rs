@@ -227,7 +227,34 @@ impl<R: BufRead> TarReader<R> {
         Ok(())
     }
 
-    /// Up to `max` bytes of the current entry's content, borrowed from the stream's buffer.
+    /// Reads the stream to its end after the end-of-archive marker, so that the decompressor
+    /// checks its trailing checksum (gzip CRC, xz/zstd/lz4 checks): a corrupt image must not
+    /// pass just because its damage lies after the last member. Tar's own padding (zero
+    /// blocks up to the record size) is normal; more than `MAX_TRAILER` bytes is not.
+    pub fn finish(&mut self) -> Result<()> {
+        const MAX_TRAILER: u64 = 64 << 20;
+        if !self.ended {
+            return Err(Error::internal("finish called before the end of the archive"));
+        }
+        let mut trailing = 0u64;
+        loop {
+            let chunk = self.inner.fill_buf().map_err(read_error)?;
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let n = chunk.len();
+            self.inner.consume(n);
+            trailing += n as u64;
+            if trailing > MAX_TRAILER {
+                return Err(Error::new(
+                    Code::ImageInvalid,
+                    format!("more than {} MiB of data follow the end of the tar archive", MAX_TRAILER >> 20),
+                ));
+            }
+        }
+    }
+
+    /// Bytes of the current entry's content, borrowed from the stream's buffer.
     /// Empty when the content is exhausted. Call [`TarReader::consume`] with what was used.
     pub fn data(&mut self) -> Result<&[u8]> {
         if self.remaining == 0 {

@@ -125,6 +125,7 @@ pub fn unpack_tar<R: BufRead>(
         }
         unpacker.entry(&entry, reader)?;
     }
+    reader.finish()?;
     unpacker.finish()
 }
 

@@ -85,7 +85,11 @@ impl Env {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        // reimage may reject the run (bad argv or config) before it reads stdin.
+        match child.stdin.take().unwrap().write_all(stdin) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            other => other.unwrap(),
+        }
         let out = child.wait_with_output().unwrap();
         Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
     }
