@@ -12,7 +12,8 @@ use crate::protocol::events::{BarMode, Events};
 use crate::protocol::request::{self, MAX_REQUEST_BYTES};
 use crate::{drivers, signals};
 
-pub const USAGE: &str = "usage: reimage [--config PATH] [--progress auto|always|never] DRIVER < request.json
+pub const USAGE: &str =
+    "usage: reimage [--config PATH] [--progress auto|always|never] DRIVER < request.json
   DRIVER is one of dir, btrfs, zfs, lvm; the request and events are described in the README.";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -38,7 +39,9 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
     let mut driver = None;
     let mut it = args.iter().skip(1);
     while let Some(arg) = it.next() {
-        let text = arg.to_str().ok_or_else(|| usage_error("arguments must be UTF-8"))?;
+        let text = arg
+            .to_str()
+            .ok_or_else(|| usage_error("arguments must be UTF-8"))?;
         let (flag, inline) = match text.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
             _ => (text, None),
@@ -61,7 +64,11 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
                     "auto" => BarMode::Auto,
                     "always" => BarMode::Always,
                     "never" => BarMode::Never,
-                    other => return Err(usage_error(format!("--progress {other:?} is not auto, always or never"))),
+                    other => {
+                        return Err(usage_error(format!(
+                            "--progress {other:?} is not auto, always or never"
+                        )))
+                    }
                 }
             }
             f if f.starts_with('-') => return Err(usage_error(format!("unknown option {f}"))),
@@ -70,13 +77,19 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
                     return Err(usage_error(format!("unexpected argument {name:?}")));
                 }
                 driver = Some(DriverKind::parse(name).ok_or_else(|| {
-                    usage_error(format!("unknown driver {name:?}; one of dir, btrfs, zfs, lvm"))
+                    usage_error(format!(
+                        "unknown driver {name:?}; one of dir, btrfs, zfs, lvm"
+                    ))
                 })?);
             }
         }
     }
     let driver = driver.ok_or_else(|| usage_error("missing DRIVER"))?;
-    Ok(Parsed::Run(Args { config, bar, driver }))
+    Ok(Parsed::Run(Args {
+        config,
+        bar,
+        driver,
+    }))
 }
 
 fn read_request(stdin: &mut dyn Read) -> Result<String> {
@@ -84,12 +97,22 @@ fn read_request(stdin: &mut dyn Read) -> Result<String> {
     stdin
         .take(MAX_REQUEST_BYTES as u64 + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| Error::new(Code::InvalidRequest, format!("cannot read the request from stdin: {e}")).with("path", "."))?;
+        .map_err(|e| {
+            Error::new(
+                Code::InvalidRequest,
+                format!("cannot read the request from stdin: {e}"),
+            )
+            .with("path", ".")
+        })?;
     String::from_utf8(buf)
         .map_err(|_| Error::new(Code::InvalidRequest, "the request is not UTF-8").with("path", "."))
 }
 
-fn execute(args: &Args, stdin: &mut dyn Read, events: &mut Events) -> Result<(String, serde_json::Map<String, serde_json::Value>)> {
+fn execute(
+    args: &Args,
+    stdin: &mut dyn Read,
+    events: &mut Events,
+) -> Result<(String, serde_json::Map<String, serde_json::Value>)> {
     let config = Config::load(&args.config)?;
     let op = request::parse(&read_request(stdin)?)?;
     let pool = match op.pool() {
@@ -108,7 +131,12 @@ fn execute(args: &Args, stdin: &mut dyn Read, events: &mut Events) -> Result<(St
         op.volume().map(|v| v.as_str()),
     );
     let driver = pool.map(drivers::open).transpose()?;
-    let ctx = Ctx { config: &config, pool, driver: driver.as_deref(), events };
+    let ctx = Ctx {
+        config: &config,
+        pool,
+        driver: driver.as_deref(),
+        events,
+    };
     let body = ops::run(ctx, &op)?;
     Ok((op.name().to_owned(), body))
 }
@@ -127,7 +155,11 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
         },
         _ => false,
     };
-    let mut events = Events::new(Box::new(std::io::stdout()), Box::new(std::io::stderr()), bar);
+    let mut events = Events::new(
+        Box::new(std::io::stdout()),
+        Box::new(std::io::stderr()),
+        bar,
+    );
     let args = match parsed {
         Ok(Parsed::Run(a)) => a,
         Ok(Parsed::Help) => {
@@ -135,7 +167,11 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
             return 0;
         }
         Ok(Parsed::Version) => {
-            eprintln!("reimage {} (protocol api {})", env!("CARGO_PKG_VERSION"), request::API_VERSION);
+            eprintln!(
+                "reimage {} (protocol api {})",
+                env!("CARGO_PKG_VERSION"),
+                request::API_VERSION
+            );
             return 0;
         }
         Err(e) => {

@@ -131,7 +131,10 @@ fn check_ownership(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
         return Err(insecure(path, &format!("is owned by uid {}", meta.uid())));
     }
     if meta.mode() & 0o022 != 0 {
-        return Err(insecure(path, &format!("has mode {:o}", meta.mode() & 0o7777)));
+        return Err(insecure(
+            path,
+            &format!("has mode {:o}", meta.mode() & 0o7777),
+        ));
     }
     for dir in path.ancestors().skip(1) {
         let m = std::fs::metadata(dir)
@@ -139,7 +142,11 @@ fn check_ownership(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
         if !dir_is_safe(&m) {
             return Err(insecure(
                 dir,
-                &format!("is owned by uid {} with mode {:o}", m.uid(), m.mode() & 0o7777),
+                &format!(
+                    "is owned by uid {} with mode {:o}",
+                    m.uid(),
+                    m.mode() & 0o7777
+                ),
             ));
         }
     }
@@ -161,11 +168,17 @@ impl Config {
             .metadata()
             .map_err(|e| invalid(format!("cannot stat {}: {e}", canonical.display())))?;
         if !meta.is_file() {
-            return Err(invalid(format!("{} is not a regular file", canonical.display())));
+            return Err(invalid(format!(
+                "{} is not a regular file",
+                canonical.display()
+            )));
         }
         check_ownership(&canonical, &meta)?;
         if meta.len() > MAX_CONFIG_BYTES {
-            return Err(invalid(format!("{} is larger than 1 MiB", canonical.display())));
+            return Err(invalid(format!(
+                "{} is larger than 1 MiB",
+                canonical.display()
+            )));
         }
         let mut text = String::new();
         file.read_to_string(&mut text)
@@ -176,21 +189,30 @@ impl Config {
     /// Parses config text (no ownership checks; [`Config::load`] does those).
     pub fn parse(text: &str) -> Result<Config> {
         let wire: WireConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        let state_dir = wire.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let state_dir = wire
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         if !state_dir.is_absolute() {
             return Err(invalid("state_dir must be an absolute path"));
         }
         let image_roots = wire.images.map(|i| i.allow).unwrap_or_default();
         for root in &image_roots {
             if !root.is_absolute() {
-                return Err(invalid(format!("images.allow entry {} must be absolute", root.display())));
+                return Err(invalid(format!(
+                    "images.allow entry {} must be absolute",
+                    root.display()
+                )));
             }
         }
         let mut pools = BTreeMap::new();
         for (name, p) in wire.pools {
             pools.insert(name.clone(), Config::pool(name, p)?);
         }
-        Ok(Config { state_dir, image_roots, pools })
+        Ok(Config {
+            state_dir,
+            image_roots,
+            pools,
+        })
     }
 
     fn pool(name: String, p: WirePool) -> Result<Pool> {
@@ -228,7 +250,9 @@ impl Config {
             match p.fs.as_deref() {
                 None | Some("ext4") | Some("xfs") => {}
                 Some(other) => {
-                    return Err(invalid(format!("pools.{name}.fs {other:?} is not ext4 or xfs")))
+                    return Err(invalid(format!(
+                        "pools.{name}.fs {other:?} is not ext4 or xfs"
+                    )))
                 }
             }
         } else {
@@ -240,7 +264,9 @@ impl Config {
         for (what, path) in [("path", &p.path), ("mount_dir", &p.mount_dir)] {
             if let Some(path) = path {
                 if !path.is_absolute() {
-                    return Err(invalid(format!("pools.{name}.{what} must be an absolute path")));
+                    return Err(invalid(format!(
+                        "pools.{name}.{what} must be an absolute path"
+                    )));
                 }
             }
         }
@@ -267,7 +293,10 @@ impl Config {
             let known: Vec<&str> = self.pools.keys().map(String::as_str).collect();
             Error::new(
                 Code::UnknownPool,
-                format!("no pool {name:?} in the config (pools: {})", known.join(", ")),
+                format!(
+                    "no pool {name:?} in the config (pools: {})",
+                    known.join(", ")
+                ),
             )
             .with("pool", name)
         })?;
@@ -291,8 +320,12 @@ impl Config {
         let deny = |why: String| {
             Error::new(Code::PolicyDenied, why).with("image", requested.display().to_string())
         };
-        let lexical = lexical_normal(requested)
-            .ok_or_else(|| deny(format!("image path {} must be absolute without '..'", requested.display())))?;
+        let lexical = lexical_normal(requested).ok_or_else(|| {
+            deny(format!(
+                "image path {} must be absolute without '..'",
+                requested.display()
+            ))
+        })?;
         let roots: Vec<PathBuf> = self
             .image_roots
             .iter()
@@ -311,15 +344,25 @@ impl Config {
             )));
         }
         let canonical = std::fs::canonicalize(&lexical).map_err(|e| {
-            let code = if e.kind() == std::io::ErrorKind::NotFound { Code::NotFound } else { Code::ImageInvalid };
-            Error::new(code, format!("cannot open image {}: {e}", requested.display()))
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                Code::NotFound
+            } else {
+                Code::ImageInvalid
+            };
+            Error::new(
+                code,
+                format!("cannot open image {}: {e}", requested.display()),
+            )
         })?;
         let canonical_roots: Vec<PathBuf> = self
             .image_roots
             .iter()
             .filter_map(|r| std::fs::canonicalize(r).ok())
             .collect();
-        if !canonical_roots.iter().any(|root| canonical.starts_with(root)) {
+        if !canonical_roots
+            .iter()
+            .any(|root| canonical.starts_with(root))
+        {
             return Err(deny(format!(
                 "image {} resolves to {}, outside every allowed image directory (a symlink leads out)",
                 requested.display(),
@@ -334,7 +377,10 @@ impl Config {
             ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
         )
         .map_err(|e| {
-            Error::new(Code::ImageInvalid, format!("cannot open image {}: {e}", canonical.display()))
+            Error::new(
+                Code::ImageInvalid,
+                format!("cannot open image {}: {e}", canonical.display()),
+            )
         })?;
         let file = File::from(fd);
         let meta = file
@@ -396,8 +442,14 @@ mod tests {
         assert!(c.pools["default"].quota);
         assert_eq!(c.pools["fast"].fs.as_deref(), Some("ext4"));
         assert!(c.pool_for("default", DriverKind::Btrfs).is_ok());
-        assert_eq!(c.pool_for("default", DriverKind::Zfs).unwrap_err().code, Code::PolicyDenied);
-        assert_eq!(c.pool_for("nope", DriverKind::Btrfs).unwrap_err().code, Code::UnknownPool);
+        assert_eq!(
+            c.pool_for("default", DriverKind::Zfs).unwrap_err().code,
+            Code::PolicyDenied
+        );
+        assert_eq!(
+            c.pool_for("nope", DriverKind::Btrfs).unwrap_err().code,
+            Code::UnknownPool
+        );
     }
 
     #[test]
@@ -421,7 +473,10 @@ mod tests {
 
     #[test]
     fn lexical_paths() {
-        assert_eq!(lexical_normal(Path::new("/a/./b//c")), Some(PathBuf::from("/a/b/c")));
+        assert_eq!(
+            lexical_normal(Path::new("/a/./b//c")),
+            Some(PathBuf::from("/a/b/c"))
+        );
         assert_eq!(lexical_normal(Path::new("/a/../b")), None);
         assert_eq!(lexical_normal(Path::new("a")), None);
     }

@@ -61,7 +61,9 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl Journal {
     pub fn new(state_dir: &Path, pool: &str) -> Journal {
-        Journal { dir: state_dir.join("journal").join(pool) }
+        Journal {
+            dir: state_dir.join("journal").join(pool),
+        }
     }
 
     fn path(&self, volume: &VolumeName) -> PathBuf {
@@ -71,7 +73,12 @@ impl Journal {
     /// Durably records `intent` for `volume`, replacing any earlier record.
     pub fn write(&self, volume: &VolumeName, intent: &Intent) -> Result<()> {
         private_dir(&self.dir)?;
-        let fail = |e: std::io::Error| Error::internal(format!("cannot write the journal in {}: {e}", self.dir.display()));
+        let fail = |e: std::io::Error| {
+            Error::internal(format!(
+                "cannot write the journal in {}: {e}",
+                self.dir.display()
+            ))
+        };
         let path = self.path(volume);
         let tmp = self.dir.join(format!(".{volume}.json.tmp"));
         let text = serde_json::to_vec(intent).map_err(|e| Error::internal(e.to_string()))?;
@@ -102,7 +109,9 @@ impl Journal {
             Ok(()) => fsync_dir(&self.dir)
                 .map_err(|e| Error::internal(format!("cannot sync {}: {e}", self.dir.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::internal(format!("cannot clear the journal record: {e}"))),
+            Err(e) => Err(Error::internal(format!(
+                "cannot clear the journal record: {e}"
+            ))),
         }
     }
 
@@ -111,12 +120,19 @@ impl Journal {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::internal(format!("cannot list {}: {e}", self.dir.display()))),
+            Err(e) => {
+                return Err(Error::internal(format!(
+                    "cannot list {}: {e}",
+                    self.dir.display()
+                )))
+            }
         };
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(name) = name.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
+            let Some(name) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
             if let Ok(v) = VolumeName::parse(name) {
                 out.push(v);
             }

@@ -50,7 +50,8 @@ impl VolumeLock {
                 }
                 Err(e) => return Err(Error::internal(format!("cannot lock {}: {e}", path.display()))),
             }
-            let held = rustix::fs::fstat(&fd).map_err(|e| Error::internal(format!("fstat lock: {e}")))?;
+            let held =
+                rustix::fs::fstat(&fd).map_err(|e| Error::internal(format!("fstat lock: {e}")))?;
             match rustix::fs::stat(&path) {
                 Ok(now) if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino) => {
                     return Ok(VolumeLock { path, _fd: fd })

@@ -85,7 +85,9 @@ impl Measurement {
             "entries": self.tally.entries,
         });
         if let Some(prefix) = &self.rootfs_prefix {
-            v["rootfs_prefix"] = String::from_utf8_lossy(prefix.as_bytes()).into_owned().into();
+            v["rootfs_prefix"] = String::from_utf8_lossy(prefix.as_bytes())
+                .into_owned()
+                .into();
         }
         v
     }
@@ -115,7 +117,12 @@ struct View {
 
 impl View {
     fn new(prefix: Option<RelPath>) -> Self {
-        View { prefix, tally: Tally::default(), seen: HashMap::new(), error: None }
+        View {
+            prefix,
+            tally: Tally::default(),
+            seen: HashMap::new(),
+            error: None,
+        }
     }
 
     fn key(hasher: &RandomState, path: &RelPath) -> u64 {
@@ -138,21 +145,37 @@ impl View {
         }
     }
 
-    fn check(&mut self, hasher: &RandomState, entry: &Entry, path: &RelPath, idmap: &IdMap) -> Result<()> {
+    fn check(
+        &mut self,
+        hasher: &RandomState,
+        entry: &Entry,
+        path: &RelPath,
+        idmap: &IdMap,
+    ) -> Result<()> {
         let refuse = |code: Code, why: String| {
-            Err(Error::new(code, format!("entry {}: {why}", path.shown())).with("entry", path.shown()))
+            Err(Error::new(code, format!("entry {}: {why}", path.shown()))
+                .with("entry", path.shown()))
         };
         if path.is_root() && entry.kind != Kind::Dir {
-            return refuse(Code::UnsafeImage, format!("a {} cannot replace the volume root", entry.kind.as_str()));
+            return refuse(
+                Code::UnsafeImage,
+                format!("a {} cannot replace the volume root", entry.kind.as_str()),
+            );
         }
         for (id, what) in [(entry.uid, "uid"), (entry.gid, "gid")] {
             if idmap.map(id).is_none() {
-                return refuse(Code::ImageInvalid, format!("{what} {id} is outside every idmap range"));
+                return refuse(
+                    Code::ImageInvalid,
+                    format!("{what} {id} is outside every idmap range"),
+                );
             }
         }
         for (name, value) in &entry.xattrs {
             if let Err(why) = idmap.shift_xattr(name, value) {
-                return refuse(Code::ImageInvalid, format!("xattr {}: {why}", String::from_utf8_lossy(name)));
+                return refuse(
+                    Code::ImageInvalid,
+                    format!("xattr {}: {why}", String::from_utf8_lossy(name)),
+                );
             }
         }
         // A parent that is known to be neither a directory nor a symlink cannot hold it.
@@ -162,20 +185,34 @@ impl View {
         if entry.kind == Kind::Hardlink {
             let target = normalize(&entry.link)?;
             let Some(target) = self.place(&target) else {
-                return refuse(Code::UnsafeImage, format!("hardlink target {:?} lies outside the unpacked tree", shown(&entry.link)));
+                return refuse(
+                    Code::UnsafeImage,
+                    format!(
+                        "hardlink target {:?} lies outside the unpacked tree",
+                        shown(&entry.link)
+                    ),
+                );
             };
             if target.is_root() {
                 return refuse(Code::UnsafeImage, "a hardlink to the volume root".into());
             }
             match self.seen.get(&Self::key(hasher, &target)) {
-                Some(Seen::Dir) => return refuse(Code::UnsafeImage, format!("hardlink to the directory {}", target.shown())),
+                Some(Seen::Dir) => {
+                    return refuse(
+                        Code::UnsafeImage,
+                        format!("hardlink to the directory {}", target.shown()),
+                    )
+                }
                 Some(_) => {}
                 // Through a symlinked directory the target may exist; the unpacker decides.
                 None if self.ancestor(hasher, &target) == Some(Seen::Symlink) => {}
                 None => {
                     return refuse(
                         Code::ImageInvalid,
-                        format!("hardlink target {} does not exist (it must come earlier in the image)", target.shown()),
+                        format!(
+                            "hardlink target {} does not exist (it must come earlier in the image)",
+                            target.shown()
+                        ),
                     )
                 }
             }
@@ -223,7 +260,9 @@ pub fn measure_tar(
     let mut reader = TarReader::new(stream);
     let hasher = RandomState::new();
 
-    let explicit = prefix_override.map(|p| normalize(p.as_bytes())).transpose()?;
+    let explicit = prefix_override
+        .map(|p| normalize(p.as_bytes()))
+        .transpose()?;
     let explicit = explicit.filter(|p| !p.is_root());
     let mut whole = View::new(None);
     let mut below = View::new(Some(explicit.clone().unwrap_or(normalize(b"rootfs")?)));
@@ -250,13 +289,25 @@ pub fn measure_tar(
     reader.finish()?;
     progress(size, size);
     let unified = explicit.is_none() && has_metadata_yaml && below.tally.entries > 0;
-    let view = if explicit.is_some() || unified { below } else { whole };
+    let view = if explicit.is_some() || unified {
+        below
+    } else {
+        whole
+    };
     if let Some(e) = view.error {
         return Err(e);
     }
     if view.tally.entries == 0 && view.prefix.is_some() {
         let prefix = view.prefix.as_ref().map(RelPath::shown).unwrap_or_default();
-        return Err(Error::new(Code::ImageInvalid, format!("the image has nothing below rootfs_prefix {prefix}")));
+        return Err(Error::new(
+            Code::ImageInvalid,
+            format!("the image has nothing below rootfs_prefix {prefix}"),
+        ));
     }
-    Ok(Measurement { format: Format::Tar, compression, tally: view.tally, rootfs_prefix: view.prefix })
+    Ok(Measurement {
+        format: Format::Tar,
+        compression,
+        tally: view.tally,
+        rootfs_prefix: view.prefix,
+    })
 }

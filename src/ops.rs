@@ -45,7 +45,10 @@ struct Timings {
 
 impl Timings {
     fn start() -> Self {
-        Timings { phases: Map::new(), started: Some(Instant::now()) }
+        Timings {
+            phases: Map::new(),
+            started: Some(Instant::now()),
+        }
     }
 
     fn time<T>(&mut self, name: &str, step: impl FnOnce() -> T) -> T {
@@ -69,7 +72,11 @@ impl Timings {
 /// An image opened and measured, or nothing for an empty volume.
 enum Content {
     Empty,
-    Image { file: File, path: PathBuf, measurement: Measurement },
+    Image {
+        file: File,
+        path: PathBuf,
+        measurement: Measurement,
+    },
 }
 
 impl Content {
@@ -83,7 +90,9 @@ impl Content {
     fn to_json(&self) -> Value {
         match self {
             Content::Empty => json!({"empty": true}),
-            Content::Image { path, measurement, .. } => {
+            Content::Image {
+                path, measurement, ..
+            } => {
                 let mut v = measurement.to_json();
                 v["path"] = path.display().to_string().into();
                 v
@@ -100,7 +109,8 @@ struct UnpackObserver<'e> {
 
 impl Observer for UnpackObserver<'_> {
     fn progress(&mut self, done: u64) {
-        self.events.progress(EventPhase::Unpack, done, self.total, "bytes");
+        self.events
+            .progress(EventPhase::Unpack, done, self.total, "bytes");
     }
     fn warning(&mut self, code: &str, message: &str) {
         self.events.warning(code, message);
@@ -110,10 +120,19 @@ impl Observer for UnpackObserver<'_> {
     }
 }
 
-fn open_and_measure(config: &Config, events: &mut Events, source: &Source, idmap: &IdMap, timings: &mut Timings) -> Result<Content> {
+fn open_and_measure(
+    config: &Config,
+    events: &mut Events,
+    source: &Source,
+    idmap: &IdMap,
+    timings: &mut Timings,
+) -> Result<Content> {
     let (path, prefix) = match source {
         Source::Empty => return Ok(Content::Empty),
-        Source::Image { path, rootfs_prefix } => (path, rootfs_prefix.as_deref()),
+        Source::Image {
+            path,
+            rootfs_prefix,
+        } => (path, rootfs_prefix.as_deref()),
     };
     let (file, resolved) = config.open_image(path)?;
     let detected = image::detect(&file)?;
@@ -124,11 +143,19 @@ fn open_and_measure(config: &Config, events: &mut Events, source: &Source, idmap
         ));
     }
     let measurement = timings.time("measure", || {
-        measure_tar(&file, detected.compression, prefix, idmap, &mut |done, total| {
-            events.progress(EventPhase::Measure, done, total, "bytes")
-        })
+        measure_tar(
+            &file,
+            detected.compression,
+            prefix,
+            idmap,
+            &mut |done, total| events.progress(EventPhase::Measure, done, total, "bytes"),
+        )
     })?;
-    Ok(Content::Image { file, path: resolved, measurement })
+    Ok(Content::Image {
+        file,
+        path: resolved,
+        measurement,
+    })
 }
 
 fn preserve_paths(paths: &[PathBuf]) -> Result<Vec<RelPath>> {
@@ -143,8 +170,17 @@ fn preserve_paths(paths: &[PathBuf]) -> Result<Vec<RelPath>> {
 }
 
 /// Unpacks `content` into the open root of the volume being built.
-fn unpack_into(events: &mut Events, root: &Mounted, content: &Content, idmap: &IdMap, skip: &[RelPath]) -> Result<()> {
-    let Content::Image { file, measurement, .. } = content else {
+fn unpack_into(
+    events: &mut Events,
+    root: &Mounted,
+    content: &Content,
+    idmap: &IdMap,
+    skip: &[RelPath],
+) -> Result<()> {
+    let Content::Image {
+        file, measurement, ..
+    } = content
+    else {
         if !idmap.is_identity() {
             let owner = idmap.map(0).unwrap_or(0);
             rustix::fs::fchown(
@@ -152,7 +188,12 @@ fn unpack_into(events: &mut Events, root: &Mounted, content: &Content, idmap: &I
                 Some(rustix::fs::Uid::from_raw(owner)),
                 Some(rustix::fs::Gid::from_raw(owner)),
             )
-            .map_err(|e| Error::new(Code::DriverError, format!("chown of the new volume's root: {e}")))?;
+            .map_err(|e| {
+                Error::new(
+                    Code::DriverError,
+                    format!("chown of the new volume's root: {e}"),
+                )
+            })?;
         }
         return Ok(());
     };
@@ -186,7 +227,10 @@ fn volume_json(driver: &dyn Driver, volume: &VolumeName) -> Result<Value> {
 
 fn cancelled_check() -> Result<()> {
     if signals::cancelled() {
-        return Err(Error::new(Code::Interrupted, "interrupted by a signal; nothing was changed"));
+        return Err(Error::new(
+            Code::Interrupted,
+            "interrupted by a signal; nothing was changed",
+        ));
     }
     Ok(())
 }
@@ -204,14 +248,24 @@ impl VolumeOp<'_> {
     fn intent(&self, op: IntentOp, phase: Phase, with_snapshots: bool) -> Result<()> {
         self.journal.write(
             self.volume,
-            &Intent { op, phase, with_snapshots, pid: std::process::id() },
+            &Intent {
+                op,
+                phase,
+                with_snapshots,
+                pid: std::process::id(),
+            },
         )
     }
 
     /// Finishes or rolls back what an earlier, interrupted request left for this volume.
     fn recover_first(&mut self) -> Result<Option<Outcome>> {
         let outcome = match self.journal.read(self.volume)? {
-            Some(intent) => Some(recover_volume(self.driver, &self.journal, self.volume, &intent)?),
+            Some(intent) => Some(recover_volume(
+                self.driver,
+                &self.journal,
+                self.volume,
+                &intent,
+            )?),
             None => recover_orphans(self.driver, self.volume)?,
         };
         if let Some(o) = &outcome {
@@ -248,8 +302,20 @@ impl VolumeOp<'_> {
     }
 
     /// Commits the complete new volume (identity `new_id`) under the volume's name.
-    fn commit(&mut self, op: IntentOp, new_id: String, with_snapshots: bool, timings: &mut Timings) -> Result<()> {
-        self.intent(op, Phase::Committing { new_id: new_id.clone() }, with_snapshots)?;
+    fn commit(
+        &mut self,
+        op: IntentOp,
+        new_id: String,
+        with_snapshots: bool,
+        timings: &mut Timings,
+    ) -> Result<()> {
+        self.intent(
+            op,
+            Phase::Committing {
+                new_id: new_id.clone(),
+            },
+            with_snapshots,
+        )?;
         let (driver, volume) = (self.driver, self.volume);
         let swapped = timings.time("swap", || -> Result<()> {
             let live_exists = driver.identity(Slot::live(volume))?.is_some();
@@ -265,10 +331,18 @@ impl VolumeOp<'_> {
         });
         if let Err(e) = swapped {
             // The new volume is complete: finishing the swap is the recovery.
-            let intent = Intent { op, phase: Phase::Committing { new_id }, with_snapshots, pid: std::process::id() };
+            let intent = Intent {
+                op,
+                phase: Phase::Committing { new_id },
+                with_snapshots,
+                pid: std::process::id(),
+            };
             return match recover_volume(driver, &self.journal, volume, &intent) {
                 Ok(_) => Ok(()),
-                Err(again) => Err(e.with("recovery", format!("pending: {}; run recover", again.message))),
+                Err(again) => Err(e.with(
+                    "recovery",
+                    format!("pending: {}; run recover", again.message),
+                )),
             };
         }
         self.events.progress(EventPhase::Swap, 1, 1, "steps");
@@ -294,7 +368,13 @@ impl VolumeOp<'_> {
 }
 
 /// Syncs and closes the volume being built, and returns its identity.
-fn seal(driver: &dyn Driver, events: &mut Events, root: Mounted, volume: &VolumeName, timings: &mut Timings) -> Result<String> {
+fn seal(
+    driver: &dyn Driver,
+    events: &mut Events,
+    root: Mounted,
+    volume: &VolumeName,
+    timings: &mut Timings,
+) -> Result<String> {
     events.progress(EventPhase::Sync, 0, 1, "steps");
     timings.time("sync", || driver.sync(Slot::new(volume), root.root()))?;
     root.release()?;
@@ -311,10 +391,17 @@ pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
         Op::Recover { volume, .. } => recover(ctx, volume.as_ref()),
         Op::Inspect { volume, .. } => inspect(ctx, volume),
         Op::Create { volume, fill, .. } => create(ctx, volume, fill),
-        Op::Rebuild { volume, fill, snapshots, mode, preserve, .. } => {
-            rebuild(ctx, volume, fill, *snapshots, *mode, preserve)
-        }
-        Op::Delete { volume, snapshots, .. } => delete(ctx, volume, *snapshots),
+        Op::Rebuild {
+            volume,
+            fill,
+            snapshots,
+            mode,
+            preserve,
+            ..
+        } => rebuild(ctx, volume, fill, *snapshots, *mode, preserve),
+        Op::Delete {
+            volume, snapshots, ..
+        } => delete(ctx, volume, *snapshots),
         Op::Resize { volume, size, .. } => resize(ctx, volume, *size),
     }
 }
@@ -340,7 +427,13 @@ fn lock_volume<'a>(ctx: &'a mut Ctx<'_>, volume: &'a VolumeName) -> Result<Volum
 
 fn measure(ctx: Ctx<'_>, source: &Source) -> Result<Map<String, Value>> {
     let mut timings = Timings::start();
-    let content = open_and_measure(ctx.config, ctx.events, source, &IdMap::default(), &mut timings)?;
+    let content = open_and_measure(
+        ctx.config,
+        ctx.events,
+        source,
+        &IdMap::default(),
+        &mut timings,
+    )?;
     let mut out = Map::new();
     out.insert("image".into(), content.to_json());
     out.insert("timings_ms".into(), timings.to_json());
@@ -350,8 +443,8 @@ fn measure(ctx: Ctx<'_>, source: &Source) -> Result<Map<String, Value>> {
 fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, Value>> {
     let (pool, driver) = needs(&ctx)?;
     let journal = Journal::new(&ctx.config.state_dir, &pool.name);
-    let pending = journal.read(volume)?.is_some()
-        || driver.leftovers()?.iter().any(|(v, _)| v == volume);
+    let pending =
+        journal.read(volume)?.is_some() || driver.leftovers()?.iter().any(|(v, _)| v == volume);
     let mut info = if driver.identity(Slot::live(volume))?.is_some() {
         volume_json(driver, volume)?
     } else {
@@ -363,7 +456,12 @@ fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, Value>> {
     Ok(out)
 }
 
-fn fill_result(driver: &dyn Driver, volume: &VolumeName, content: &Content, timings: &Timings) -> Result<Map<String, Value>> {
+fn fill_result(
+    driver: &dyn Driver,
+    volume: &VolumeName,
+    content: &Content,
+    timings: &Timings,
+) -> Result<Map<String, Value>> {
     let mut out = Map::new();
     out.insert("volume".into(), volume_json(driver, volume)?);
     out.insert("image".into(), content.to_json());
@@ -371,7 +469,12 @@ fn fill_result(driver: &dyn Driver, volume: &VolumeName, content: &Content, timi
     Ok(out)
 }
 
-fn dry_run_result(plan: &Plan, content: &Content, steps: &[&str], pending: bool) -> Map<String, Value> {
+fn dry_run_result(
+    plan: &Plan,
+    content: &Content,
+    steps: &[&str],
+    pending: bool,
+) -> Map<String, Value> {
     let mut out = Map::new();
     out.insert("dry_run".into(), true.into());
     let mut p = plan.to_json(steps);
@@ -385,7 +488,10 @@ fn warn_size_ignored(events: &mut Events, plan: &Plan, driver: &dyn Driver) {
     if plan.size_ignored {
         events.warning(
             "size_ignored",
-            &format!("the {} driver cannot limit a volume's size on this pool; `size` is not enforced", driver.name()),
+            &format!(
+                "the {} driver cannot limit a volume's size on this pool; `size` is not enforced",
+                driver.name()
+            ),
         );
     }
 }
@@ -399,25 +505,47 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
         vop.recover_first()?;
     }
     if driver.identity(Slot::live(volume))?.is_some() {
-        return Err(Error::new(Code::AlreadyExists, format!("volume {volume} already exists; use rebuild to replace its content")));
+        return Err(Error::new(
+            Code::AlreadyExists,
+            format!("volume {volume} already exists; use rebuild to replace its content"),
+        ));
     }
     let idmap = IdMap::new(fill.idmap.clone());
     let content = open_and_measure(config, vop.events, &fill.source, &idmap, &mut timings)?;
     let measurement = content.measurement();
-    let plan = plan_fill(driver.capabilities().size_model, fill, Need { bytes: measurement.tally.allocated_bytes, inodes: measurement.tally.inodes }, None, Mode::Atomic, driver.pool_space()?)?;
+    let plan = plan_fill(
+        driver.capabilities().size_model,
+        fill,
+        Need {
+            bytes: measurement.tally.allocated_bytes,
+            inodes: measurement.tally.inodes,
+        },
+        None,
+        Mode::Atomic,
+        driver.pool_space()?,
+    )?;
     warn_size_ignored(vop.events, &plan, driver);
     if fill.dry_run {
-        return Ok(dry_run_result(&plan, &content, &["create", "unpack", "sync", "publish"], false));
+        return Ok(dry_run_result(
+            &plan,
+            &content,
+            &["create", "unpack", "sync", "publish"],
+            false,
+        ));
     }
     cancelled_check()?;
     vop.intent(IntentOp::Create, Phase::Building, false)?;
     let built = (|| -> Result<String> {
         vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
-        timings.time("prepare", || driver.create(Slot::new(volume), plan.target_size))?;
+        timings.time("prepare", || {
+            driver.create(Slot::new(volume), plan.target_size)
+        })?;
         let root = driver.open_root(Slot::new(volume))?;
         vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
         let events = &mut *vop.events;
-        timings.time("unpack", || unpack_into(events, &root, &content, &idmap, &[]))?;
+        timings.time("unpack", || {
+            unpack_into(events, &root, &content, &idmap, &[])
+        })?;
         seal(driver, vop.events, root, volume, &mut timings)
     })();
     let new_id = match built {
@@ -446,7 +574,10 @@ fn rebuild(
     }
     let live = Slot::live(volume);
     if driver.identity(live)?.is_none() {
-        return Err(Error::new(Code::NotFound, format!("volume {volume} does not exist; use create")));
+        return Err(Error::new(
+            Code::NotFound,
+            format!("volume {volume} does not exist; use create"),
+        ));
     }
     vop.check_not_busy(live)?;
     let existing = driver.snapshots(live)?;
@@ -477,12 +608,37 @@ fn rebuild(
     let content = open_and_measure(config, vop.events, &fill.source, &idmap, &mut timings)?;
     let measurement = content.measurement();
     let current = driver.usage(live)?;
-    let plan = plan_fill(driver.capabilities().size_model, fill, Need { bytes: measurement.tally.allocated_bytes, inodes: measurement.tally.inodes }, Some(&current), mode, driver.pool_space()?)?;
+    let plan = plan_fill(
+        driver.capabilities().size_model,
+        fill,
+        Need {
+            bytes: measurement.tally.allocated_bytes,
+            inodes: measurement.tally.inodes,
+        },
+        Some(&current),
+        mode,
+        driver.pool_space()?,
+    )?;
     warn_size_ignored(vop.events, &plan, driver);
     if fill.dry_run {
         let steps: &[&str] = match mode {
-            Mode::Atomic => &["create new", "unpack", "preserve", "sync", "swap", "destroy old"],
-            Mode::InPlace => &["move old aside", "create new", "preserve", "destroy old", "unpack", "sync", "publish"],
+            Mode::Atomic => &[
+                "create new",
+                "unpack",
+                "preserve",
+                "sync",
+                "swap",
+                "destroy old",
+            ],
+            Mode::InPlace => &[
+                "move old aside",
+                "create new",
+                "preserve",
+                "destroy old",
+                "unpack",
+                "sync",
+                "publish",
+            ],
         };
         return Ok(dry_run_result(&plan, &content, steps, pending));
     }
@@ -492,11 +648,15 @@ fn rebuild(
             vop.intent(IntentOp::Rebuild, Phase::Building, with_snapshots)?;
             let built = (|| -> Result<String> {
                 vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
-                timings.time("prepare", || driver.create(Slot::new(volume), plan.target_size))?;
+                timings.time("prepare", || {
+                    driver.create(Slot::new(volume), plan.target_size)
+                })?;
                 let root = driver.open_root(Slot::new(volume))?;
                 vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
                 let events = &mut *vop.events;
-                timings.time("unpack", || unpack_into(events, &root, &content, &idmap, &[]))?;
+                timings.time("unpack", || {
+                    unpack_into(events, &root, &content, &idmap, &[])
+                })?;
                 if !keep.is_empty() {
                     let old = driver.open_root(live)?;
                     let events = &mut *vop.events;
@@ -518,7 +678,9 @@ fn rebuild(
             let prepared = (|| -> Result<Mounted> {
                 vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
                 driver.rename(live, Slot::old(volume))?;
-                timings.time("prepare", || driver.create(Slot::new(volume), plan.target_size))?;
+                timings.time("prepare", || {
+                    driver.create(Slot::new(volume), plan.target_size)
+                })?;
                 let root = driver.open_root(Slot::new(volume))?;
                 vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
                 if !keep.is_empty() {
@@ -533,18 +695,32 @@ fn rebuild(
             let root = match prepared {
                 Ok(root) => root,
                 Err(e) => {
-                    let intent = Intent { op, phase: Phase::Detaching, with_snapshots, pid: std::process::id() };
-                    return Err(match recover_volume(driver, &vop.journal, volume, &intent) {
-                        Ok(_) => e,
-                        Err(again) => e.with("recovery", format!("pending: {}; run recover", again.message)),
-                    });
+                    let intent = Intent {
+                        op,
+                        phase: Phase::Detaching,
+                        with_snapshots,
+                        pid: std::process::id(),
+                    };
+                    return Err(
+                        match recover_volume(driver, &vop.journal, volume, &intent) {
+                            Ok(_) => e,
+                            Err(again) => e.with(
+                                "recovery",
+                                format!("pending: {}; run recover", again.message),
+                            ),
+                        },
+                    );
                 }
             };
             vop.intent(op, Phase::DestroyingOld, with_snapshots)?;
             let built = (|| -> Result<String> {
-                timings.time("cleanup", || driver.destroy(Slot::old(volume), with_snapshots))?;
+                timings.time("cleanup", || {
+                    driver.destroy(Slot::old(volume), with_snapshots)
+                })?;
                 let events = &mut *vop.events;
-                timings.time("unpack", || unpack_into(events, &root, &content, &idmap, &keep))?;
+                timings.time("unpack", || {
+                    unpack_into(events, &root, &content, &idmap, &keep)
+                })?;
                 seal(driver, vop.events, root, volume, &mut timings)
             })();
             match built {
@@ -561,31 +737,56 @@ fn rebuild(
     fill_result(driver, volume, &content, &timings)
 }
 
-fn copy_preserved(events: &mut Events, old: &Mounted, new: &Mounted, keep: &[RelPath]) -> Result<()> {
+fn copy_preserved(
+    events: &mut Events,
+    old: &Mounted,
+    new: &Mounted,
+    keep: &[RelPath],
+) -> Result<()> {
     events.progress(EventPhase::Preserve, 0, keep.len() as u64, "paths");
     let mut missing = Vec::new();
-    preserve::preserve(old.root(), new.root(), keep, &mut |p| missing.push(p.shown()))?;
+    preserve::preserve(old.root(), new.root(), keep, &mut |p| {
+        missing.push(p.shown())
+    })?;
     for p in missing {
-        events.warning("preserve_missing", &format!("{p} does not exist in the old volume; nothing to preserve"));
+        events.warning(
+            "preserve_missing",
+            &format!("{p} does not exist in the old volume; nothing to preserve"),
+        );
     }
-    events.progress(EventPhase::Preserve, keep.len() as u64, keep.len() as u64, "paths");
+    events.progress(
+        EventPhase::Preserve,
+        keep.len() as u64,
+        keep.len() as u64,
+        "paths",
+    );
     Ok(())
 }
 
-fn delete(mut ctx: Ctx<'_>, volume: &VolumeName, snapshots: SnapshotPolicy) -> Result<Map<String, Value>> {
+fn delete(
+    mut ctx: Ctx<'_>,
+    volume: &VolumeName,
+    snapshots: SnapshotPolicy,
+) -> Result<Map<String, Value>> {
     let mut vop = lock_volume(&mut ctx, volume)?;
     let driver = vop.driver;
     vop.recover_first()?;
     let live = Slot::live(volume);
     if driver.identity(live)?.is_none() {
-        return Err(Error::new(Code::NotFound, format!("volume {volume} does not exist")));
+        return Err(Error::new(
+            Code::NotFound,
+            format!("volume {volume} does not exist"),
+        ));
     }
     vop.check_not_busy(live)?;
     let existing = driver.snapshots(live)?;
     if !existing.is_empty() && snapshots == SnapshotPolicy::Refuse {
         return Err(Error::new(
             Code::VolumeHasSnapshots,
-            format!("volume {volume} has snapshots ({}); pass \"snapshots\": \"delete\"", existing.join(", ")),
+            format!(
+                "volume {volume} has snapshots ({}); pass \"snapshots\": \"delete\"",
+                existing.join(", ")
+            ),
         )
         .with("snapshots", existing));
     }
@@ -599,16 +800,29 @@ fn delete(mut ctx: Ctx<'_>, volume: &VolumeName, snapshots: SnapshotPolicy) -> R
         let e = Error::from(e);
         // Finish what can be finished: a volume moved aside is deleted, one still under its
         // name stays.
-        let intent = Intent { op: IntentOp::Delete, phase: Phase::Deleting, with_snapshots, pid: std::process::id() };
-        return Err(match recover_volume(driver, &vop.journal, volume, &intent) {
-            Ok(_) => e,
-            Err(again) => e.with("recovery", format!("pending: {}; run recover", again.message)),
-        });
+        let intent = Intent {
+            op: IntentOp::Delete,
+            phase: Phase::Deleting,
+            with_snapshots,
+            pid: std::process::id(),
+        };
+        return Err(
+            match recover_volume(driver, &vop.journal, volume, &intent) {
+                Ok(_) => e,
+                Err(again) => e.with(
+                    "recovery",
+                    format!("pending: {}; run recover", again.message),
+                ),
+            },
+        );
     }
     vop.journal.clear(volume)?;
     vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");
     let mut out = Map::new();
-    out.insert("volume".into(), json!({"name": volume.as_str(), "exists": false}));
+    out.insert(
+        "volume".into(),
+        json!({"name": volume.as_str(), "exists": false}),
+    );
     Ok(out)
 }
 
@@ -618,7 +832,10 @@ fn resize(mut ctx: Ctx<'_>, volume: &VolumeName, size: u64) -> Result<Map<String
     vop.recover_first()?;
     let live = Slot::live(volume);
     if driver.identity(live)?.is_none() {
-        return Err(Error::new(Code::NotFound, format!("volume {volume} does not exist")));
+        return Err(Error::new(
+            Code::NotFound,
+            format!("volume {volume} does not exist"),
+        ));
     }
     let caps = driver.capabilities();
     let usage = driver.usage(live)?;
@@ -626,7 +843,10 @@ fn resize(mut ctx: Ctx<'_>, volume: &VolumeName, size: u64) -> Result<Map<String
         reimage_driver::SizeModel::Unlimited => {
             vop.events.warning(
                 "size_ignored",
-                &format!("the {} driver cannot limit a volume's size on this pool; nothing to resize", driver.name()),
+                &format!(
+                    "the {} driver cannot limit a volume's size on this pool; nothing to resize",
+                    driver.name()
+                ),
             );
         }
         model => {
@@ -634,13 +854,19 @@ fn resize(mut ctx: Ctx<'_>, volume: &VolumeName, size: u64) -> Result<Map<String
             if size < current && !caps.shrink {
                 return Err(Error::new(
                     Code::Unsupported,
-                    format!("the {} driver cannot shrink volume {volume} ({current} → {size} bytes)", driver.name()),
+                    format!(
+                        "the {} driver cannot shrink volume {volume} ({current} → {size} bytes)",
+                        driver.name()
+                    ),
                 ));
             }
             if size < usage.used {
                 return Err(Error::new(
                     Code::InsufficientSpace,
-                    format!("volume {volume} uses {} bytes, more than the requested size {size}", usage.used),
+                    format!(
+                        "volume {volume} uses {} bytes, more than the requested size {size}",
+                        usage.used
+                    ),
                 )
                 .with("used", usage.used)
                 .with("size", size));
@@ -682,7 +908,10 @@ fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map<String, Va
         let mut vop = match lock_volume(&mut ctx, volume) {
             Ok(v) => v,
             Err(e) if e.code == Code::Locked => {
-                ctx.events.warning("locked", &format!("volume {volume} is in use by a running request; skipped"));
+                ctx.events.warning(
+                    "locked",
+                    &format!("volume {volume} is in use by a running request; skipped"),
+                );
                 continue;
             }
             Err(e) => return Err(e),

@@ -150,10 +150,21 @@ mod tests {
     use crate::protocol::request::Source;
 
     fn fill(size: Option<u64>, policy: SizePolicy) -> Fill {
-        Fill { source: Source::Empty, size, headroom: 0.2, size_policy: policy, idmap: vec![], dry_run: false }
+        Fill {
+            source: Source::Empty,
+            size,
+            headroom: 0.2,
+            size_policy: policy,
+            idmap: vec![],
+            dry_run: false,
+        }
     }
 
-    const ROOMY: PoolSpace = PoolSpace { available: 1 << 40, total: 1 << 40, inodes_available: None };
+    const ROOMY: PoolSpace = PoolSpace {
+        available: 1 << 40,
+        total: 1 << 40,
+        inodes_available: None,
+    };
 
     fn n(bytes: u64) -> Need {
         Need { bytes, inodes: 1 }
@@ -161,37 +172,124 @@ mod tests {
 
     #[test]
     fn size_is_the_largest_of_request_current_and_need() {
-        let cur = Usage { size: Some(500), used: 100, inodes: None };
-        let p = plan_fill(SizeModel::Quota, &fill(Some(300), SizePolicy::Grow), n(1000), Some(&cur), Mode::Atomic, ROOMY).unwrap();
+        let cur = Usage {
+            size: Some(500),
+            used: 100,
+            inodes: None,
+        };
+        let p = plan_fill(
+            SizeModel::Quota,
+            &fill(Some(300), SizePolicy::Grow),
+            n(1000),
+            Some(&cur),
+            Mode::Atomic,
+            ROOMY,
+        )
+        .unwrap();
         assert_eq!(p.target_size, Some(1200));
-        let p = plan_fill(SizeModel::Quota, &fill(Some(5000), SizePolicy::Grow), n(1000), Some(&cur), Mode::Atomic, ROOMY).unwrap();
+        let p = plan_fill(
+            SizeModel::Quota,
+            &fill(Some(5000), SizePolicy::Grow),
+            n(1000),
+            Some(&cur),
+            Mode::Atomic,
+            ROOMY,
+        )
+        .unwrap();
         assert_eq!(p.target_size, Some(5000));
-        let p = plan_fill(SizeModel::Unlimited, &fill(Some(5000), SizePolicy::Grow), n(1000), None, Mode::Atomic, ROOMY).unwrap();
+        let p = plan_fill(
+            SizeModel::Unlimited,
+            &fill(Some(5000), SizePolicy::Grow),
+            n(1000),
+            None,
+            Mode::Atomic,
+            ROOMY,
+        )
+        .unwrap();
         assert_eq!(p.target_size, None);
         assert!(p.size_ignored);
     }
 
     #[test]
     fn exact_refuses_an_image_that_does_not_fit() {
-        let e = plan_fill(SizeModel::Quota, &fill(Some(999), SizePolicy::Exact), n(1000), None, Mode::Atomic, ROOMY).unwrap_err();
+        let e = plan_fill(
+            SizeModel::Quota,
+            &fill(Some(999), SizePolicy::Exact),
+            n(1000),
+            None,
+            Mode::Atomic,
+            ROOMY,
+        )
+        .unwrap_err();
         assert_eq!(e.code, Code::InsufficientSpace);
-        let p = plan_fill(SizeModel::Quota, &fill(Some(1000), SizePolicy::Exact), n(1000), None, Mode::Atomic, ROOMY).unwrap();
+        let p = plan_fill(
+            SizeModel::Quota,
+            &fill(Some(1000), SizePolicy::Exact),
+            n(1000),
+            None,
+            Mode::Atomic,
+            ROOMY,
+        )
+        .unwrap();
         assert_eq!(p.target_size, Some(1000));
     }
 
     #[test]
     fn space_is_checked_and_in_place_counts_the_old_volume() {
-        let small = PoolSpace { available: 1000, total: 10_000, inodes_available: Some(10) };
-        let cur = Usage { size: None, used: 5000, inodes: None };
-        let e = plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), n(1000), Some(&cur), Mode::Atomic, small).unwrap_err();
+        let small = PoolSpace {
+            available: 1000,
+            total: 10_000,
+            inodes_available: Some(10),
+        };
+        let cur = Usage {
+            size: None,
+            used: 5000,
+            inodes: None,
+        };
+        let e = plan_fill(
+            SizeModel::Unlimited,
+            &fill(None, SizePolicy::Grow),
+            n(1000),
+            Some(&cur),
+            Mode::Atomic,
+            small,
+        )
+        .unwrap_err();
         assert_eq!(e.code, Code::InsufficientSpace);
         assert_eq!(e.details["needed"], 1200);
         assert_eq!(e.details["available"], 1000);
-        assert!(plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), n(1000), Some(&cur), Mode::InPlace, small).is_ok());
+        assert!(plan_fill(
+            SizeModel::Unlimited,
+            &fill(None, SizePolicy::Grow),
+            n(1000),
+            Some(&cur),
+            Mode::InPlace,
+            small
+        )
+        .is_ok());
         // A block device takes its whole size from the pool.
-        let e = plan_fill(SizeModel::Allocated, &fill(Some(1 << 20), SizePolicy::Grow), n(10), None, Mode::Atomic, small).unwrap_err();
+        let e = plan_fill(
+            SizeModel::Allocated,
+            &fill(Some(1 << 20), SizePolicy::Grow),
+            n(10),
+            None,
+            Mode::Atomic,
+            small,
+        )
+        .unwrap_err();
         assert_eq!(e.details["needed"], 1 << 20);
-        let e = plan_fill(SizeModel::Unlimited, &fill(None, SizePolicy::Grow), Need { bytes: 1, inodes: 11 }, None, Mode::Atomic, small).unwrap_err();
+        let e = plan_fill(
+            SizeModel::Unlimited,
+            &fill(None, SizePolicy::Grow),
+            Need {
+                bytes: 1,
+                inodes: 11,
+            },
+            None,
+            Mode::Atomic,
+            small,
+        )
+        .unwrap_err();
         assert_eq!(e.details["needed_inodes"], 11);
     }
 }

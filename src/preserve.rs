@@ -22,11 +22,22 @@ fn fail(path: &RelPath, what: &str, e: Errno) -> Error {
         Errno::DQUOT => Code::QuotaExceeded,
         _ => Code::DriverError,
     };
-    Error::new(code, format!("preserving {}: {what}: {}", path.shown(), std::io::Error::from(e)))
+    Error::new(
+        code,
+        format!(
+            "preserving {}: {what}: {}",
+            path.shown(),
+            std::io::Error::from(e)
+        ),
+    )
 }
 
 /// xattrs of an object: through its fd, or through `/proc/self/fd/DIR/NAME` without following.
-fn xattrs(fd: Option<BorrowedFd<'_>>, dir: BorrowedFd<'_>, name: &CStr) -> std::result::Result<Vec<(CString, Vec<u8>)>, Errno> {
+fn xattrs(
+    fd: Option<BorrowedFd<'_>>,
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+) -> std::result::Result<Vec<(CString, Vec<u8>)>, Errno> {
     let via = || -> std::result::Result<CString, Errno> {
         let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
         p.extend_from_slice(name.to_bytes());
@@ -86,14 +97,25 @@ struct Copier {
 
 impl Copier {
     /// Copies `name` in `src_dir` to `name` in `dst_dir` (which must not exist), recursively.
-    fn copy(&mut self, src_dir: BorrowedFd<'_>, dst_dir: BorrowedFd<'_>, name: &CStr, shown: &RelPath, depth: usize) -> Result<()> {
+    fn copy(
+        &mut self,
+        src_dir: BorrowedFd<'_>,
+        dst_dir: BorrowedFd<'_>,
+        name: &CStr,
+        shown: &RelPath,
+        depth: usize,
+    ) -> Result<()> {
         if depth > MAX_DEPTH {
             return Err(Error::new(
                 Code::InvalidRequest,
-                format!("preserving {}: the tree is deeper than {MAX_DEPTH} levels", shown.shown()),
+                format!(
+                    "preserving {}: the tree is deeper than {MAX_DEPTH} levels",
+                    shown.shown()
+                ),
             ));
         }
-        let st = rustix::fs::statat(src_dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(shown, "stat", e))?;
+        let st = rustix::fs::statat(src_dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| fail(shown, "stat", e))?;
         let kind = FileType::from_raw_mode(st.st_mode);
         if kind != FileType::Directory && st.st_nlink > 1 {
             if let Some(first) = self.links.get(&(st.st_dev as u64, st.st_ino as u64)) {
@@ -106,15 +128,30 @@ impl Copier {
                 if st.st_dev as u64 != self.dev {
                     return Err(Error::new(
                         Code::VolumeBusy,
-                        format!("preserving {}: a filesystem is mounted there in the old volume", shown.shown()),
+                        format!(
+                            "preserving {}: a filesystem is mounted there in the old volume",
+                            shown.shown()
+                        ),
                     ));
                 }
-                let src = rustix::fs::openat(src_dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|e| fail(shown, "open", e))?;
-                rustix::fs::mkdirat(dst_dir, name, Mode::from_raw_mode(0o700)).map_err(|e| fail(shown, "mkdir", e))?;
-                let dst = rustix::fs::openat(dst_dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|e| fail(shown, "open", e))?;
-                let dup = rustix::io::fcntl_dupfd_cloexec(&src, 0).map_err(|e| fail(shown, "dup", e))?;
+                let src = rustix::fs::openat(
+                    src_dir,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| fail(shown, "open", e))?;
+                rustix::fs::mkdirat(dst_dir, name, Mode::from_raw_mode(0o700))
+                    .map_err(|e| fail(shown, "mkdir", e))?;
+                let dst = rustix::fs::openat(
+                    dst_dir,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| fail(shown, "open", e))?;
+                let dup =
+                    rustix::io::fcntl_dupfd_cloexec(&src, 0).map_err(|e| fail(shown, "dup", e))?;
                 let mut entries = Dir::new(dup).map_err(|e| fail(shown, "read directory", e))?;
                 while let Some(entry) = entries.read() {
                     let entry = entry.map_err(|e| fail(shown, "read directory", e))?;
@@ -125,16 +162,29 @@ impl Copier {
                     let child_shown = shown.join(child.to_bytes());
                     self.copy(src.as_fd(), dst.as_fd(), child, &child_shown, depth + 1)?;
                 }
-                let meta = meta_of(&st, xattrs(Some(src.as_fd()), src_dir, name).map_err(|e| fail(shown, "xattrs", e))?);
+                let meta = meta_of(
+                    &st,
+                    xattrs(Some(src.as_fd()), src_dir, name)
+                        .map_err(|e| fail(shown, "xattrs", e))?,
+                );
                 apply_meta_fd(dst.as_fd(), &meta).map_err(|e| fail(shown, "set metadata", e))?;
             }
             FileType::RegularFile => {
-                let src = rustix::fs::openat(src_dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|e| fail(shown, "open", e))?;
+                let src = rustix::fs::openat(
+                    src_dir,
+                    name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| fail(shown, "open", e))?;
                 let dst = rustix::fs::openat(
                     dst_dir,
                     name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(|e| fail(shown, "create", e))?;
@@ -143,25 +193,45 @@ impl Copier {
                 self.bytes += std::io::copy(&mut from, &mut to).map_err(|e| {
                     fail(shown, "copy", Errno::from_io_error(&e).unwrap_or(Errno::IO))
                 })?;
-                let meta = meta_of(&st, xattrs(Some(from.as_fd()), src_dir, name).map_err(|e| fail(shown, "xattrs", e))?);
+                let meta = meta_of(
+                    &st,
+                    xattrs(Some(from.as_fd()), src_dir, name)
+                        .map_err(|e| fail(shown, "xattrs", e))?,
+                );
                 apply_meta_fd(to.as_fd(), &meta).map_err(|e| fail(shown, "set metadata", e))?;
                 if st.st_nlink > 1 {
-                    let keep = rustix::fs::openat(dst_dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                        .map_err(|e| fail(shown, "open", e))?;
-                    self.links.insert((st.st_dev as u64, st.st_ino as u64), keep);
+                    let keep = rustix::fs::openat(
+                        dst_dir,
+                        name,
+                        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| fail(shown, "open", e))?;
+                    self.links
+                        .insert((st.st_dev as u64, st.st_ino as u64), keep);
                 }
             }
             FileType::Symlink => {
-                let target = rustix::fs::readlinkat(src_dir, name, Vec::new()).map_err(|e| fail(shown, "readlink", e))?;
-                rustix::fs::symlinkat(&target, dst_dir, name).map_err(|e| fail(shown, "symlink", e))?;
-                let meta = meta_of(&st, xattrs(None, src_dir, name).map_err(|e| fail(shown, "xattrs", e))?);
-                apply_meta_at(dst_dir, name, &meta, true).map_err(|e| fail(shown, "set metadata", e))?;
+                let target = rustix::fs::readlinkat(src_dir, name, Vec::new())
+                    .map_err(|e| fail(shown, "readlink", e))?;
+                rustix::fs::symlinkat(&target, dst_dir, name)
+                    .map_err(|e| fail(shown, "symlink", e))?;
+                let meta = meta_of(
+                    &st,
+                    xattrs(None, src_dir, name).map_err(|e| fail(shown, "xattrs", e))?,
+                );
+                apply_meta_at(dst_dir, name, &meta, true)
+                    .map_err(|e| fail(shown, "set metadata", e))?;
             }
             FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
                 rustix::fs::mknodat(dst_dir, name, kind, Mode::from_raw_mode(0o600), st.st_rdev)
                     .map_err(|e| fail(shown, "mknod", e))?;
-                let meta = meta_of(&st, xattrs(None, src_dir, name).map_err(|e| fail(shown, "xattrs", e))?);
-                apply_meta_at(dst_dir, name, &meta, false).map_err(|e| fail(shown, "set metadata", e))?;
+                let meta = meta_of(
+                    &st,
+                    xattrs(None, src_dir, name).map_err(|e| fail(shown, "xattrs", e))?,
+                );
+                apply_meta_at(dst_dir, name, &meta, false)
+                    .map_err(|e| fail(shown, "set metadata", e))?;
             }
             // Sockets belong to running programs; there is nothing to keep.
             _ => {}
@@ -179,15 +249,29 @@ pub fn preserve(
     paths: &[RelPath],
     missing: &mut dyn FnMut(&RelPath),
 ) -> Result<u64> {
-    let dev = rustix::fs::fstat(old_root).map_err(|e| fail(&RelPath::root(), "stat", e))?.st_dev as u64;
-    let mut copier = Copier { links: HashMap::new(), bytes: 0, dev };
+    let dev = rustix::fs::fstat(old_root)
+        .map_err(|e| fail(&RelPath::root(), "stat", e))?
+        .st_dev as u64;
+    let mut copier = Copier {
+        links: HashMap::new(),
+        bytes: 0,
+        dev,
+    };
     let mut new_tree = Tree::new(new_root, (0, 0));
     for path in paths {
-        let Some((parent, name)) = path.split_last() else { continue };
-        let parent_bytes: &[u8] = if parent.is_root() { b"." } else { parent.as_bytes() };
+        let Some((parent, name)) = path.split_last() else {
+            continue;
+        };
+        let parent_bytes: &[u8] = if parent.is_root() {
+            b"."
+        } else {
+            parent.as_bytes()
+        };
         let src_parent = match rustix::fs::openat2(
             old_root,
-            cstring(parent_bytes).map_err(|e| fail(path, "path", e))?.as_c_str(),
+            cstring(parent_bytes)
+                .map_err(|e| fail(path, "path", e))?
+                .as_c_str(),
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
             RESOLVE,
@@ -200,11 +284,14 @@ pub fn preserve(
             Err(e) => return Err(fail(path, "open in the old volume", e)),
         };
         let name = cstring(name).map_err(|e| fail(path, "path", e))?;
-        if let Err(Errno::NOENT) = rustix::fs::statat(&src_parent, &name, AtFlags::SYMLINK_NOFOLLOW) {
+        if let Err(Errno::NOENT) = rustix::fs::statat(&src_parent, &name, AtFlags::SYMLINK_NOFOLLOW)
+        {
             missing(path);
             continue;
         }
-        let dst_parent = new_tree.dir(&parent).map_err(|e| fail(path, "open in the new volume", e))?;
+        let dst_parent = new_tree
+            .dir(&parent)
+            .map_err(|e| fail(path, "open in the new volume", e))?;
         new_tree
             .remove(dst_parent.as_fd(), &name)
             .map_err(|e| match e {

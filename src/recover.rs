@@ -55,7 +55,10 @@ impl Outcome {
     }
 
     pub fn describe(&self) -> String {
-        let what = self.to_json()["op"].as_str().unwrap_or("an operation").to_owned();
+        let what = self.to_json()["op"]
+            .as_str()
+            .unwrap_or("an operation")
+            .to_owned();
         match self.action {
             Action::RolledBack => format!("an interrupted {what} of {} was rolled back; the old content is intact", self.volume),
             Action::Completed => format!("an interrupted {what} of {} was completed", self.volume),
@@ -73,7 +76,12 @@ fn identity(driver: &dyn Driver, volume: &VolumeName, kind: SlotKind) -> Result<
 }
 
 /// Destroys the temporary slots, except one holding `keep` (the new volume's identity).
-fn destroy_leftovers(driver: &dyn Driver, volume: &VolumeName, keep: Option<&str>, with_snapshots: bool) -> Result<()> {
+fn destroy_leftovers(
+    driver: &dyn Driver,
+    volume: &VolumeName,
+    keep: Option<&str>,
+    with_snapshots: bool,
+) -> Result<()> {
     for kind in [SlotKind::New, SlotKind::Old] {
         let id = identity(driver, volume, kind)?;
         if id.is_some() && id.as_deref() != keep {
@@ -85,7 +93,12 @@ fn destroy_leftovers(driver: &dyn Driver, volume: &VolumeName, keep: Option<&str
 
 /// Puts the slot holding `new_id` under the volume's name (the old content, if still under
 /// the name, moves to a temporary slot), then destroys the leftovers.
-fn finish_commit(driver: &dyn Driver, volume: &VolumeName, new_id: &str, with_snapshots: bool) -> Result<Action> {
+fn finish_commit(
+    driver: &dyn Driver,
+    volume: &VolumeName,
+    new_id: &str,
+    with_snapshots: bool,
+) -> Result<Action> {
     let live = identity(driver, volume, SlotKind::Live)?;
     if live.as_deref() != Some(new_id) {
         let new = identity(driver, volume, SlotKind::New)?;
@@ -112,7 +125,11 @@ fn finish_commit(driver: &dyn Driver, volume: &VolumeName, new_id: &str, with_sn
 
 /// Rolls back: destroys the `New` slot and moves `Old` back under the name if the name is
 /// free.
-fn destroy_leftovers_restoring(driver: &dyn Driver, volume: &VolumeName, with_snapshots: bool) -> Result<()> {
+fn destroy_leftovers_restoring(
+    driver: &dyn Driver,
+    volume: &VolumeName,
+    with_snapshots: bool,
+) -> Result<()> {
     driver.destroy(Slot::new(volume), with_snapshots)?;
     if identity(driver, volume, SlotKind::Old)?.is_some() {
         if identity(driver, volume, SlotKind::Live)?.is_none() {
@@ -125,7 +142,12 @@ fn destroy_leftovers_restoring(driver: &dyn Driver, volume: &VolumeName, with_sn
 }
 
 /// Recovers one volume from its journal record (the caller holds the volume's lock).
-pub fn recover_volume(driver: &dyn Driver, journal: &Journal, volume: &VolumeName, intent: &Intent) -> Result<Outcome> {
+pub fn recover_volume(
+    driver: &dyn Driver,
+    journal: &Journal,
+    volume: &VolumeName,
+    intent: &Intent,
+) -> Result<Outcome> {
     let snaps = intent.with_snapshots;
     let action = match (&intent.op, &intent.phase) {
         (_, Phase::Committing { new_id }) => finish_commit(driver, volume, new_id, snaps)?,
@@ -152,7 +174,11 @@ pub fn recover_volume(driver: &dyn Driver, journal: &Journal, volume: &VolumeNam
         }
     };
     journal.clear(volume)?;
-    Ok(Outcome { volume: volume.clone(), op: Some(intent.op), action })
+    Ok(Outcome {
+        volume: volume.clone(),
+        op: Some(intent.op),
+        action,
+    })
 }
 
 /// Temporary slots with no journal record (the state directory was lost or reset): an
@@ -171,5 +197,9 @@ pub fn recover_orphans(driver: &dyn Driver, volume: &VolumeName) -> Result<Optio
     } else {
         Action::CleanedUp
     };
-    Ok(Some(Outcome { volume: volume.clone(), op: None, action }))
+    Ok(Some(Outcome {
+        volume: volume.clone(),
+        op: None,
+        action,
+    }))
 }

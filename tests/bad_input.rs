@@ -35,18 +35,48 @@ fn malformed_requests_are_rejected_with_the_json_path() {
         ("{", "."),
         ("[]", "."),
         ("null", "."),
-        ("{\"api\":1,\"op\":\"inspect\",\"pool\":\"default\",\"volume\":\"c1\"} {}", "."),
+        (
+            "{\"api\":1,\"op\":\"inspect\",\"pool\":\"default\",\"volume\":\"c1\"} {}",
+            ".",
+        ),
         (r#"{"op":"inspect","pool":"default","volume":"c1"}"#, "api"),
-        (r#"{"api":"1","op":"inspect","pool":"default","volume":"c1"}"#, "api"),
+        (
+            r#"{"api":"1","op":"inspect","pool":"default","volume":"c1"}"#,
+            "api",
+        ),
         (r#"{"api":1,"op":7,"pool":"default","volume":"c1"}"#, "op"),
-        (r#"{"api":1,"op":"inspect","pool":"default","volume":"c1","extra":true}"#, "extra"),
-        (r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"image":"/x","bogus":1}}"#, "source.bogus"),
-        (r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true},"size":[1]}"#, "size"),
-        (r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true},"snapshots":"maybe"}"#, "snapshots"),
-        (r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true},"idmap":[{"host":-1,"container":0,"count":1}]}"#, "idmap[0].host"),
-        (r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true},"dry_run":"yes"}"#, "dry_run"),
-        (r#"{"api":1,"op":"resize","pool":"default","volume":"c1"}"#, "."),
-        (r#"{"api":1,"op":"inspect","pool":"default","volume":"c1","volume":"c2"}"#, "volume"),
+        (
+            r#"{"api":1,"op":"inspect","pool":"default","volume":"c1","extra":true}"#,
+            "extra",
+        ),
+        (
+            r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"image":"/x","bogus":1}}"#,
+            "source.bogus",
+        ),
+        (
+            r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true},"size":[1]}"#,
+            "size",
+        ),
+        (
+            r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true},"snapshots":"maybe"}"#,
+            "snapshots",
+        ),
+        (
+            r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true},"idmap":[{"host":-1,"container":0,"count":1}]}"#,
+            "idmap[0].host",
+        ),
+        (
+            r#"{"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true},"dry_run":"yes"}"#,
+            "dry_run",
+        ),
+        (
+            r#"{"api":1,"op":"resize","pool":"default","volume":"c1"}"#,
+            ".",
+        ),
+        (
+            r#"{"api":1,"op":"inspect","pool":"default","volume":"c1","volume":"c2"}"#,
+            "volume",
+        ),
     ];
     for (text, path) in cases {
         let run = env.run_with(&["dir"], text.as_bytes());
@@ -63,9 +93,23 @@ fn hostile_volume_names_are_rejected() {
     let env = populated("names");
     let before = env.snapshot();
     let long = "a".repeat(300);
-    for name in ["-o", "../x", "a/b", "a@b", "", &long, ".reimage-new.c1", "c1\n", "c 1", "..", "."] {
+    for name in [
+        "-o",
+        "../x",
+        "a/b",
+        "a@b",
+        "",
+        &long,
+        ".reimage-new.c1",
+        "c1\n",
+        "c 1",
+        "..",
+        ".",
+    ] {
         for op in ["create", "rebuild", "delete", "inspect"] {
-            let run = env.run(&json!({"api":1,"op":op,"pool":"default","volume":name,"source":{"empty":true}}));
+            let run = env.run(
+                &json!({"api":1,"op":op,"pool":"default","volume":name,"source":{"empty":true}}),
+            );
             let run = if op == "delete" || op == "inspect" {
                 env.run(&json!({"api":1,"op":op,"pool":"default","volume":name}))
             } else {
@@ -85,15 +129,27 @@ fn images_outside_the_allow_list_are_refused() {
     let outside_dir = env.dir.join("outside");
     std::fs::create_dir_all(&outside_dir).unwrap();
     let outside = outside_dir.join("o.tar");
-    std::fs::rename(rich_image(&env, "o.tar", 3, TarFormat::Gnu, Compression::None), &outside).unwrap();
+    std::fs::rename(
+        rich_image(&env, "o.tar", 3, TarFormat::Gnu, Compression::None),
+        &outside,
+    )
+    .unwrap();
     let link = env.image("link.tar");
     std::os::unix::fs::symlink(&outside, &link).unwrap();
     let dir_link = env.images.join("sub");
     std::os::unix::fs::symlink(&outside_dir, &dir_link).unwrap();
     let dotdot = env.images.join("../outside/o.tar");
-    for image in [outside.clone(), link, dir_link.join("o.tar"), dotdot, "/etc/passwd".into()] {
+    for image in [
+        outside.clone(),
+        link,
+        dir_link.join("o.tar"),
+        dotdot,
+        "/etc/passwd".into(),
+    ] {
         for op in ["measure", "rebuild", "create"] {
-            let run = env.run(&json!({"api":1,"op":op,"pool":"default","volume":"c9","source":{"image": image}}));
+            let run = env.run(
+                &json!({"api":1,"op":op,"pool":"default","volume":"c9","source":{"image": image}}),
+            );
             let run = if op == "measure" {
                 env.run(&json!({"api":1,"op":op,"source":{"image": image}}))
             } else {
@@ -131,19 +187,55 @@ fn bad_configs_pools_and_drivers_are_refused() {
     let inspect = json!({"api":1,"op":"inspect","pool":"default","volume":"c1"}).to_string();
     // The pool is a dir pool; another driver in argv is a policy violation.
     for driver in ["btrfs", "zfs", "lvm"] {
-        rejected(&env, &env.run_with(&[driver], inspect.as_bytes()), "policy_denied", 2);
+        rejected(
+            &env,
+            &env.run_with(&[driver], inspect.as_bytes()),
+            "policy_denied",
+            2,
+        );
     }
     let other_pool = json!({"api":1,"op":"inspect","pool":"nope","volume":"c1"}).to_string();
-    rejected(&env, &env.run_with(&["dir"], other_pool.as_bytes()), "unknown_pool", 2);
-    for args in [&[][..], &["ext4"][..], &["dir", "extra"][..], &["--bogus", "dir"][..], &["--progress", "loud", "dir"][..]] {
-        rejected(&env, &env.run_with(args, inspect.as_bytes()), "invalid_request", 2);
+    rejected(
+        &env,
+        &env.run_with(&["dir"], other_pool.as_bytes()),
+        "unknown_pool",
+        2,
+    );
+    for args in [
+        &[][..],
+        &["ext4"][..],
+        &["dir", "extra"][..],
+        &["--bogus", "dir"][..],
+        &["--progress", "loud", "dir"][..],
+    ] {
+        rejected(
+            &env,
+            &env.run_with(args, inspect.as_bytes()),
+            "invalid_request",
+            2,
+        );
     }
     env.write_config("state_dir = 5\n");
-    rejected(&env, &env.run_with(&["dir"], inspect.as_bytes()), "config_invalid", 2);
+    rejected(
+        &env,
+        &env.run_with(&["dir"], inspect.as_bytes()),
+        "config_invalid",
+        2,
+    );
     env.write_config(&format!("{}unknown_key = 1\n", env.default_config()));
-    rejected(&env, &env.run_with(&["dir"], inspect.as_bytes()), "config_invalid", 2);
+    rejected(
+        &env,
+        &env.run_with(&["dir"], inspect.as_bytes()),
+        "config_invalid",
+        2,
+    );
     std::fs::remove_file(&env.config).unwrap();
-    rejected(&env, &env.run_with(&["dir"], inspect.as_bytes()), "config_invalid", 2);
+    rejected(
+        &env,
+        &env.run_with(&["dir"], inspect.as_bytes()),
+        "config_invalid",
+        2,
+    );
     env.write_config(&env.default_config());
     assert_eq!(before, env.snapshot());
 }
@@ -151,6 +243,7 @@ fn bad_configs_pools_and_drivers_are_refused() {
 /// Hostile and broken images fail with a clear code, the old volume stays as it was, and
 /// nothing outside the volume is created or changed.
 #[test]
+#[allow(clippy::vec_init_then_push)] // one case per line reads best
 fn hostile_and_broken_images_leave_everything_as_it_was() {
     let env = populated("hostile");
     let sentinel_dir = env.dir.join("sentinel");
@@ -158,45 +251,152 @@ fn hostile_and_broken_images_leave_everything_as_it_was() {
     std::fs::write(sentinel_dir.join("keep"), b"outside").unwrap();
     let sentinel_before = reimage_fixtures::manifest(&env.dir.join("sentinel")).unwrap();
     let before = env.snapshot();
-    let escape = format!("../../../sentinel/keep");
+    let escape = "../../../sentinel/keep".to_string();
 
     let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
-    cases.push(("dotdot", RawTar::new().file(escape.as_bytes(), b"pwned").finish(), "unsafe_image"));
-    cases.push(("dotdot-dir", RawTar::new().dir(b"a/../../x").finish(), "unsafe_image"));
-    cases.push(("pax-dotdot", RawTar::new().pax(b'x', &[("path", escape.as_bytes())]).file(b"innocent", b"pwned").finish(), "unsafe_image"));
-    cases.push(("gnu-long-dotdot", RawTar::new().gnu_long(b'L', escape.as_bytes()).file(b"innocent", b"pwned").finish(), "unsafe_image"));
-    cases.push(("nul-in-pax-path", RawTar::new().pax(b'x', &[("path", b"a\0b")]).file(b"x", b"y").finish(), "unsafe_image"));
-    cases.push(("root-as-file", RawTar::new().file(b".", b"x").finish(), "unsafe_image"));
-    cases.push(("root-as-fifo", RawTar::new().fifo(b"/").finish(), "unsafe_image"));
-    cases.push(("root-as-symlink", RawTar::new().symlink(b".", b"/").finish(), "unsafe_image"));
-    cases.push(("hardlink-to-dir", RawTar::new().dir(b"d").hardlink(b"l", b"d").finish(), "unsafe_image"));
-    cases.push(("hardlink-dotdot", RawTar::new().hardlink(b"l", b"../../sentinel/keep").finish(), "unsafe_image"));
-    cases.push(("hardlink-missing", RawTar::new().hardlink(b"l", b"nothing").finish(), "image_invalid"));
+    cases.push((
+        "dotdot",
+        RawTar::new().file(escape.as_bytes(), b"pwned").finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "dotdot-dir",
+        RawTar::new().dir(b"a/../../x").finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "pax-dotdot",
+        RawTar::new()
+            .pax(b'x', &[("path", escape.as_bytes())])
+            .file(b"innocent", b"pwned")
+            .finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "gnu-long-dotdot",
+        RawTar::new()
+            .gnu_long(b'L', escape.as_bytes())
+            .file(b"innocent", b"pwned")
+            .finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "nul-in-pax-path",
+        RawTar::new()
+            .pax(b'x', &[("path", b"a\0b")])
+            .file(b"x", b"y")
+            .finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "root-as-file",
+        RawTar::new().file(b".", b"x").finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "root-as-fifo",
+        RawTar::new().fifo(b"/").finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "root-as-symlink",
+        RawTar::new().symlink(b".", b"/").finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "hardlink-to-dir",
+        RawTar::new().dir(b"d").hardlink(b"l", b"d").finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "hardlink-dotdot",
+        RawTar::new()
+            .hardlink(b"l", b"../../sentinel/keep")
+            .finish(),
+        "unsafe_image",
+    ));
+    cases.push((
+        "hardlink-missing",
+        RawTar::new().hardlink(b"l", b"nothing").finish(),
+        "image_invalid",
+    ));
     let mut bad_sum = Header::new(b'0', b"f");
     bad_sum.checksum = Some(1);
-    cases.push(("bad-checksum", RawTar::new().entry(&bad_sum, &[]).finish(), "image_invalid"));
-    cases.push(("truncated", RawTar::new().file(b"f", &[1u8; 3000]).unfinished()[..1500].to_vec(), "image_invalid"));
-    cases.push(("no-end-marker", RawTar::new().file(b"f", b"x").unfinished(), "image_invalid"));
-    cases.push(("garbage", reimage_fixtures::tree::noise(10_000, 5), "image_invalid"));
+    cases.push((
+        "bad-checksum",
+        RawTar::new().entry(&bad_sum, &[]).finish(),
+        "image_invalid",
+    ));
+    cases.push((
+        "truncated",
+        RawTar::new().file(b"f", &[1u8; 3000]).unfinished()[..1500].to_vec(),
+        "image_invalid",
+    ));
+    cases.push((
+        "no-end-marker",
+        RawTar::new().file(b"f", b"x").unfinished(),
+        "image_invalid",
+    ));
+    cases.push((
+        "garbage",
+        reimage_fixtures::tree::noise(10_000, 5),
+        "image_invalid",
+    ));
     cases.push(("empty", Vec::new(), "image_invalid"));
     let mut negative = Header::new(b'0', b"f");
     negative.size = 0;
     let mut block = negative.to_block();
     block[124..136].copy_from_slice(&[0xff; 12]);
-    let sum: u32 = block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u32::from(b) }).sum();
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
     block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    cases.push(("negative-size", RawTar::new().raw(&block).finish(), "image_invalid"));
-    cases.push(("huge-pax", RawTar::new().pax(b'x', &[("comment", &vec![b'a'; 2 << 20])]).file(b"f", b"x").finish(), "image_invalid"));
-    cases.push(("bad-pax-record", {
-        let mut h = Header::new(b'x', b"pax");
-        h.size = 12;
-        RawTar::new().entry(&h, b"99 path=abc\n").file(b"f", b"x").finish()
-    }, "image_invalid"));
-    cases.push(("qcow2", b"QFI\xfb\0\0\0\x03".repeat(100), "image_unsupported"));
+    cases.push((
+        "negative-size",
+        RawTar::new().raw(&block).finish(),
+        "image_invalid",
+    ));
+    cases.push((
+        "huge-pax",
+        RawTar::new()
+            .pax(b'x', &[("comment", &vec![b'a'; 2 << 20])])
+            .file(b"f", b"x")
+            .finish(),
+        "image_invalid",
+    ));
+    cases.push((
+        "bad-pax-record",
+        {
+            let mut h = Header::new(b'x', b"pax");
+            h.size = 12;
+            RawTar::new()
+                .entry(&h, b"99 path=abc\n")
+                .file(b"f", b"x")
+                .finish()
+        },
+        "image_invalid",
+    ));
+    cases.push((
+        "qcow2",
+        b"QFI\xfb\0\0\0\x03".repeat(100),
+        "image_unsupported",
+    ));
     // A truncated gzip stream.
     let good = rich_image(&env, "good.tar.gz", 4, TarFormat::Gnu, Compression::Gzip);
     let gz = std::fs::read(&good).unwrap();
-    cases.push(("truncated-gzip", gz[..gz.len() / 2].to_vec(), "image_invalid"));
+    cases.push((
+        "truncated-gzip",
+        gz[..gz.len() / 2].to_vec(),
+        "image_invalid",
+    ));
     let mut flipped = gz.clone();
     let mid = flipped.len() / 3;
     flipped[mid] ^= 0x55;
@@ -207,14 +407,20 @@ fn hostile_and_broken_images_leave_everything_as_it_was() {
         let path = env.image(&format!("{name}.img"));
         std::fs::write(&path, &bytes).unwrap();
         for mode in ["atomic", "in-place"] {
-            let run = env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","mode":mode,
-                                      "source":{"image": path}}));
+            let run = env.run(
+                &json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","mode":mode,
+                                      "source":{"image": path}}),
+            );
             let e = rejected(&env, &run, code, 1);
             assert!(!e["message"].as_str().unwrap().is_empty(), "{name}");
         }
         std::fs::remove_file(&path).unwrap();
         assert_eq!(before, env.snapshot(), "{name}: the pool changed");
-        assert_eq!(sentinel_before, reimage_fixtures::manifest(&env.dir.join("sentinel")).unwrap(), "{name}");
+        assert_eq!(
+            sentinel_before,
+            reimage_fixtures::manifest(&env.dir.join("sentinel")).unwrap(),
+            "{name}"
+        );
     }
     assert!(!env.dir.join("x").exists());
 }
@@ -224,10 +430,27 @@ fn an_image_that_is_not_a_regular_file_is_refused() {
     let env = populated("notfile");
     let before = env.snapshot();
     let fifo = env.image("fifo.tar");
-    rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o644), 0).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
     rejected(&env, &env.rebuild_from("c1", &fifo), "image_invalid", 1);
     std::fs::create_dir(env.image("dir.tar")).unwrap();
-    rejected(&env, &env.rebuild_from("c1", &env.image("dir.tar")), "image_invalid", 1);
-    rejected(&env, &env.rebuild_from("c1", &env.image("missing.tar")), "not_found", 1);
+    rejected(
+        &env,
+        &env.rebuild_from("c1", &env.image("dir.tar")),
+        "image_invalid",
+        1,
+    );
+    rejected(
+        &env,
+        &env.rebuild_from("c1", &env.image("missing.tar")),
+        "not_found",
+        1,
+    );
     assert_eq!(before, env.snapshot());
 }

@@ -23,11 +23,19 @@ fn create_rebuild_twice_rebuild_empty_delete() {
     assert_eq!(result["image"]["compression"], "gzip");
     assert!(result["timings_ms"]["unpack"].is_u64());
     assert_eq!(created.events[0]["event"], "start");
-    assert_same(&gnu_manifest(&env, &a), &env.manifest_of("c1"), &Ignore::default());
+    assert_same(
+        &gnu_manifest(&env, &a),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
 
     let rebuilt = env.rebuild_from("c1", &b);
     rebuilt.ok();
-    assert_same(&gnu_manifest(&env, &b), &env.manifest_of("c1"), &Ignore::default());
+    assert_same(
+        &gnu_manifest(&env, &b),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
     let phases: Vec<&str> = rebuilt
         .events
         .iter()
@@ -47,16 +55,24 @@ fn create_rebuild_twice_rebuild_empty_delete() {
 
     // A second rebuild from the first image: back to exactly that content.
     env.rebuild_from("c1", &a).ok();
-    assert_same(&gnu_manifest(&env, &a), &env.manifest_of("c1"), &Ignore::default());
+    assert_same(
+        &gnu_manifest(&env, &a),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
 
-    env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true}})).ok();
+    env.run(
+        &json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"empty":true}}),
+    )
+    .ok();
     assert_eq!(std::fs::read_dir(env.volume("c1")).unwrap().count(), 0);
 
     let inspect = env.run(&json!({"api":1,"op":"inspect","pool":"default","volume":"c1"}));
     assert_eq!(inspect.ok()["volume"]["exists"], true);
     assert_eq!(inspect.ok()["volume"]["pending_recovery"], false);
 
-    env.run(&json!({"api":1,"op":"delete","pool":"default","volume":"c1"})).ok();
+    env.run(&json!({"api":1,"op":"delete","pool":"default","volume":"c1"}))
+        .ok();
     assert!(!env.volume("c1").exists());
     let inspect = env.run(&json!({"api":1,"op":"inspect","pool":"default","volume":"c1"}));
     assert_eq!(inspect.ok()["volume"]["exists"], false);
@@ -66,13 +82,17 @@ fn create_rebuild_twice_rebuild_empty_delete() {
 #[test]
 fn create_refuses_an_existing_volume_and_rebuild_a_missing_one() {
     let env = Env::new("exists");
-    env.run(&json!({"api":1,"op":"create","pool":"default","volume":"c1","source":{"empty":true}})).ok();
+    env.run(&json!({"api":1,"op":"create","pool":"default","volume":"c1","source":{"empty":true}}))
+        .ok();
     let before = env.snapshot();
     env.run(&json!({"api":1,"op":"create","pool":"default","volume":"c1","source":{"empty":true}}))
         .failed("already_exists", 1);
-    env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"nope","source":{"empty":true}}))
+    env.run(
+        &json!({"api":1,"op":"rebuild","pool":"default","volume":"nope","source":{"empty":true}}),
+    )
+    .failed("not_found", 1);
+    env.run(&json!({"api":1,"op":"delete","pool":"default","volume":"nope"}))
         .failed("not_found", 1);
-    env.run(&json!({"api":1,"op":"delete","pool":"default","volume":"nope"})).failed("not_found", 1);
     assert_eq!(before, env.snapshot());
 }
 
@@ -106,13 +126,17 @@ fn dry_run_plans_and_changes_nothing() {
     let a = rich_image(&env, "a.tar", 1, TarFormat::Gnu, Compression::None);
     env.create_from("c1", &a).ok();
     let before = env.snapshot();
-    let r = env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"c1",
-                            "source":{"empty":true},"dry_run":true}));
+    let r = env.run(
+        &json!({"api":1,"op":"rebuild","pool":"default","volume":"c1",
+                            "source":{"empty":true},"dry_run":true}),
+    );
     let plan = &r.ok()["plan"];
     assert!(plan["steps"].as_array().unwrap().len() >= 3);
     assert!(plan["available_space"].as_u64().unwrap() > 0);
-    let r = env.run(&json!({"api":1,"op":"create","pool":"default","volume":"c2",
-                            "source":{"image": a},"dry_run":true}));
+    let r = env.run(
+        &json!({"api":1,"op":"create","pool":"default","volume":"c2",
+                            "source":{"image": a},"dry_run":true}),
+    );
     assert_eq!(r.ok()["image"]["format"], "tar");
     assert_eq!(before, env.snapshot());
 }
@@ -129,17 +153,28 @@ fn preserve_copies_paths_from_the_old_volume() {
     std::os::unix::fs::symlink("/etc/shadow", vol.join("home/user/escape")).unwrap();
     let before = reimage_fixtures::manifest(&vol).unwrap();
     for mode in ["atomic", "in-place"] {
-        let r = env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","mode": mode,
+        let r = env.run(
+            &json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","mode": mode,
                                 "source":{"image": b},
-                                "preserve":["/etc/ssh/ssh_host_key", "/home/user", "/not/there"]}));
+                                "preserve":["/etc/ssh/ssh_host_key", "/home/user", "/not/there"]}),
+        );
         r.ok();
         assert!(r.warnings().contains(&"preserve_missing"), "{mode}");
         let after = reimage_fixtures::manifest(&vol).unwrap();
-        for path in ["etc/ssh/ssh_host_key", "home/user", "home/user/notes", "home/user/escape", "home/user/.profile"] {
+        for path in [
+            "etc/ssh/ssh_host_key",
+            "home/user",
+            "home/user/notes",
+            "home/user/escape",
+            "home/user/.profile",
+        ] {
             assert_eq!(before.get(path), after.get(path), "{mode}: {path}");
         }
         // The rest comes from image b.
-        assert_eq!(std::fs::read_to_string(vol.join("etc/hostname")).unwrap(), "host-2\n");
+        assert_eq!(
+            std::fs::read_to_string(vol.join("etc/hostname")).unwrap(),
+            "host-2\n"
+        );
     }
     assert!(env.leftovers().is_empty());
 }
@@ -150,10 +185,16 @@ fn in_place_rebuild_gives_the_same_tree() {
     let a = rich_image(&env, "a.tar.bz2", 1, TarFormat::Gnu, Compression::Bzip2);
     let b = rich_image(&env, "b.tar.lz4", 2, TarFormat::Posix, Compression::Lz4);
     env.create_from("c1", &a).ok();
-    env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","mode":"in-place",
-                    "source":{"image": b}}))
-        .ok();
-    assert_same(&gnu_manifest(&env, &b), &env.manifest_of("c1"), &Ignore::default());
+    env.run(
+        &json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","mode":"in-place",
+                    "source":{"image": b}}),
+    )
+    .ok();
+    assert_same(
+        &gnu_manifest(&env, &b),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
     assert!(env.leftovers().is_empty());
 }
 
@@ -176,19 +217,29 @@ fn unified_lxd_image_unpacks_its_rootfs() {
     assert_eq!(m.ok()["image"]["unpacked_bytes"], 10 + 20);
     env.create_from("c1", &image).ok();
     let vol = env.volume("c1");
-    let mut names: Vec<String> = std::fs::read_dir(&vol).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&vol)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, vec!["etc"]);
-    assert_eq!(std::fs::metadata(vol.join("etc/hosts2")).unwrap().nlink(), 2);
+    assert_eq!(
+        std::fs::metadata(vol.join("etc/hosts2")).unwrap().nlink(),
+        2
+    );
 
     // An explicit prefix overrides the detection: the whole image.
-    env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"c1",
-                    "source":{"image": image, "rootfs_prefix": ""}}))
-        .ok();
+    env.run(
+        &json!({"api":1,"op":"rebuild","pool":"default","volume":"c1",
+                    "source":{"image": image, "rootfs_prefix": ""}}),
+    )
+    .ok();
     assert!(vol.join("metadata.yaml").exists());
-    env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"c1",
-                    "source":{"image": image, "rootfs_prefix": "templates"}}))
-        .ok();
+    env.run(
+        &json!({"api":1,"op":"rebuild","pool":"default","volume":"c1",
+                    "source":{"image": image, "rootfs_prefix": "templates"}}),
+    )
+    .ok();
     assert!(vol.join("hosts.tpl").exists());
 }
 
@@ -196,21 +247,28 @@ fn unified_lxd_image_unpacks_its_rootfs() {
 fn idmap_shifts_owners_and_capabilities() {
     let env = Env::new("idmap");
     let a = rich_image(&env, "a.tar", 1, TarFormat::Posix, Compression::None);
-    let r = env.run(&json!({"api":1,"op":"create","pool":"default","volume":"c1","source":{"image": a},
-                            "idmap":[{"host":1000000,"container":0,"count":65536}]}));
+    let r = env.run(
+        &json!({"api":1,"op":"create","pool":"default","volume":"c1","source":{"image": a},
+                            "idmap":[{"host":1000000,"container":0,"count":65536}]}),
+    );
     r.ok();
     let m = env.manifest_of("c1");
     assert_eq!((m["."].uid, m["."].gid), (1000000, 1000000));
     assert_eq!((m["home/user"].uid, m["home/user"].gid), (1001000, 1001000));
-    assert_eq!((m["home/user/odd-owner"].uid, m["home/user/odd-owner"].gid), (1012345, 1054321));
+    assert_eq!(
+        (m["home/user/odd-owner"].uid, m["home/user/odd-owner"].gid),
+        (1012345, 1054321)
+    );
     assert_eq!(m["usr/bin/su"].mode, 0o4755);
     let cap = &m["usr/bin/ping"].xattrs["security.capability"];
     assert_eq!(cap.len(), 24, "a v3 capability");
     assert_eq!(&cap[20..24], &1000000u32.to_le_bytes());
 
     // An id outside every range is an error, and nothing is left behind.
-    let r = env.run(&json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"image": a},
-                            "idmap":[{"host":1000000,"container":0,"count":1000}]}));
+    let r = env.run(
+        &json!({"api":1,"op":"rebuild","pool":"default","volume":"c1","source":{"image": a},
+                            "idmap":[{"host":1000000,"container":0,"count":1000}]}),
+    );
     r.failed("image_invalid", 1);
     assert_eq!(env.manifest_of("c1"), m);
     assert!(env.leftovers().is_empty());
@@ -245,7 +303,10 @@ fn a_pool_too_small_is_refused_before_the_old_volume_is_touched() {
     let r = env.rebuild_from("c1", &big_image);
     let e = r.failed("insufficient_space", 1);
     assert!(e["details"]["needed"].as_u64().unwrap() > e["details"]["available"].as_u64().unwrap());
-    assert!(!r.events.iter().any(|e| e["phase"] == "unpack"), "refused before unpacking");
+    assert!(
+        !r.events.iter().any(|e| e["phase"] == "unpack"),
+        "refused before unpacking"
+    );
     assert_eq!(before, env.snapshot());
 }
 
@@ -253,13 +314,17 @@ fn a_pool_too_small_is_refused_before_the_old_volume_is_touched() {
 fn a_pool_without_enough_inodes_is_refused_before_the_old_volume_is_touched() {
     let mut env = Env::new("inodes");
     env.small_pool("64m,nr_inodes=40");
-    env.run(&json!({"api":1,"op":"create","pool":"default","volume":"c1","source":{"empty":true}})).ok();
+    env.run(&json!({"api":1,"op":"create","pool":"default","volume":"c1","source":{"empty":true}}))
+        .ok();
     let src = env.dir.join("many");
     reimage_fixtures::tree::bulky(&src, 60, 10).unwrap();
     let image = env.image("many.tar");
     reimage_fixtures::gnu_tar(&src, &image, TarFormat::Gnu, Compression::None).unwrap();
     let before = env.snapshot();
-    let e = env.rebuild_from("c1", &image).failed("insufficient_space", 1).clone();
+    let e = env
+        .rebuild_from("c1", &image)
+        .failed("insufficient_space", 1)
+        .clone();
     assert!(e["details"]["needed_inodes"].as_u64().unwrap() > 60);
     assert_eq!(before, env.snapshot());
 }

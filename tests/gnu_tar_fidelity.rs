@@ -10,7 +10,13 @@ use reimage_fixtures::{Compression, TarFormat};
 
 fn check(format: TarFormat, compression: Compression) {
     let env = Env::new(&format!("fidelity-{format:?}-{}", compression.name()));
-    let image = rich_image(&env, &format!("rich.{}", compression.name()), 7, format, compression);
+    let image = rich_image(
+        &env,
+        &format!("rich.{}", compression.name()),
+        7,
+        format,
+        compression,
+    );
     env.create_from("c1", &image).ok();
     let expected = gnu_manifest(&env, &image);
     assert_same(&expected, &env.manifest_of("c1"), &Ignore::default());

@@ -66,11 +66,21 @@ pub fn detect(file: &File) -> Result<Detected> {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::new(Code::ImageInvalid, format!("cannot read the image: {e}"))),
+            Err(e) => {
+                return Err(Error::new(
+                    Code::ImageInvalid,
+                    format!("cannot read the image: {e}"),
+                ))
+            }
         }
     }
     let head = &head[..filled];
-    let compressed = |compression| Ok(Detected { format: Format::Tar, compression });
+    let compressed = |compression| {
+        Ok(Detected {
+            format: Format::Tar,
+            compression,
+        })
+    };
     if head.is_empty() {
         return Err(Error::new(Code::ImageInvalid, "the image is empty"));
     }
@@ -90,7 +100,10 @@ pub fn detect(file: &File) -> Result<Detected> {
         return compressed(Compression::Lz4);
     }
     if head.starts_with(b"hsqs") {
-        return Ok(Detected { format: Format::Squashfs, compression: Compression::None });
+        return Ok(Detected {
+            format: Format::Squashfs,
+            compression: Compression::None,
+        });
     }
     if head.starts_with(b"QFI\xfb") {
         return Err(Error::new(
@@ -99,7 +112,10 @@ pub fn detect(file: &File) -> Result<Detected> {
         ));
     }
     if tar::looks_like_tar(head) {
-        return Ok(Detected { format: Format::Tar, compression: Compression::None });
+        return Ok(Detected {
+            format: Format::Tar,
+            compression: Compression::None,
+        });
     }
     Err(Error::new(
         Code::ImageInvalid,
@@ -126,20 +142,35 @@ impl Read for ImageFile {
 
 /// The decompressed byte stream of a tar image, buffered, and a counter of the image bytes
 /// read so far.
-pub fn open_stream(file: &File, compression: Compression) -> Result<(Box<dyn BufRead + Send>, Arc<AtomicU64>)> {
+pub fn open_stream(
+    file: &File,
+    compression: Compression,
+) -> Result<(Box<dyn BufRead + Send>, Arc<AtomicU64>)> {
     const BUF: usize = 1 << 20;
     let file = file
         .try_clone()
         .map_err(|e| Error::new(Code::ImageInvalid, format!("cannot read the image: {e}")))?;
     let read = Arc::new(AtomicU64::new(0));
-    let raw = BufReader::with_capacity(BUF, ImageFile { file, offset: 0, read: read.clone() });
+    let raw = BufReader::with_capacity(
+        BUF,
+        ImageFile {
+            file,
+            offset: 0,
+            read: read.clone(),
+        },
+    );
     let decoded: Box<dyn Read + Send> = match compression {
         Compression::None => return Ok((Box::new(raw), read)),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
         Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(raw)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| {
-            Error::new(Code::ImageInvalid, format!("cannot start zstd decoding: {e}"))
-        })?),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| {
+                Error::new(
+                    Code::ImageInvalid,
+                    format!("cannot start zstd decoding: {e}"),
+                )
+            })?)
+        }
         Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(raw)),
         Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(raw)),
     };

@@ -25,7 +25,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_header_bytes: 1 << 20, max_pax_records: 10_000 }
+        Limits {
+            max_header_bytes: 1 << 20,
+            max_pax_records: 10_000,
+        }
     }
 }
 
@@ -102,7 +105,9 @@ pub fn looks_like_tar(block: &[u8]) -> bool {
     if &block[257..262] == b"ustar" {
         return true;
     }
-    let Ok(stored) = parse_octal(&block[148..156]) else { return false };
+    let Ok(stored) = parse_octal(&block[148..156]) else {
+        return false;
+    };
     checksum_matches(block, stored) && block[0] != 0
 }
 
@@ -125,7 +130,11 @@ fn parse_octal(field: &[u8]) -> std::result::Result<u64, ()> {
             b' ' if !seen => continue,
             b'0'..=b'7' => {
                 seen = true;
-                value = value.checked_mul(8).ok_or(())?.checked_add(u64::from(b - b'0')).ok_or(())?;
+                value = value
+                    .checked_mul(8)
+                    .ok_or(())?
+                    .checked_add(u64::from(b - b'0'))
+                    .ok_or(())?;
             }
             0 | b' ' => break,
             _ => return Err(()),
@@ -140,9 +149,17 @@ fn parse_number(field: &[u8]) -> std::result::Result<i128, ()> {
         Some(&b) if b & 0x80 != 0 => {
             // Big-endian two's complement with the marker bit dropped: 0x80 starts a positive
             // number, 0xff a negative one (whose first byte, read as i8, sign-extends).
-            let mut value: i128 = if b & 0x40 != 0 { i128::from(b as i8) } else { i128::from(b & 0x7f) };
+            let mut value: i128 = if b & 0x40 != 0 {
+                i128::from(b as i8)
+            } else {
+                i128::from(b & 0x7f)
+            };
             for &b in &field[1..] {
-                value = value.checked_mul(256).ok_or(())?.checked_add(i128::from(b)).ok_or(())?;
+                value = value
+                    .checked_mul(256)
+                    .ok_or(())?
+                    .checked_add(i128::from(b))
+                    .ok_or(())?;
             }
             Ok(value)
         }
@@ -172,8 +189,11 @@ struct Pending {
 }
 
 fn invalid(offset: u64, message: impl std::fmt::Display) -> Error {
-    Error::new(Code::ImageInvalid, format!("tar header at offset {offset}: {message}"))
-        .with("offset", offset)
+    Error::new(
+        Code::ImageInvalid,
+        format!("tar header at offset {offset}: {message}"),
+    )
+    .with("offset", offset)
 }
 
 /// A read failure of the (decompressed) image stream.
@@ -234,7 +254,9 @@ impl<R: BufRead> TarReader<R> {
     pub fn finish(&mut self) -> Result<()> {
         const MAX_TRAILER: u64 = 64 << 20;
         if !self.ended {
-            return Err(Error::internal("finish called before the end of the archive"));
+            return Err(Error::internal(
+                "finish called before the end of the archive",
+            ));
         }
         let mut trailing = 0u64;
         loop {
@@ -248,7 +270,10 @@ impl<R: BufRead> TarReader<R> {
             if trailing > MAX_TRAILER {
                 return Err(Error::new(
                     Code::ImageInvalid,
-                    format!("more than {} MiB of data follow the end of the tar archive", MAX_TRAILER >> 20),
+                    format!(
+                        "more than {} MiB of data follow the end of the tar archive",
+                        MAX_TRAILER >> 20
+                    ),
                 ));
             }
         }
@@ -265,7 +290,9 @@ impl<R: BufRead> TarReader<R> {
         if chunk.is_empty() {
             return Err(read_error(ErrorKind::UnexpectedEof.into()));
         }
-        let take = chunk.len().min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let take = chunk
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
         Ok(&chunk[..take])
     }
 
@@ -280,7 +307,10 @@ impl<R: BufRead> TarReader<R> {
         if size > self.limits.max_header_bytes {
             return Err(invalid(
                 at,
-                format!("{what} of {size} bytes exceeds the limit of {}", self.limits.max_header_bytes),
+                format!(
+                    "{what} of {size} bytes exceeds the limit of {}",
+                    self.limits.max_header_bytes
+                ),
             ));
         }
         let mut body = vec![0u8; size as usize];
@@ -315,15 +345,22 @@ impl<R: BufRead> TarReader<R> {
             self.read_exact(&mut block)?;
             if block.iter().all(|&b| b == 0) {
                 if first_header.is_some() {
-                    return Err(invalid(at, "end-of-archive marker inside an entry's headers"));
+                    return Err(invalid(
+                        at,
+                        "end-of-archive marker inside an entry's headers",
+                    ));
                 }
                 self.ended = true;
                 return Ok(None);
             }
             first_header.get_or_insert(at);
-            let stored = parse_octal(&block[148..156]).map_err(|_| invalid(at, "unreadable checksum"))?;
+            let stored =
+                parse_octal(&block[148..156]).map_err(|_| invalid(at, "unreadable checksum"))?;
             if !checksum_matches(&block, stored) {
-                return Err(invalid(at, "checksum mismatch (corrupt or not a tar archive)"));
+                return Err(invalid(
+                    at,
+                    "checksum mismatch (corrupt or not a tar archive)",
+                ));
             }
             let size = header_size(&block, at)?;
             let typeflag = block[156];
@@ -373,7 +410,14 @@ impl<R: BufRead> TarReader<R> {
         }
     }
 
-    fn member(&mut self, block: &[u8; 512], typeflag: u8, header_size: u64, pending: Pending, at: u64) -> Result<Entry> {
+    fn member(
+        &mut self,
+        block: &[u8; 512],
+        typeflag: u8,
+        header_size: u64,
+        pending: Pending,
+        at: u64,
+    ) -> Result<Entry> {
         let ustar_posix = &block[257..263] == b"ustar\0";
         let record = |key: &str| -> Option<&Vec<u8>> {
             match pending.pax.get(key) {
@@ -426,8 +470,10 @@ impl<R: BufRead> TarReader<R> {
         };
         let number = |key: &str, field: std::ops::Range<usize>, what: &str| -> Result<i128> {
             match record(key) {
-                Some(text) => parse_decimal(text).ok_or_else(|| invalid(at, format!("PAX {key} is not a number"))),
-                None => parse_number(&block[field]).map_err(|_| invalid(at, format!("unreadable {what}"))),
+                Some(text) => parse_decimal(text)
+                    .ok_or_else(|| invalid(at, format!("PAX {key} is not a number"))),
+                None => parse_number(&block[field])
+                    .map_err(|_| invalid(at, format!("unreadable {what}"))),
             }
         };
         let id = |value: i128, what: &str| -> Result<u32> {
@@ -441,10 +487,16 @@ impl<R: BufRead> TarReader<R> {
         let mode = parse_number(&block[100..108]).map_err(|_| invalid(at, "unreadable mode"))?;
         let mode = (mode & 0o7777) as u32;
         let mtime = match record("mtime") {
-            Some(text) => parse_pax_time(text).ok_or_else(|| invalid(at, "PAX mtime is not a time"))?,
+            Some(text) => {
+                parse_pax_time(text).ok_or_else(|| invalid(at, "PAX mtime is not a time"))?
+            }
             None => {
-                let secs = parse_number(&block[136..148]).map_err(|_| invalid(at, "unreadable mtime"))?;
-                (i64::try_from(secs).map_err(|_| invalid(at, "mtime out of range"))?, 0)
+                let secs =
+                    parse_number(&block[136..148]).map_err(|_| invalid(at, "unreadable mtime"))?;
+                (
+                    i64::try_from(secs).map_err(|_| invalid(at, "mtime out of range"))?,
+                    0,
+                )
             }
         };
         let size = match record("size") {
@@ -458,7 +510,10 @@ impl<R: BufRead> TarReader<R> {
             u32::try_from(v).map_err(|_| invalid(at, "device number out of range"))
         };
         let (dev_major, dev_minor) = if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
-            (device("SCHILY.devmajor", 329..337)?, device("SCHILY.devminor", 337..345)?)
+            (
+                device("SCHILY.devmajor", 329..337)?,
+                device("SCHILY.devminor", 337..345)?,
+            )
         } else {
             (0, 0)
         };
@@ -481,7 +536,11 @@ impl<R: BufRead> TarReader<R> {
         }
         // Content follows regular files only. Other members may still claim a size (a
         // hardlink "with data", CVE-2016-5418): those bytes are skipped, never written.
-        let (content, skipped) = if kind == Kind::File { (size, 0) } else { (0, size) };
+        let (content, skipped) = if kind == Kind::File {
+            (size, 0)
+        } else {
+            (0, size)
+        };
         self.remaining = content;
         self.padding = skipped + padding_of(size);
         Ok(Entry {
@@ -526,7 +585,12 @@ fn trim_nul(mut body: Vec<u8>) -> Vec<u8> {
 }
 
 /// Parses PAX records (`"%d %s=%s\n"`) into `into`; later records replace earlier ones.
-fn parse_pax(body: &[u8], at: u64, max_records: usize, into: &mut BTreeMap<String, Vec<u8>>) -> Result<()> {
+fn parse_pax(
+    body: &[u8],
+    at: u64,
+    max_records: usize,
+    into: &mut BTreeMap<String, Vec<u8>>,
+) -> Result<()> {
     let mut rest = body;
     let mut count = 0;
     while !rest.is_empty() {
@@ -536,7 +600,10 @@ fn parse_pax(body: &[u8], at: u64, max_records: usize, into: &mut BTreeMap<Strin
         }
         count += 1;
         if count > max_records {
-            return Err(invalid(at, format!("PAX header has more than {max_records} records")));
+            return Err(invalid(
+                at,
+                format!("PAX header has more than {max_records} records"),
+            ));
         }
         let space = rest
             .iter()
@@ -585,7 +652,10 @@ fn parse_pax_time(text: &[u8]) -> Option<(i64, u32)> {
         None => (false, s),
     };
     let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
-    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    if whole.is_empty()
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let secs: i64 = whole.parse().ok()?;
@@ -631,7 +701,11 @@ fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
             _ => return None,
         } as u32)
     }
-    let s: Vec<u8> = s.iter().copied().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).collect();
+    let s: Vec<u8> = s
+        .iter()
+        .copied()
+        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+        .collect();
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     for chunk in s.chunks(4) {
         let mut acc = 0u32;
@@ -669,7 +743,10 @@ mod tests {
 
     #[test]
     fn pax_times() {
-        assert_eq!(parse_pax_time(b"1700000000.123456789"), Some((1700000000, 123456789)));
+        assert_eq!(
+            parse_pax_time(b"1700000000.123456789"),
+            Some((1700000000, 123456789))
+        );
         assert_eq!(parse_pax_time(b"5"), Some((5, 0)));
         assert_eq!(parse_pax_time(b"-1.25"), Some((-2, 750_000_000)));
         assert_eq!(parse_pax_time(b"1.2.3"), None);
@@ -682,8 +759,17 @@ mod tests {
         parse_pax(b"11 path=ab\n16 SCHILY.x=a=b\n", 0, 10, &mut m).unwrap();
         assert_eq!(m["path"], b"ab");
         assert_eq!(m["SCHILY.x"], b"a=b");
-        for bad in [&b"99 path=ab\n"[..], b"10 path=ab\n", b"x path=a\n", b"5 =a\n\n", b"8 patha\n"] {
-            assert!(parse_pax(bad, 0, 10, &mut BTreeMap::new()).is_err(), "{bad:?}");
+        for bad in [
+            &b"99 path=ab\n"[..],
+            b"10 path=ab\n",
+            b"x path=a\n",
+            b"5 =a\n\n",
+            b"8 patha\n",
+        ] {
+            assert!(
+                parse_pax(bad, 0, 10, &mut BTreeMap::new()).is_err(),
+                "{bad:?}"
+            );
         }
     }
 

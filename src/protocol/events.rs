@@ -83,7 +83,11 @@ impl Events {
         }
         let mut line = value.to_string();
         line.push('\n');
-        if let Err(e) = self.out.write_all(line.as_bytes()).and_then(|_| self.out.flush()) {
+        if let Err(e) = self
+            .out
+            .write_all(line.as_bytes())
+            .and_then(|_| self.out.flush())
+        {
             if !self.out_failed {
                 self.out_failed = true;
                 self.log(&format!("cannot write events to stdout ({e}); carrying on"));
@@ -138,10 +142,18 @@ impl Events {
 
     fn draw_bar(&mut self, phase: Phase, done: u64, total: u64, unit: &str) {
         const WIDTH: usize = 30;
-        let fraction = if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
+        let fraction = if total == 0 {
+            1.0
+        } else {
+            (done as f64 / total as f64).min(1.0)
+        };
         let filled = (fraction * WIDTH as f64) as usize;
         let amount = if unit == "bytes" {
-            format!("{:.1}/{:.1} MiB", done as f64 / 1048576.0, total as f64 / 1048576.0)
+            format!(
+                "{:.1}/{:.1} MiB",
+                done as f64 / 1048576.0,
+                total as f64 / 1048576.0
+            )
         } else {
             format!("{done}/{total} {unit}")
         };
@@ -212,7 +224,10 @@ mod tests {
         ev.result("measure", Map::new());
         ev.warning("late", "dropped");
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert!(lines.len() <= 4, "{lines:?}");
         assert_eq!(lines[lines.len() - 2]["done"], 1000);
         assert_eq!(lines.last().unwrap()["event"], "result");

@@ -46,7 +46,10 @@ pub enum SizePolicy {
 /// Where the new content comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
-    Image { path: PathBuf, rootfs_prefix: Option<String> },
+    Image {
+        path: PathBuf,
+        rootfs_prefix: Option<String>,
+    },
     Empty,
 }
 
@@ -72,9 +75,18 @@ pub struct Fill {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    Measure { source: Source },
-    Inspect { pool: String, volume: VolumeName },
-    Create { pool: String, volume: VolumeName, fill: Fill },
+    Measure {
+        source: Source,
+    },
+    Inspect {
+        pool: String,
+        volume: VolumeName,
+    },
+    Create {
+        pool: String,
+        volume: VolumeName,
+        fill: Fill,
+    },
     Rebuild {
         pool: String,
         volume: VolumeName,
@@ -83,9 +95,20 @@ pub enum Op {
         mode: Mode,
         preserve: Vec<PathBuf>,
     },
-    Delete { pool: String, volume: VolumeName, snapshots: SnapshotPolicy },
-    Resize { pool: String, volume: VolumeName, size: u64 },
-    Recover { pool: String, volume: Option<VolumeName> },
+    Delete {
+        pool: String,
+        volume: VolumeName,
+        snapshots: SnapshotPolicy,
+    },
+    Resize {
+        pool: String,
+        volume: VolumeName,
+        size: u64,
+    },
+    Recover {
+        pool: String,
+        volume: Option<VolumeName>,
+    },
 }
 
 impl Op {
@@ -278,8 +301,7 @@ fn strict<T: DeserializeOwned>(text: &str) -> Result<T> {
 }
 
 fn volume_name(text: String) -> Result<VolumeName> {
-    VolumeName::parse(&text)
-        .map_err(|e| invalid("volume", format!("invalid volume name: {e}")))
+    VolumeName::parse(&text).map_err(|e| invalid("volume", format!("invalid volume name: {e}")))
 }
 
 fn source(wire: WireSource) -> Result<Source> {
@@ -287,7 +309,10 @@ fn source(wire: WireSource) -> Result<Source> {
         (Some(image), None) => {
             let path = PathBuf::from(&image);
             if !path.is_absolute() {
-                return Err(invalid("source.image", format!("image path {image:?} must be absolute")));
+                return Err(invalid(
+                    "source.image",
+                    format!("image path {image:?} must be absolute"),
+                ));
             }
             if let Some(prefix) = &wire.rootfs_prefix {
                 if prefix.contains('\0') || prefix.split('/').any(|c| c == "..") {
@@ -297,7 +322,10 @@ fn source(wire: WireSource) -> Result<Source> {
                     ));
                 }
             }
-            Ok(Source::Image { path, rootfs_prefix: wire.rootfs_prefix })
+            Ok(Source::Image {
+                path,
+                rootfs_prefix: wire.rootfs_prefix,
+            })
         }
         (None, Some(true)) if wire.rootfs_prefix.is_none() => Ok(Source::Empty),
         (None, Some(true)) => Err(invalid(
@@ -324,12 +352,18 @@ fn idmap(ranges: Option<Vec<IdRange>>) -> Result<Vec<IdRange>> {
     for (i, r) in ranges.iter().enumerate() {
         let path = format!("idmap[{i}]");
         if r.count == 0 {
-            return Err(invalid(&format!("{path}.count"), "count must be at least 1"));
+            return Err(invalid(
+                &format!("{path}.count"),
+                "count must be at least 1",
+            ));
         }
         if u64::from(r.host) + u64::from(r.count) > 1 << 32
             || u64::from(r.container) + u64::from(r.count) > 1 << 32
         {
-            return Err(invalid(&path, "the range runs past the largest id (4294967295)"));
+            return Err(invalid(
+                &path,
+                "the range runs past the largest id (4294967295)",
+            ));
         }
         for (j, other) in ranges[..i].iter().enumerate() {
             let overlaps = |a: u32, b: u32| {
@@ -357,7 +391,10 @@ fn headroom(value: Option<f64>) -> Result<f64> {
     match value {
         None => Ok(0.2),
         Some(h) if h.is_finite() && (0.0..=10.0).contains(&h) => Ok(h),
-        Some(h) => Err(invalid("headroom", format!("headroom {h} must be between 0 and 10"))),
+        Some(h) => Err(invalid(
+            "headroom",
+            format!("headroom {h} must be between 0 and 10"),
+        )),
     }
 }
 
@@ -377,11 +414,17 @@ fn preserve(paths: Option<Vec<String>>) -> Result<Vec<PathBuf>> {
             return Err(invalid(&path, format!("{p:?} must be an absolute path")));
         }
         if p.contains('\0') || p.split('/').any(|c| c == ".." || c == ".") {
-            return Err(invalid(&path, format!("{p:?} must not contain '.' or '..' components")));
+            return Err(invalid(
+                &path,
+                format!("{p:?} must not contain '.' or '..' components"),
+            ));
         }
         let normal: PathBuf = p.split('/').filter(|c| !c.is_empty()).collect();
         if normal.as_os_str().is_empty() {
-            return Err(invalid(&path, "preserving \"/\" would keep the whole old volume"));
+            return Err(invalid(
+                &path,
+                "preserving \"/\" would keep the whole old volume",
+            ));
         }
         out.push(PathBuf::from("/").join(normal));
     }
@@ -414,7 +457,10 @@ fn fill(
 /// Parses one request. Every failure is `invalid_request` with `details.path`.
 pub fn parse(text: &str) -> Result<Op> {
     if text.len() > MAX_REQUEST_BYTES {
-        return Err(invalid(".", format!("the request is larger than {MAX_REQUEST_BYTES} bytes")));
+        return Err(invalid(
+            ".",
+            format!("the request is larger than {MAX_REQUEST_BYTES} bytes"),
+        ));
     }
     let head: WireHead = serde_json::from_str(text).map_err(|e| {
         let what = if e.is_data() {
@@ -442,18 +488,30 @@ pub fn parse(text: &str) -> Result<Op> {
     Ok(match op.as_str() {
         "measure" => {
             let w: WireMeasure = strict(text)?;
-            Op::Measure { source: source(w.source)? }
+            Op::Measure {
+                source: source(w.source)?,
+            }
         }
         "inspect" => {
             let w: WireVolume = strict(text)?;
-            Op::Inspect { pool: w.pool, volume: volume_name(w.volume)? }
+            Op::Inspect {
+                pool: w.pool,
+                volume: volume_name(w.volume)?,
+            }
         }
         "create" => {
             let w: WireCreate = strict(text)?;
             Op::Create {
                 pool: w.pool,
                 volume: volume_name(w.volume)?,
-                fill: fill(w.source, w.size, w.headroom, w.size_policy, w.idmap, w.dry_run)?,
+                fill: fill(
+                    w.source,
+                    w.size,
+                    w.headroom,
+                    w.size_policy,
+                    w.idmap,
+                    w.dry_run,
+                )?,
             }
         }
         "rebuild" => {
@@ -461,7 +519,14 @@ pub fn parse(text: &str) -> Result<Op> {
             Op::Rebuild {
                 pool: w.pool,
                 volume: volume_name(w.volume)?,
-                fill: fill(w.source, w.size, w.headroom, w.size_policy, w.idmap, w.dry_run)?,
+                fill: fill(
+                    w.source,
+                    w.size,
+                    w.headroom,
+                    w.size_policy,
+                    w.idmap,
+                    w.dry_run,
+                )?,
                 snapshots: w.snapshots.unwrap_or(SnapshotPolicy::Refuse),
                 mode: w.mode.unwrap_or(Mode::Atomic),
                 preserve: preserve(w.preserve)?,
@@ -476,16 +541,27 @@ pub fn parse(text: &str) -> Result<Op> {
                     "delete takes snapshots \"refuse\" or \"delete\"; a deleted volume keeps none",
                 ));
             }
-            Op::Delete { pool: w.pool, volume: volume_name(w.volume)?, snapshots }
+            Op::Delete {
+                pool: w.pool,
+                volume: volume_name(w.volume)?,
+                snapshots,
+            }
         }
         "resize" => {
             let w: WireResize = strict(text)?;
             let size = size(Some(w.size), "size")?.unwrap_or(0);
-            Op::Resize { pool: w.pool, volume: volume_name(w.volume)?, size }
+            Op::Resize {
+                pool: w.pool,
+                volume: volume_name(w.volume)?,
+                size,
+            }
         }
         "recover" => {
             let w: WireRecover = strict(text)?;
-            Op::Recover { pool: w.pool, volume: w.volume.map(volume_name).transpose()? }
+            Op::Recover {
+                pool: w.pool,
+                volume: w.volume.map(volume_name).transpose()?,
+            }
         }
         other => {
             let shown: String = other.chars().take(40).collect();
@@ -518,7 +594,16 @@ mod tests {
                 "idmap":[{"host":100000,"container":0,"count":65536}],"dry_run":true}"#,
         )
         .unwrap();
-        let Op::Rebuild { fill, snapshots, mode, preserve, .. } = op else { panic!() };
+        let Op::Rebuild {
+            fill,
+            snapshots,
+            mode,
+            preserve,
+            ..
+        } = op
+        else {
+            panic!()
+        };
         assert_eq!(fill.size, Some(1 << 30));
         assert_eq!(snapshots, SnapshotPolicy::Keep);
         assert_eq!(mode, Mode::InPlace);
@@ -530,21 +615,49 @@ mod tests {
     fn paths_name_the_offending_value() {
         let base = r#""api":1,"op":"rebuild","pool":"p","volume":"v","source":{"empty":true}"#;
         assert_eq!(path_of(&format!("{{{base},\"bogus\":1}}")), "bogus");
-        assert_eq!(path_of(r#"{"api":1,"op":"measure","source":{"image":"/x","extra":1}}"#), "source.extra");
+        assert_eq!(
+            path_of(r#"{"api":1,"op":"measure","source":{"image":"/x","extra":1}}"#),
+            "source.extra"
+        );
         assert_eq!(path_of(&format!("{{{base},\"size\":true}}")), "size");
-        assert_eq!(path_of(&format!("{{{base},\"idmap\":[{{\"host\":1,\"container\":0}}]}}")), "idmap[0]");
+        assert_eq!(
+            path_of(&format!(
+                "{{{base},\"idmap\":[{{\"host\":1,\"container\":0}}]}}"
+            )),
+            "idmap[0]"
+        );
         assert_eq!(path_of(&format!("{{{base},\"mode\":\"fast\"}}")), "mode");
-        assert_eq!(path_of(r#"{"api":2,"op":"inspect","pool":"p","volume":"v"}"#), "api");
+        assert_eq!(
+            path_of(r#"{"api":2,"op":"inspect","pool":"p","volume":"v"}"#),
+            "api"
+        );
         assert_eq!(path_of(r#"{"api":1,"op":"format","pool":"p"}"#), "op");
-        assert_eq!(path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"-o"}"#), "volume");
+        assert_eq!(
+            path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"-o"}"#),
+            "volume"
+        );
         // A field another op accepts is still unknown here.
-        assert_eq!(path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"v","size":1}"#), "size");
-        assert_eq!(path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"v","pool":"q"}"#), "pool");
+        assert_eq!(
+            path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"v","size":1}"#),
+            "size"
+        );
+        assert_eq!(
+            path_of(r#"{"api":1,"op":"inspect","pool":"p","volume":"v","pool":"q"}"#),
+            "pool"
+        );
     }
 
     #[test]
     fn malformed_input() {
-        for text in ["", "{", "[]", "null", "{\"api\":1} {}", "\"x\"", "{\"api\":1,\"op\":\"inspect\"}"] {
+        for text in [
+            "",
+            "{",
+            "[]",
+            "null",
+            "{\"api\":1} {}",
+            "\"x\"",
+            "{\"api\":1,\"op\":\"inspect\"}",
+        ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.code, Code::InvalidRequest, "{text:?}");
         }
@@ -570,7 +683,9 @@ mod tests {
         assert_eq!(r(r#""preserve":["/"]"#), "preserve[0]");
         assert_eq!(r(r#""size_policy":"exact""#), "size_policy");
         assert_eq!(
-            r(r#""idmap":[{"host":0,"container":0,"count":10},{"host":100,"container":5,"count":10}]"#),
+            r(
+                r#""idmap":[{"host":0,"container":0,"count":10},{"host":100,"container":5,"count":10}]"#
+            ),
             "idmap[1]"
         );
     }

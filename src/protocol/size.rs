@@ -34,13 +34,17 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         }
     };
     if number.is_empty() || number.matches('.').count() > 1 {
-        return Err(format!("{text:?} is not a size; write e.g. 10GiB or 1073741824"));
+        return Err(format!(
+            "{text:?} is not a size; write e.g. 10GiB or 1073741824"
+        ));
     }
     let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
     let whole: u64 = if whole.is_empty() {
         0
     } else {
-        whole.parse().map_err(|_| format!("{text:?} is too large"))?
+        whole
+            .parse()
+            .map_err(|_| format!("{text:?} is too large"))?
     };
     let mut bytes = whole
         .checked_mul(factor)
@@ -49,7 +53,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         // Fractions are exact to the byte for up to 18 digits; more digits are ignored.
         let digits = &frac[..frac.len().min(18)];
         let scale = 10u128.pow(digits.len() as u32);
-        let frac_val: u128 = digits.parse().map_err(|_| format!("{text:?} is not a size"))?;
+        let frac_val: u128 = digits
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size"))?;
         let extra = (frac_val * factor as u128) / scale;
         bytes = bytes
             .checked_add(extra as u64)

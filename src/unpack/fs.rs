@@ -46,8 +46,14 @@ pub fn cstring(bytes: &[u8]) -> Result<CString, Errno> {
 }
 
 fn times(mtime: (i64, u32)) -> Timestamps {
-    let t = Timespec { tv_sec: mtime.0, tv_nsec: mtime.1 as _ };
-    Timestamps { last_access: t, last_modification: t }
+    let t = Timespec {
+        tv_sec: mtime.0,
+        tv_nsec: mtime.1 as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
 }
 
 fn set_xattrs(
@@ -59,7 +65,10 @@ fn set_xattrs(
         match set(name, value) {
             Ok(()) => {}
             Err(e @ (Errno::NOSPC | Errno::DQUOT)) => return Err(e),
-            Err(errno) => failures.push(XattrFailure { name: name.to_string_lossy().into_owned(), errno }),
+            Err(errno) => failures.push(XattrFailure {
+                name: name.to_string_lossy().into_owned(),
+                errno,
+            }),
         }
     }
     Ok(failures)
@@ -73,14 +82,21 @@ pub fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta) -> Result<Vec<XattrFailure
         Some(rustix::fs::Gid::from_raw(meta.gid)),
     )?;
     rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
-    let failures = set_xattrs(meta, |n, v| rustix::fs::fsetxattr(fd, n, v, XattrFlags::empty()))?;
+    let failures = set_xattrs(meta, |n, v| {
+        rustix::fs::fsetxattr(fd, n, v, XattrFlags::empty())
+    })?;
     rustix::fs::futimens(fd, &times(meta.mtime))?;
     Ok(failures)
 }
 
 /// Metadata of a symlink, device node or fifo that was just created as `name` in `dir`
 /// (these cannot be opened for metadata without following or blocking).
-pub fn apply_meta_at(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta, is_symlink: bool) -> Result<Vec<XattrFailure>, Errno> {
+pub fn apply_meta_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    meta: &Meta,
+    is_symlink: bool,
+) -> Result<Vec<XattrFailure>, Errno> {
     rustix::fs::chownat(
         dir,
         name,
@@ -100,7 +116,9 @@ pub fn apply_meta_at(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta, is_symlink: 
         let mut via = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
         via.extend_from_slice(name.to_bytes());
         let via = cstring(&via)?;
-        set_xattrs(meta, |n, v| rustix::fs::lsetxattr(&via, n, v, XattrFlags::empty()))?
+        set_xattrs(meta, |n, v| {
+            rustix::fs::lsetxattr(&via, n, v, XattrFlags::empty())
+        })?
     };
     rustix::fs::utimensat(dir, name, &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW)?;
     Ok(failures)
@@ -117,7 +135,11 @@ pub struct Tree<'r> {
 
 impl<'r> Tree<'r> {
     pub fn new(root: BorrowedFd<'r>, implicit_owner: (u32, u32)) -> Self {
-        Tree { root, cached: None, implicit_owner }
+        Tree {
+            root,
+            cached: None,
+            implicit_owner,
+        }
     }
 
     pub fn root(&self) -> BorrowedFd<'r> {
@@ -131,7 +153,11 @@ impl<'r> Tree<'r> {
 
     /// Opens directory `path` (resolved in-root) as an `O_PATH` handle.
     fn open_dir(&self, path: &RelPath) -> Result<OwnedFd, Errno> {
-        let target: &[u8] = if path.is_root() { b"." } else { path.as_bytes() };
+        let target: &[u8] = if path.is_root() {
+            b"."
+        } else {
+            path.as_bytes()
+        };
         rustix::fs::openat2(
             self.root,
             cstring(target)?.as_c_str(),
@@ -174,7 +200,10 @@ impl<'r> Tree<'r> {
                             let fd = rustix::fs::openat(
                                 &current,
                                 &name,
-                                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                                OFlags::RDONLY
+                                    | OFlags::DIRECTORY
+                                    | OFlags::NOFOLLOW
+                                    | OFlags::CLOEXEC,
                                 Mode::empty(),
                             )?;
                             let (uid, gid) = self.implicit_owner;
@@ -223,7 +252,10 @@ pub enum RemoveError {
 }
 
 /// What is at `name` in `dir`, without following it.
-pub fn kind_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Option<(FileType, rustix::fs::Stat)>, Errno> {
+pub fn kind_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+) -> Result<Option<(FileType, rustix::fs::Stat)>, Errno> {
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => Ok(Some((FileType::from_raw_mode(st.st_mode), st))),
         Err(Errno::NOENT) => Ok(None),
@@ -245,7 +277,11 @@ pub fn open_link_target(root: BorrowedFd<'_>, target: &RelPath) -> Result<OwnedF
 /// Opens a directory inside the root for its deferred metadata; `None` if the path is no
 /// longer a directory (a later entry replaced it).
 pub fn open_dir_for_meta(root: BorrowedFd<'_>, path: &RelPath) -> Result<Option<OwnedFd>, Errno> {
-    let target: &[u8] = if path.is_root() { b"." } else { path.as_bytes() };
+    let target: &[u8] = if path.is_root() {
+        b"."
+    } else {
+        path.as_bytes()
+    };
     match rustix::fs::openat2(
         root,
         cstring(target)?.as_c_str(),

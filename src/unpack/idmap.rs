@@ -82,9 +82,10 @@ impl IdMap {
         let magic = u32::from_le_bytes([value[0], value[1], value[2], value[3]]);
         let (body, rootid) = match (magic & VFS_CAP_REVISION_MASK, value.len()) {
             (VFS_CAP_REVISION_2, 20) => (&value[..20], 0),
-            (VFS_CAP_REVISION_3, 24) => {
-                (&value[..20], u32::from_le_bytes([value[20], value[21], value[22], value[23]]))
-            }
+            (VFS_CAP_REVISION_3, 24) => (
+                &value[..20],
+                u32::from_le_bytes([value[20], value[21], value[22], value[23]]),
+            ),
             _ => return Err("unsupported file capability revision".into()),
         };
         let mapped = self
@@ -103,7 +104,11 @@ mod tests {
     use super::*;
 
     fn map() -> IdMap {
-        IdMap::new(vec![IdRange { host: 100000, container: 0, count: 65536 }])
+        IdMap::new(vec![IdRange {
+            host: 100000,
+            container: 0,
+            count: 65536,
+        }])
     }
 
     #[test]
@@ -117,7 +122,11 @@ mod tests {
     #[test]
     fn acl_entries_shift() {
         let mut acl = ACL_VERSION.to_le_bytes().to_vec();
-        for (tag, perm, id) in [(0x01u16, 6u16, u32::MAX), (ACL_USER, 4, 1000), (ACL_GROUP, 4, 5)] {
+        for (tag, perm, id) in [
+            (0x01u16, 6u16, u32::MAX),
+            (ACL_USER, 4, 1000),
+            (ACL_GROUP, 4, 5),
+        ] {
             acl.extend_from_slice(&tag.to_le_bytes());
             acl.extend_from_slice(&perm.to_le_bytes());
             acl.extend_from_slice(&id.to_le_bytes());

@@ -69,7 +69,9 @@ fn fs_error(entry: &RelPath, what: &str, e: Errno) -> Error {
     let code = match e {
         Errno::NOSPC => Code::InsufficientSpace,
         Errno::DQUOT => Code::QuotaExceeded,
-        Errno::NOTDIR | Errno::LOOP | Errno::NAMETOOLONG | Errno::MLINK | Errno::INVAL => Code::ImageInvalid,
+        Errno::NOTDIR | Errno::LOOP | Errno::NAMETOOLONG | Errno::MLINK | Errno::INVAL => {
+            Code::ImageInvalid
+        }
         Errno::XDEV => Code::UnsafeImage,
         _ => Code::DriverError,
     };
@@ -79,16 +81,28 @@ fn fs_error(entry: &RelPath, what: &str, e: Errno) -> Error {
         Errno::NOTDIR => " (a parent is not a directory)",
         _ => "",
     };
-    Error::new(code, format!("entry {}: {what}: {}{hint}", entry.shown(), std::io::Error::from(e)))
-        .with("entry", entry.shown())
+    Error::new(
+        code,
+        format!(
+            "entry {}: {what}: {}{hint}",
+            entry.shown(),
+            std::io::Error::from(e)
+        ),
+    )
+    .with("entry", entry.shown())
 }
 
 fn unsafe_entry(entry: &RelPath, why: &str) -> Error {
-    Error::new(Code::UnsafeImage, format!("entry {}: {why}", entry.shown())).with("entry", entry.shown())
+    Error::new(Code::UnsafeImage, format!("entry {}: {why}", entry.shown()))
+        .with("entry", entry.shown())
 }
 
 fn invalid_entry(entry: &RelPath, why: &str) -> Error {
-    Error::new(Code::ImageInvalid, format!("entry {}: {why}", entry.shown())).with("entry", entry.shown())
+    Error::new(
+        Code::ImageInvalid,
+        format!("entry {}: {why}", entry.shown()),
+    )
+    .with("entry", entry.shown())
 }
 
 /// Unpacks every entry of `reader` below `root`. On error the tree is left half-written: the
@@ -149,20 +163,18 @@ impl Unpacker<'_, '_> {
 
     fn meta(&self, entry: &Entry, path: &RelPath) -> Result<Meta> {
         let map = |id: u32, what: &str| {
-            self.options
-                .idmap
-                .map(id)
-                .ok_or_else(|| invalid_entry(path, &format!("{what} {id} is outside every idmap range")))
+            self.options.idmap.map(id).ok_or_else(|| {
+                invalid_entry(path, &format!("{what} {id} is outside every idmap range"))
+            })
         };
         let mut xattrs = Vec::with_capacity(entry.xattrs.len());
         let mut capability = None;
         for (name, value) in &entry.xattrs {
-            let cname = fs::cstring(name).map_err(|_| invalid_entry(path, "an xattr name contains NUL"))?;
-            let value = self
-                .options
-                .idmap
-                .shift_xattr(name, value)
-                .map_err(|why| invalid_entry(path, &format!("xattr {}: {why}", cname.to_string_lossy())))?;
+            let cname =
+                fs::cstring(name).map_err(|_| invalid_entry(path, "an xattr name contains NUL"))?;
+            let value = self.options.idmap.shift_xattr(name, value).map_err(|why| {
+                invalid_entry(path, &format!("xattr {}: {why}", cname.to_string_lossy()))
+            })?;
             // security.capability goes last: setting anything after it must not clear it.
             if name.as_slice() == b"security.capability" {
                 capability = Some((cname, value));
@@ -195,7 +207,12 @@ impl Unpacker<'_, '_> {
         }
     }
 
-    fn remove_existing(&mut self, dir: BorrowedFd<'_>, name: &CString, path: &RelPath) -> Result<()> {
+    fn remove_existing(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CString,
+        path: &RelPath,
+    ) -> Result<()> {
         self.tree.remove(dir, name).map_err(|e| match e {
             RemoveError::Errno(e) => fs_error(path, "replacing the earlier entry", e),
             RemoveError::Tree(e) => Error::from(e).context(format!("entry {}", path.shown())),
@@ -203,13 +220,18 @@ impl Unpacker<'_, '_> {
     }
 
     fn entry<R: BufRead>(&mut self, entry: &Entry, reader: &mut TarReader<R>) -> Result<()> {
-        let Some(path) = self.place(&entry.path)? else { return Ok(()) };
+        let Some(path) = self.place(&entry.path)? else {
+            return Ok(());
+        };
         self.stats.entries += 1;
         let Some((parent_path, name)) = path.split_last() else {
             // The volume root: only a directory entry may describe it, and it keeps being a
             // directory whatever the image says.
             if entry.kind != Kind::Dir {
-                return Err(unsafe_entry(&path, &format!("a {} cannot replace the volume root", entry.kind.as_str())));
+                return Err(unsafe_entry(
+                    &path,
+                    &format!("a {} cannot replace the volume root", entry.kind.as_str()),
+                ));
             }
             let meta = self.meta(entry, &path)?;
             self.deferred.insert(path, meta);
@@ -226,11 +248,19 @@ impl Unpacker<'_, '_> {
             Kind::File => self.file(parent, &name, &path, entry, reader),
             Kind::Symlink => self.symlink(parent, &name, &path, entry),
             Kind::Hardlink => self.hardlink(parent, &name, &path, entry),
-            Kind::CharDevice | Kind::BlockDevice | Kind::Fifo => self.node(parent, &name, &path, entry),
+            Kind::CharDevice | Kind::BlockDevice | Kind::Fifo => {
+                self.node(parent, &name, &path, entry)
+            }
         }
     }
 
-    fn directory(&mut self, parent: BorrowedFd<'_>, name: &CString, path: &RelPath, entry: &Entry) -> Result<()> {
+    fn directory(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &CString,
+        path: &RelPath,
+        entry: &Entry,
+    ) -> Result<()> {
         let meta = self.meta(entry, path)?;
         match fs::kind_at(parent, name).map_err(|e| fs_error(path, "stat", e))? {
             Some((FileType::Directory, _)) => {}
@@ -313,47 +343,77 @@ impl Unpacker<'_, '_> {
                 }
             }
         }
-        let failures = fs::apply_meta_fd(file.as_fd(), &meta).map_err(|e| fs_error(path, "set metadata", e))?;
+        let failures = fs::apply_meta_fd(file.as_fd(), &meta)
+            .map_err(|e| fs_error(path, "set metadata", e))?;
         self.report_xattr_failures(path, failures);
         self.observer.progress(self.stats.bytes);
         Ok(())
     }
 
-    fn symlink(&mut self, parent: BorrowedFd<'_>, name: &CString, path: &RelPath, entry: &Entry) -> Result<()> {
+    fn symlink(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &CString,
+        path: &RelPath,
+        entry: &Entry,
+    ) -> Result<()> {
         let meta = self.meta(entry, path)?;
         if entry.link.is_empty() || entry.link.contains(&0) {
-            return Err(invalid_entry(path, "a symlink needs a target without NUL bytes"));
+            return Err(invalid_entry(
+                path,
+                "a symlink needs a target without NUL bytes",
+            ));
         }
-        let target = fs::cstring(&entry.link).map_err(|_| invalid_entry(path, "NUL in link target"))?;
+        let target =
+            fs::cstring(&entry.link).map_err(|_| invalid_entry(path, "NUL in link target"))?;
         // The target is stored as text; it is never followed while unpacking (every lookup
         // resolves in-root), so an absolute or `..` target cannot lead out.
-        self.create_replacing(parent, name, path, "symlink", || rustix::fs::symlinkat(&target, parent, name))?;
-        let failures = fs::apply_meta_at(parent, name, &meta, true).map_err(|e| fs_error(path, "set metadata", e))?;
+        self.create_replacing(parent, name, path, "symlink", || {
+            rustix::fs::symlinkat(&target, parent, name)
+        })?;
+        let failures = fs::apply_meta_at(parent, name, &meta, true)
+            .map_err(|e| fs_error(path, "set metadata", e))?;
         self.report_xattr_failures(path, failures);
         Ok(())
     }
 
-    fn hardlink(&mut self, parent: BorrowedFd<'_>, name: &CString, path: &RelPath, entry: &Entry) -> Result<()> {
+    fn hardlink(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &CString,
+        path: &RelPath,
+        entry: &Entry,
+    ) -> Result<()> {
         let target = match self.place(&entry.link)? {
             Some(t) if !t.is_root() => t,
             Some(_) => return Err(unsafe_entry(path, "a hardlink to the volume root")),
             None => {
                 return Err(unsafe_entry(
                     path,
-                    &format!("hardlink target {:?} lies outside the unpacked tree", crate::image::tar::shown(&entry.link)),
+                    &format!(
+                        "hardlink target {:?} lies outside the unpacked tree",
+                        crate::image::tar::shown(&entry.link)
+                    ),
                 ))
             }
         };
         let target_fd = fs::open_link_target(self.tree.root(), &target).map_err(|e| match e {
             Errno::NOENT => invalid_entry(
                 path,
-                &format!("hardlink target {} does not exist (it must come earlier in the image)", target.shown()),
+                &format!(
+                    "hardlink target {} does not exist (it must come earlier in the image)",
+                    target.shown()
+                ),
             ),
             e => fs_error(path, "opening the hardlink target", e),
         })?;
-        let target_stat = rustix::fs::fstat(&target_fd).map_err(|e| fs_error(path, "stat hardlink target", e))?;
+        let target_stat =
+            rustix::fs::fstat(&target_fd).map_err(|e| fs_error(path, "stat hardlink target", e))?;
         if FileType::from_raw_mode(target_stat.st_mode) == FileType::Directory {
-            return Err(unsafe_entry(path, &format!("hardlink to the directory {}", target.shown())));
+            return Err(unsafe_entry(
+                path,
+                &format!("hardlink to the directory {}", target.shown()),
+            ));
         }
         if let Some((_, st)) = fs::kind_at(parent, name).map_err(|e| fs_error(path, "stat", e))? {
             if (st.st_dev, st.st_ino) == (target_stat.st_dev, target_stat.st_ino) {
@@ -365,30 +425,47 @@ impl Unpacker<'_, '_> {
         })
     }
 
-    fn node(&mut self, parent: BorrowedFd<'_>, name: &CString, path: &RelPath, entry: &Entry) -> Result<()> {
+    fn node(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &CString,
+        path: &RelPath,
+        entry: &Entry,
+    ) -> Result<()> {
         let meta = self.meta(entry, path)?;
         let (kind, dev) = match entry.kind {
-            Kind::CharDevice => (FileType::CharacterDevice, rustix::fs::makedev(entry.dev_major, entry.dev_minor)),
-            Kind::BlockDevice => (FileType::BlockDevice, rustix::fs::makedev(entry.dev_major, entry.dev_minor)),
+            Kind::CharDevice => (
+                FileType::CharacterDevice,
+                rustix::fs::makedev(entry.dev_major, entry.dev_minor),
+            ),
+            Kind::BlockDevice => (
+                FileType::BlockDevice,
+                rustix::fs::makedev(entry.dev_major, entry.dev_minor),
+            ),
             _ => (FileType::Fifo, 0),
         };
         self.create_replacing(parent, name, path, "mknod", || {
             rustix::fs::mknodat(parent, name, kind, Mode::from_raw_mode(0o600), dev)
         })?;
-        let failures = fs::apply_meta_at(parent, name, &meta, false).map_err(|e| fs_error(path, "set metadata", e))?;
+        let failures = fs::apply_meta_at(parent, name, &meta, false)
+            .map_err(|e| fs_error(path, "set metadata", e))?;
         self.report_xattr_failures(path, failures);
         Ok(())
     }
 
     /// Applies directory metadata deepest first, then reports what could not be set.
     fn finish(mut self) -> Result<Stats> {
-        let mut dirs: Vec<(RelPath, Meta)> = std::mem::take(&mut self.deferred).into_iter().collect();
+        let mut dirs: Vec<(RelPath, Meta)> =
+            std::mem::take(&mut self.deferred).into_iter().collect();
         dirs.sort_by(|a, b| b.0.depth().cmp(&a.0.depth()).then_with(|| a.0.cmp(&b.0)));
         for (path, meta) in dirs {
-            let Some(fd) = fs::open_dir_for_meta(self.tree.root(), &path).map_err(|e| fs_error(&path, "open", e))? else {
+            let Some(fd) = fs::open_dir_for_meta(self.tree.root(), &path)
+                .map_err(|e| fs_error(&path, "open", e))?
+            else {
                 continue;
             };
-            let failures = fs::apply_meta_fd(fd.as_fd(), &meta).map_err(|e| fs_error(&path, "set metadata", e))?;
+            let failures = fs::apply_meta_fd(fd.as_fd(), &meta)
+                .map_err(|e| fs_error(&path, "set metadata", e))?;
             self.report_xattr_failures(&path, failures);
         }
         if self.xattr_failures > SHOWN_XATTR_FAILURES {

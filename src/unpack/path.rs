@@ -87,7 +87,8 @@ impl RelPath {
 /// Normalizes a member path; errors name the entry as the archive spelled it.
 pub fn normalize(raw: &[u8]) -> Result<RelPath> {
     let unsafe_entry = |why: &str| {
-        Error::new(Code::UnsafeImage, format!("entry {:?}: {why}", shown(raw))).with("entry", shown(raw))
+        Error::new(Code::UnsafeImage, format!("entry {:?}: {why}", shown(raw)))
+            .with("entry", shown(raw))
     };
     if raw.contains(&0) {
         return Err(unsafe_entry("the path contains a NUL byte"));
@@ -101,7 +102,10 @@ pub fn normalize(raw: &[u8]) -> Result<RelPath> {
                 if name.len() > MAX_NAME_BYTES {
                     return Err(Error::new(
                         Code::ImageInvalid,
-                        format!("entry {:?}: a path component is longer than {MAX_NAME_BYTES} bytes", shown(raw)),
+                        format!(
+                            "entry {:?}: a path component is longer than {MAX_NAME_BYTES} bytes",
+                            shown(raw)
+                        ),
                     ));
                 }
                 if !out.is_empty() {
@@ -114,7 +118,10 @@ pub fn normalize(raw: &[u8]) -> Result<RelPath> {
     if out.len() > MAX_PATH_BYTES {
         return Err(Error::new(
             Code::ImageInvalid,
-            format!("entry {:?}: the path is longer than {MAX_PATH_BYTES} bytes", shown(raw)),
+            format!(
+                "entry {:?}: the path is longer than {MAX_PATH_BYTES} bytes",
+                shown(raw)
+            ),
         ));
     }
     Ok(RelPath(out))
@@ -140,10 +147,24 @@ mod tests {
 
     #[test]
     fn unsafe_forms() {
-        for bad in [&b".."[..], b"a/../../x", b"./../x", b"/../x", b"a/..", b"a\0b"] {
-            assert_eq!(normalize(bad).unwrap_err().code, Code::UnsafeImage, "{bad:?}");
+        for bad in [
+            &b".."[..],
+            b"a/../../x",
+            b"./../x",
+            b"/../x",
+            b"a/..",
+            b"a\0b",
+        ] {
+            assert_eq!(
+                normalize(bad).unwrap_err().code,
+                Code::UnsafeImage,
+                "{bad:?}"
+            );
         }
-        assert_eq!(normalize(&[b'a'; 256]).unwrap_err().code, Code::ImageInvalid);
+        assert_eq!(
+            normalize(&[b'a'; 256]).unwrap_err().code,
+            Code::ImageInvalid
+        );
         let deep: Vec<u8> = b"a/".repeat(3000);
         assert_eq!(normalize(&deep).unwrap_err().code, Code::ImageInvalid);
     }
@@ -151,11 +172,24 @@ mod tests {
     #[test]
     fn prefixes() {
         let p = normalize(b"rootfs").unwrap();
-        assert_eq!(normalize(b"rootfs/etc").unwrap().strip_prefix(&p), Some(normalize(b"etc").unwrap()));
-        assert_eq!(normalize(b"rootfs").unwrap().strip_prefix(&p), Some(RelPath::root()));
+        assert_eq!(
+            normalize(b"rootfs/etc").unwrap().strip_prefix(&p),
+            Some(normalize(b"etc").unwrap())
+        );
+        assert_eq!(
+            normalize(b"rootfs").unwrap().strip_prefix(&p),
+            Some(RelPath::root())
+        );
         assert_eq!(normalize(b"rootfsx/etc").unwrap().strip_prefix(&p), None);
         assert_eq!(normalize(b"metadata.yaml").unwrap().strip_prefix(&p), None);
-        let (parent, name) = normalize(b"a/b/c").unwrap().split_last().map(|(p, n)| (p, n.to_vec())).unwrap();
-        assert_eq!((parent.as_bytes(), name.as_slice()), (&b"a/b"[..], &b"c"[..]));
+        let (parent, name) = normalize(b"a/b/c")
+            .unwrap()
+            .split_last()
+            .map(|(p, n)| (p, n.to_vec()))
+            .unwrap();
+        assert_eq!(
+            (parent.as_bytes(), name.as_slice()),
+            (&b"a/b"[..], &b"c"[..])
+        );
     }
 }

@@ -28,8 +28,14 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Env {
     pub fn new(name: &str) -> Env {
-        let id = format!("{name}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("reimage-tests").join(&id);
+        let id = format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("reimage-tests")
+            .join(&id);
         // The config must sit in root-owned, non-writable directories all the way up; /run is
         // such a place on every Debian machine, whatever the checkout's location.
         let conf_dir = PathBuf::from("/run/reimage-tests").join(&id);
@@ -109,9 +115,18 @@ impl Env {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(request.to_string().as_bytes())
+            .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        Spawned { child, stdout, seen: Vec::new() }
+        Spawned {
+            child,
+            stdout,
+            seen: Vec::new(),
+        }
     }
 
     pub fn image(&self, name: &str) -> PathBuf {
@@ -151,13 +166,17 @@ impl Env {
     }
 
     pub fn create_from(&self, volume: &str, image: &Path) -> Run {
-        self.run(&json!({"api": 1, "op": "create", "pool": "default", "volume": volume,
-                         "source": {"image": image}}))
+        self.run(
+            &json!({"api": 1, "op": "create", "pool": "default", "volume": volume,
+                         "source": {"image": image}}),
+        )
     }
 
     pub fn rebuild_from(&self, volume: &str, image: &Path) -> Run {
-        self.run(&json!({"api": 1, "op": "rebuild", "pool": "default", "volume": volume,
-                         "source": {"image": image}}))
+        self.run(
+            &json!({"api": 1, "op": "rebuild", "pool": "default", "volume": volume,
+                         "source": {"image": image}}),
+        )
     }
 }
 
@@ -168,6 +187,13 @@ impl Drop for Env {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.conf_dir);
+        // The shared parents go when the last test using them is done.
+        if let Some(parent) = self.conf_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
@@ -184,22 +210,35 @@ impl Run {
         let text = String::from_utf8_lossy(stdout);
         let events = text
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON on stdout: {l:?}: {e}")))
+            .map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .unwrap_or_else(|e| panic!("not JSON on stdout: {l:?}: {e}"))
+            })
             .collect::<Vec<_>>();
         for e in &events {
             assert!(e["event"].is_string(), "every line has an event key: {e}");
         }
-        Run { status, events, stderr: String::from_utf8_lossy(stderr).into_owned() }
+        Run {
+            status,
+            events,
+            stderr: String::from_utf8_lossy(stderr).into_owned(),
+        }
     }
 
     pub fn last(&self) -> &Value {
-        self.events.last().unwrap_or_else(|| panic!("no events; stderr: {}", self.stderr))
+        self.events
+            .last()
+            .unwrap_or_else(|| panic!("no events; stderr: {}", self.stderr))
     }
 
     /// The result event; fails the test with the error if there is none.
     pub fn ok(&self) -> &Value {
         let last = self.last();
-        assert_eq!(last["event"], "result", "expected success, got {last}\nstderr: {}", self.stderr);
+        assert_eq!(
+            last["event"], "result",
+            "expected success, got {last}\nstderr: {}",
+            self.stderr
+        );
         assert_eq!(self.status, 0);
         last
     }
@@ -207,7 +246,11 @@ impl Run {
     /// Asserts failure with `code` and exit `status`; returns the error event.
     pub fn failed(&self, code: &str, status: i32) -> &Value {
         let last = self.last();
-        assert_eq!(last["event"], "error", "expected {code}, got {last}\nstderr: {}", self.stderr);
+        assert_eq!(
+            last["event"], "error",
+            "expected {code}, got {last}\nstderr: {}",
+            self.stderr
+        );
         assert_eq!(last["code"], code, "{last}");
         assert_eq!(self.status, status, "{last}");
         last
@@ -247,7 +290,8 @@ impl Spawned {
 
     pub fn signal(&self, sig: i32) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::from_named_raw(sig).unwrap()).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::from_named_raw(sig).unwrap())
+            .unwrap();
     }
 
     /// Waits for the end; returns the exit code (None when killed) and the remaining events.
@@ -259,7 +303,13 @@ impl Spawned {
 }
 
 /// Builds the rich tree with `seed` and packs it with GNU tar into the env's image directory.
-pub fn rich_image(env: &Env, name: &str, seed: u64, format: reimage_fixtures::TarFormat, compression: reimage_fixtures::Compression) -> PathBuf {
+pub fn rich_image(
+    env: &Env,
+    name: &str,
+    seed: u64,
+    format: reimage_fixtures::TarFormat,
+    compression: reimage_fixtures::Compression,
+) -> PathBuf {
     let src = env.dir.join(format!("src-{name}"));
     std::fs::create_dir_all(&src).unwrap();
     reimage_fixtures::tree::rich(&src, seed).unwrap();
@@ -270,7 +320,10 @@ pub fn rich_image(env: &Env, name: &str, seed: u64, format: reimage_fixtures::Ta
 
 /// GNU tar's extraction of `image` into a fresh directory, as a manifest.
 pub fn gnu_manifest(env: &Env, image: &Path) -> Manifest {
-    let dest = env.dir.join(format!("gnu-{}", image.file_name().unwrap().to_string_lossy()));
+    let dest = env.dir.join(format!(
+        "gnu-{}",
+        image.file_name().unwrap().to_string_lossy()
+    ));
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::create_dir_all(&dest).unwrap();
     reimage_fixtures::gnu_extract(image, &dest).unwrap();

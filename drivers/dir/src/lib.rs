@@ -47,11 +47,17 @@ impl DirDriver {
             ),
             Errno::NOTDIR | Errno::LOOP => Error::new(
                 ErrorKind::Failed,
-                format!("pool path {} is not a directory (symlinks are not followed)", path.display()),
+                format!(
+                    "pool path {} is not a directory (symlinks are not followed)",
+                    path.display()
+                ),
             ),
             e => Error::errno(format!("opening pool directory {}", path.display()), e),
         })?;
-        Ok(DirDriver { path: path.to_owned(), pool })
+        Ok(DirDriver {
+            path: path.to_owned(),
+            pool,
+        })
     }
 
     fn physical(slot: Slot<'_>) -> String {
@@ -85,14 +91,20 @@ impl DirDriver {
                 ),
             )),
             Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(Error::errno(format!("stat {}", self.path_of(slot).display()), e)),
+            Err(e) => Err(Error::errno(
+                format!("stat {}", self.path_of(slot).display()),
+                e,
+            )),
         }
     }
 
     fn require(&self, slot: Slot<'_>) -> Result<()> {
         match self.stat_slot(slot)? {
             Some(_) => Ok(()),
-            None => Err(Error::new(ErrorKind::NotFound, format!("{slot} does not exist"))),
+            None => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{slot} does not exist"),
+            )),
         }
     }
 }
@@ -121,7 +133,9 @@ impl Driver for DirDriver {
     fn create(&self, slot: Slot<'_>, _size: Option<u64>) -> Result<()> {
         rustix::fs::mkdirat(&self.pool, Self::cname(slot), Mode::from_raw_mode(0o755)).map_err(
             |e| match e {
-                Errno::EXIST => Error::new(ErrorKind::AlreadyExists, format!("{slot} already exists")),
+                Errno::EXIST => {
+                    Error::new(ErrorKind::AlreadyExists, format!("{slot} already exists"))
+                }
                 e => Error::errno(format!("creating {}", self.path_of(slot).display()), e),
             },
         )
@@ -173,7 +187,11 @@ impl Driver for DirDriver {
         self.require(slot)?;
         let root = self.open_root(slot)?;
         let (used, inodes) = tree::usage(root.root())?;
-        Ok(Usage { size: None, used, inodes: Some(inodes) })
+        Ok(Usage {
+            size: None,
+            used,
+            inodes: Some(inodes),
+        })
     }
 
     fn set_size(&self, slot: Slot<'_>, _bytes: u64) -> Result<()> {
@@ -222,7 +240,8 @@ impl Driver for DirDriver {
             .map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
         let mut found = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
+            let entry =
+                entry.map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             for (prefix, kind) in [(NEW_PREFIX, SlotKind::New), (OLD_PREFIX, SlotKind::Old)] {
@@ -330,7 +349,10 @@ mod tests {
             .status()
             .is_ok_and(|s| s.success());
         d.destroy(Slot::live(&v), false).unwrap();
-        assert!(!dir.path().join("c1").exists(), "immutable flag set: {made_immutable}");
+        assert!(
+            !dir.path().join("c1").exists(),
+            "immutable flag set: {made_immutable}"
+        );
         assert!(outside.join("keep").exists());
     }
 }

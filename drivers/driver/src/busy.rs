@@ -48,7 +48,9 @@ pub fn find_holder(dir: &Path) -> std::io::Result<Option<String>> {
             }
         }
         for (what, link) in links {
-            let Ok(target) = fs::read_link(&link) else { continue };
+            let Ok(target) = fs::read_link(&link) else {
+                continue;
+            };
             if is_within(target.as_os_str().as_bytes(), dir) {
                 return Ok(Some(format!(
                     "pid {pid} ({}): {what} {}",
@@ -86,7 +88,9 @@ pub fn holder_of_mount_below(dir: &Path) -> std::io::Result<Option<String>> {
     let dir = dir.as_os_str().as_bytes();
     let info = fs::read_to_string("/proc/self/mountinfo")?;
     for line in info.lines() {
-        let Some(mount_point) = line.split(' ').nth(4) else { continue };
+        let Some(mount_point) = line.split(' ').nth(4) else {
+            continue;
+        };
         let mount_point = unescape_mountinfo(mount_point);
         if is_within(&mount_point, dir) {
             return Ok(Some(format!(
@@ -129,7 +133,9 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         std::fs::remove_dir(&dir).unwrap();
-        let found = found.unwrap().expect("the sleeping child holds the directory");
+        let found = found
+            .unwrap()
+            .expect("the sleeping child holds the directory");
         assert!(found.contains("(sleep): cwd"), "{found}");
     }
 }

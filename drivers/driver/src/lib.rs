@@ -10,8 +10,8 @@
 //! where an interrupted operation stopped.
 
 mod busy;
-pub mod tree;
 mod name;
+pub mod tree;
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -51,13 +51,22 @@ pub struct Slot<'a> {
 
 impl<'a> Slot<'a> {
     pub fn live(volume: &'a VolumeName) -> Self {
-        Slot { volume, kind: SlotKind::Live }
+        Slot {
+            volume,
+            kind: SlotKind::Live,
+        }
     }
     pub fn new(volume: &'a VolumeName) -> Self {
-        Slot { volume, kind: SlotKind::New }
+        Slot {
+            volume,
+            kind: SlotKind::New,
+        }
     }
     pub fn old(volume: &'a VolumeName) -> Self {
-        Slot { volume, kind: SlotKind::Old }
+        Slot {
+            volume,
+            kind: SlotKind::Old,
+        }
     }
 }
 
@@ -127,12 +136,18 @@ pub struct Mounted {
 impl Mounted {
     /// A root that needs no release: the directory is always reachable.
     pub fn unmanaged(root: OwnedFd) -> Self {
-        Mounted { root: Some(root), release: None }
+        Mounted {
+            root: Some(root),
+            release: None,
+        }
     }
 
     /// A root whose `release` must run once the caller is done (an unmount).
     pub fn with_release(root: OwnedFd, release: Box<dyn FnOnce() -> Result<()>>) -> Self {
-        Mounted { root: Some(root), release: Some(release) }
+        Mounted {
+            root: Some(root),
+            release: Some(release),
+        }
     }
 
     pub fn root(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -168,7 +183,9 @@ pub enum ErrorKind {
     NotFound,
     AlreadyExists,
     /// The volume is in use; `holder` names the process or mount when it could be found.
-    Busy { holder: Option<String> },
+    Busy {
+        holder: Option<String>,
+    },
     /// The volume has snapshots and the step would destroy them.
     HasSnapshots(Vec<String>),
     NoSpace,
@@ -188,7 +205,10 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into() }
+        Error {
+            kind,
+            message: message.into(),
+        }
     }
 
     /// A failed system call: ENOSPC and EDQUOT keep their meaning, everything else is `Failed`.

@@ -78,7 +78,17 @@ mod tests {
     #[test]
     fn rejects_hostile_names() {
         for bad in [
-            "", "-o", "../x", "a/b", "a@b", ".hidden", "_x", "a b", "a\0b", "é", &"x".repeat(65),
+            "",
+            "-o",
+            "../x",
+            "a/b",
+            "a@b",
+            ".hidden",
+            "_x",
+            "a b",
+            "a\0b",
+            "é",
+            &"x".repeat(65),
             &"y".repeat(300),
         ] {
             assert!(VolumeName::parse(bad).is_err(), "{bad:?}");

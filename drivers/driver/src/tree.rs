@@ -110,9 +110,11 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<(
                 let dirfd = dir.fd().map_err(|e| fail("fd", e))?;
                 let is_dir = match entry.file_type() {
                     FileType::Directory => true,
-                    FileType::Unknown => rustix::fs::statat(dirfd, &child, AtFlags::SYMLINK_NOFOLLOW)
-                        .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-                        .map_err(|e| fail("stat", e))?,
+                    FileType::Unknown => {
+                        rustix::fs::statat(dirfd, &child, AtFlags::SYMLINK_NOFOLLOW)
+                            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+                            .map_err(|e| fail("stat", e))?
+                    }
                     _ => false,
                 };
                 if !is_dir {
@@ -133,7 +135,9 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<(
             }
             Some(Err(e)) => return Err(fail("read directory", e)),
             None => {
-                let Some((_, emptied)) = stack.pop() else { break };
+                let Some((_, emptied)) = stack.pop() else {
+                    break;
+                };
                 let below = match stack.last() {
                     Some((dir, _)) => dir.fd().map_err(|e| fail("fd", e))?,
                     None => parent,
@@ -178,7 +182,8 @@ pub fn usage(root: BorrowedFd<'_>) -> Result<(u64, u64)> {
                 }
                 bytes += st.st_blocks as u64 * 512;
                 inodes += 1;
-                if kind == FileType::Directory && mount_id(dirfd, &name).map_err(fail)? == root_mnt {
+                if kind == FileType::Directory && mount_id(dirfd, &name).map_err(fail)? == root_mnt
+                {
                     let fd = open_subdir(dirfd, &name).map_err(fail)?;
                     stack.push(Dir::new(fd).map_err(fail)?);
                 }
