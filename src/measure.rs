@@ -260,12 +260,16 @@ pub fn measure_tar(
     let mut reader = TarReader::new(stream);
     let hasher = RandomState::new();
 
+    // `Some(root)` is an explicit "the whole image"; `None` asks for detection.
     let explicit = prefix_override
         .map(|p| normalize(p.as_bytes()))
         .transpose()?;
-    let explicit = explicit.filter(|p| !p.is_root());
+    let below_prefix = match &explicit {
+        Some(p) if !p.is_root() => p.clone(),
+        _ => normalize(b"rootfs")?,
+    };
     let mut whole = View::new(None);
-    let mut below = View::new(Some(explicit.clone().unwrap_or(normalize(b"rootfs")?)));
+    let mut below = View::new(Some(below_prefix));
     let mut has_metadata_yaml = false;
     let mut last_report = 0u64;
     while let Some(entry) = reader.next_entry()? {
@@ -273,9 +277,7 @@ pub fn measure_tar(
         if entry.kind == Kind::Hardlink {
             normalize(&entry.link)?;
         }
-        if explicit.is_none() {
-            whole.add(&hasher, &entry, &path, idmap);
-        }
+        whole.add(&hasher, &entry, &path, idmap);
         below.add(&hasher, &entry, &path, idmap);
         if path.as_bytes() == b"metadata.yaml" && entry.kind == Kind::File {
             has_metadata_yaml = true;
@@ -288,12 +290,11 @@ pub fn measure_tar(
     }
     reader.finish()?;
     progress(size, size);
-    let unified = explicit.is_none() && has_metadata_yaml && below.tally.entries > 0;
-    let view = if explicit.is_some() || unified {
-        below
-    } else {
-        whole
+    let use_below = match &explicit {
+        Some(prefix) => !prefix.is_root(),
+        None => has_metadata_yaml && below.tally.entries > 0,
     };
+    let view = if use_below { below } else { whole };
     if let Some(e) = view.error {
         return Err(e);
     }
