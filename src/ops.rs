@@ -18,7 +18,7 @@ use crate::error::{Code, Error, Result};
 use crate::image::{self, Format};
 use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::lock::VolumeLock;
-use crate::measure::{measure_tar, Measurement};
+use crate::measure::{cache, measure_tar, Measurement};
 use crate::plan::{plan_fill, Need, Plan};
 use crate::protocol::events::{Events, Phase as EventPhase};
 use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source};
@@ -142,15 +142,28 @@ fn open_and_measure(
             "squashfs images are not supported by this version yet; use a tar image",
         ));
     }
-    let measurement = timings.time("measure", || {
-        measure_tar(
-            &file,
-            detected.compression,
-            prefix,
-            idmap,
-            &mut |done, total| events.progress(EventPhase::Measure, done, total, "bytes"),
-        )
-    })?;
+    let key = cache::key(&file, prefix, idmap.ranges());
+    let remembered = key
+        .as_deref()
+        .and_then(|k| cache::lookup(&config.state_dir, k));
+    let measurement = match remembered {
+        Some(m) => {
+            timings.time("measure", || ());
+            events.progress(EventPhase::Measure, 1, 1, "cached");
+            m
+        }
+        None => {
+            let m = timings.time("measure", || {
+                measure_tar(&file, detected.compression, prefix, idmap, &mut |done, total| {
+                    events.progress(EventPhase::Measure, done, total, "bytes")
+                })
+            })?;
+            if let Some(k) = &key {
+                cache::store(&config.state_dir, k, &m);
+            }
+            m
+        }
+    };
     Ok(Content::Image {
         file,
         path: resolved,

@@ -328,3 +328,26 @@ fn a_pool_without_enough_inodes_is_refused_before_the_old_volume_is_touched() {
     assert!(e["details"]["needed_inodes"].as_u64().unwrap() > 60);
     assert_eq!(before, env.snapshot());
 }
+
+#[test]
+fn a_second_measure_of_the_same_image_comes_from_the_cache() {
+    let env = Env::new("measure-cache");
+    let a = rich_image(&env, "a.tar.xz", 1, TarFormat::Gnu, Compression::Xz);
+    let measure = json!({"api":1,"op":"measure","source":{"image": a}});
+    let unit = |r: &common::Run| {
+        r.events.iter().find(|e| e["phase"] == "measure").unwrap()["unit"].as_str().unwrap().to_owned()
+    };
+    let first = env.run(&measure);
+    assert_eq!(unit(&first), "bytes");
+    let second = env.run(&measure);
+    assert_eq!(unit(&second), "cached");
+    assert_eq!(first.ok()["image"], second.ok()["image"]);
+    // Another rootfs_prefix or idmap is another measurement.
+    let other = env.run(&json!({"api":1,"op":"measure","source":{"image": a, "rootfs_prefix": "usr"}}));
+    assert_eq!(unit(&other), "bytes");
+    // A changed image misses the cache.
+    let b = rich_image(&env, "b.tar.xz", 2, TarFormat::Gnu, Compression::Xz);
+    std::fs::rename(&b, &a).unwrap();
+    let third = env.run(&measure);
+    assert_eq!(unit(&third), "bytes");
+}

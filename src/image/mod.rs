@@ -39,6 +39,15 @@ pub enum Compression {
 }
 
 impl Compression {
+    pub const ALL: [Compression; 6] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Xz,
+        Compression::Zstd,
+        Compression::Bzip2,
+        Compression::Lz4,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Compression::None => "none",

@@ -23,6 +23,10 @@ impl IdMap {
         IdMap { ranges }
     }
 
+    pub fn ranges(&self) -> &[IdRange] {
+        &self.ranges
+    }
+
     pub fn is_identity(&self) -> bool {
         self.ranges.is_empty()
     }

@@ -5,6 +5,8 @@
 //! path rules, so an image that would be refused while unpacking is refused here, before the
 //! old volume is touched.
 
+pub mod cache;
+
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fs::File;

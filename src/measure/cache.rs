@@ -1,0 +1,139 @@
+//! Measurements remembered by image identity, so that a second rebuild from the same image
+//! measures in milliseconds instead of decoding the whole image again.
+//!
+//! The identity is the file's device, inode, size, mtime and ctime plus a hash of its first
+//! and last MiB, and the request's `rootfs_prefix` and `idmap` (validation depends on them).
+//! A changed image therefore misses the cache; and the unpacker still checks that the image
+//! holds no more data than measured. Records live in `state_dir/measure/`, the newest
+//! `MAX_RECORDS` are kept.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Measurement, Tally};
+use crate::image::{Compression, Format};
+use crate::protocol::request::IdRange;
+use crate::unpack::path::{normalize, RelPath};
+
+const MAX_RECORDS: usize = 64;
+const EDGE: u64 = 1 << 20;
+/// Bumped whenever what a measurement contains or validates changes.
+const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    version: u32,
+    key: String,
+    format: String,
+    compression: String,
+    unpacked_bytes: u64,
+    allocated_bytes: u64,
+    inodes: u64,
+    entries: u64,
+    rootfs_prefix: Option<String>,
+}
+
+/// The cache key of `file` measured with these options, or `None` if the file cannot be read.
+pub fn key(file: &File, prefix: Option<&str>, idmap: &[IdRange]) -> Option<String> {
+    let meta = file.metadata().ok()?;
+    let mut h = DefaultHasher::new();
+    (VERSION, meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec()).hash(&mut h);
+    prefix.hash(&mut h);
+    for r in idmap {
+        (r.host, r.container, r.count).hash(&mut h);
+    }
+    let mut buf = vec![0u8; EDGE as usize];
+    for offset in [0, meta.len().saturating_sub(EDGE)] {
+        let n = file.read_at(&mut buf, offset).ok()?;
+        buf[..n].hash(&mut h);
+    }
+    // Two independent 64-bit hashes make a 128-bit key.
+    let first = h.finish();
+    first.hash(&mut h);
+    Some(format!("{first:016x}{:016x}", h.finish()))
+}
+
+fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("measure")
+}
+
+fn parse_format(s: &str) -> Option<Format> {
+    match s {
+        "tar" => Some(Format::Tar),
+        "squashfs" => Some(Format::Squashfs),
+        _ => None,
+    }
+}
+
+fn parse_compression(s: &str) -> Option<Compression> {
+    Compression::ALL.into_iter().find(|c| c.as_str() == s)
+}
+
+/// The remembered measurement for `key`, if any.
+pub fn lookup(state_dir: &Path, key: &str) -> Option<Measurement> {
+    let bytes = std::fs::read(dir(state_dir).join(format!("{key}.json"))).ok()?;
+    let r: Record = serde_json::from_slice(&bytes).ok()?;
+    if r.version != VERSION || r.key != key {
+        return None;
+    }
+    let rootfs_prefix: Option<RelPath> = match r.rootfs_prefix {
+        Some(p) => Some(normalize(p.as_bytes()).ok()?),
+        None => None,
+    };
+    Some(Measurement {
+        format: parse_format(&r.format)?,
+        compression: parse_compression(&r.compression)?,
+        tally: Tally {
+            unpacked_bytes: r.unpacked_bytes,
+            allocated_bytes: r.allocated_bytes,
+            inodes: r.inodes,
+            entries: r.entries,
+        },
+        rootfs_prefix,
+    })
+}
+
+/// Remembers `m` under `key`, best effort (a cache that cannot be written only costs time).
+pub fn store(state_dir: &Path, key: &str, m: &Measurement) {
+    let dir = dir(state_dir);
+    if crate::lock::private_dir(&dir).is_err() {
+        return;
+    }
+    let record = Record {
+        version: VERSION,
+        key: key.to_owned(),
+        format: m.format.as_str().into(),
+        compression: m.compression.as_str().into(),
+        unpacked_bytes: m.tally.unpacked_bytes,
+        allocated_bytes: m.tally.allocated_bytes,
+        inodes: m.tally.inodes,
+        entries: m.tally.entries,
+        rootfs_prefix: m.rootfs_prefix.as_ref().map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
+    };
+    let Ok(text) = serde_json::to_vec(&record) else { return };
+    let tmp = dir.join(format!(".{key}.tmp"));
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(format!("{key}.json")));
+    }
+    prune(&dir);
+}
+
+fn prune(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut records: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if records.len() <= MAX_RECORDS {
+        return;
+    }
+    records.sort();
+    for (_, path) in &records[..records.len() - MAX_RECORDS] {
+        let _ = std::fs::remove_file(path);
+    }
+}
