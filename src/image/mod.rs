@@ -3,6 +3,7 @@
 //! The format is decided by magic bytes only (never by the file name). Decompression happens
 //! in-process: reimage never runs an external program on an untrusted image.
 
+pub mod readahead;
 pub mod tar;
 
 use std::fs::File;
@@ -132,6 +133,10 @@ pub fn detect(file: &File) -> Result<Detected> {
     ))
 }
 
+fn no_thread(e: std::io::Error) -> Error {
+    Error::internal(format!("cannot start the decoder thread: {e}"))
+}
+
 /// Reads an image from its start with `pread`, independent of any shared file offset, and
 /// counts the (compressed) bytes read for progress.
 struct ImageFile {
@@ -149,8 +154,8 @@ impl Read for ImageFile {
     }
 }
 
-/// The decompressed byte stream of a tar image, buffered, and a counter of the image bytes
-/// read so far.
+/// The decompressed byte stream of a tar image, decoded ahead on its own thread, and a
+/// counter of the image bytes read so far.
 pub fn open_stream(
     file: &File,
     compression: Compression,
@@ -183,5 +188,5 @@ pub fn open_stream(
         Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(raw)),
         Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(raw)),
     };
-    Ok((Box::new(BufReader::with_capacity(BUF, decoded)), read))
+    Ok((Box::new(readahead::ReadAhead::spawn(decoded).map_err(no_thread)?), read))
 }

@@ -74,14 +74,30 @@ fn set_xattrs(
     Ok(failures)
 }
 
-/// Owner, mode, xattrs and times through an fd opened for reading or writing.
-pub fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta) -> Result<Vec<XattrFailure>, Errno> {
-    rustix::fs::fchown(
-        fd,
-        Some(rustix::fs::Uid::from_raw(meta.uid)),
-        Some(rustix::fs::Gid::from_raw(meta.gid)),
-    )?;
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+/// What a freshly created object is known to have: the owner and permission bits the kernel
+/// gave it. Metadata calls that would set what is already there are skipped (on btrfs each
+/// costs about as much as creating the file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Born {
+    /// `None` when the owner cannot be known (a setgid directory passes its group on).
+    pub owner: Option<(u32, u32)>,
+    pub mode: u32,
+}
+
+/// Owner, mode, xattrs and times through an fd opened for reading or writing. With `born`,
+/// owner and mode are only set where they differ from it; chown still comes before chmod
+/// (chown clears setuid and setgid), and `born` never has those bits.
+pub fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, born: Option<Born>) -> Result<Vec<XattrFailure>, Errno> {
+    if born.is_none_or(|b| b.owner != Some((meta.uid, meta.gid))) {
+        rustix::fs::fchown(
+            fd,
+            Some(rustix::fs::Uid::from_raw(meta.uid)),
+            Some(rustix::fs::Gid::from_raw(meta.gid)),
+        )?;
+    }
+    if born.is_none_or(|b| b.mode != meta.mode) {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
+    }
     let failures = set_xattrs(meta, |n, v| {
         rustix::fs::fsetxattr(fd, n, v, XattrFlags::empty())
     })?;

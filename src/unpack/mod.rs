@@ -9,10 +9,13 @@
 pub mod fs;
 pub mod idmap;
 pub mod path;
+pub mod pipeline;
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -20,7 +23,8 @@ use rustix::io::Errno;
 
 use crate::error::{Code, Error, Result};
 use crate::image::tar::{Entry, Kind, TarReader};
-use fs::{Meta, RemoveError, Tree, XattrFailure};
+use fs::{Born, Meta, RemoveError, Tree, XattrFailure};
+use pipeline::{PendingFile, Writers, CHUNK};
 use idmap::IdMap;
 use path::{normalize, RelPath};
 
@@ -57,11 +61,17 @@ const SHOWN_XATTR_FAILURES: u64 = 5;
 
 struct Unpacker<'a, 'o> {
     tree: Tree<'a>,
+    writers: Option<Writers>,
     options: &'a Options,
     observer: &'o mut dyn Observer,
     deferred: HashMap<RelPath, Meta>,
     stats: Stats,
     xattr_failures: u64,
+    since_progress: u64,
+    /// This process's uid and gid, the owner of every file it creates here; `None` when the
+    /// root is setgid (then directories below pass their group on to new files).
+    process_owner: Option<(u32, u32)>,
+    umask: u32,
 }
 
 /// Error for a failed filesystem call while placing `entry`.
@@ -105,6 +115,14 @@ fn invalid_entry(entry: &RelPath, why: &str) -> Error {
     .with("entry", entry.shown())
 }
 
+/// The process's umask (read by setting it and setting it back, before any thread of ours
+/// creates files).
+fn current_umask() -> u32 {
+    let old = rustix::process::umask(Mode::from_raw_mode(0o022));
+    rustix::process::umask(old);
+    old.bits()
+}
+
 /// Unpacks every entry of `reader` below `root`. On error the tree is left half-written: the
 /// caller owns the volume and destroys it.
 pub fn unpack_tar<R: BufRead>(
@@ -125,17 +143,30 @@ pub fn unpack_tar<R: BufRead>(
         )
         .map_err(|e| fs_error(&RelPath::root(), "chown", e))?;
     }
+    let root_mode = rustix::fs::fstat(root)
+        .map_err(|e| fs_error(&RelPath::root(), "stat", e))?
+        .st_mode;
+    let process_owner = (root_mode & 0o2000 == 0)
+        .then(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()));
     let mut unpacker = Unpacker {
         tree: Tree::new(root, implicit_owner),
+        writers: Some(Writers::start(pipeline::writer_count())?),
         options,
         observer,
         deferred: HashMap::new(),
         stats: Stats::default(),
         xattr_failures: 0,
+        since_progress: 0,
+        process_owner,
+        umask: current_umask(),
     };
     while let Some(entry) = reader.next_entry()? {
         if unpacker.observer.cancelled() {
             return Err(Error::new(Code::Interrupted, "interrupted by a signal"));
+        }
+        if unpacker.writers()?.failed() {
+            // finish() reports the writer's error.
+            return unpacker.finish();
         }
         unpacker.entry(&entry, reader)?;
     }
@@ -295,6 +326,20 @@ impl Unpacker<'_, '_> {
         }
     }
 
+    fn writers_mut(&mut self) -> Result<&mut Writers> {
+        self.writers
+            .as_mut()
+            .ok_or_else(|| Error::internal("the writers are already finished"))
+    }
+
+    fn writers(&self) -> Result<&Writers> {
+        self.writers
+            .as_ref()
+            .ok_or_else(|| Error::internal("the writers are already finished"))
+    }
+
+    /// Creates the file in archive order, then hands its content to the writers in chunks;
+    /// the writer that completes it sets its metadata.
     fn file<R: BufRead>(
         &mut self,
         parent: BorrowedFd<'_>,
@@ -304,49 +349,75 @@ impl Unpacker<'_, '_> {
         reader: &mut TarReader<R>,
     ) -> Result<()> {
         let meta = self.meta(entry, path)?;
+        // Created with its final permission bits where the umask leaves them alone, and owned
+        // by this process: the writer then skips the chmod and chown it does not need.
+        let born = Born { owner: self.process_owner, mode: meta.mode & 0o777 & !self.umask };
         let fd: OwnedFd = self.create_replacing(parent, name, path, "create", || {
             rustix::fs::openat(
                 parent,
                 name,
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
+                Mode::from_raw_mode(meta.mode & 0o777),
             )
         })?;
-        let mut file = std::fs::File::from(fd);
-        let mut since_check = 0u64;
-        loop {
-            let chunk = reader.data()?;
-            if chunk.is_empty() {
-                break;
+        let file = std::fs::File::from(fd);
+        let size = entry.size;
+        if size == 0 {
+            let failures = fs::apply_meta_fd(file.as_fd(), &meta, Some(born))
+                .map_err(|e| fs_error(path, "set metadata", e))?;
+            self.report_xattr_failures(path, failures);
+            return Ok(());
+        }
+        if let Some(expected) = self.options.expected_bytes {
+            if self.stats.bytes + size > expected {
+                return Err(Error::new(
+                    Code::ImageInvalid,
+                    "the image holds more data than when it was measured (was it changed?)",
+                ));
             }
-            let n = chunk.len();
-            file.write_all(chunk).map_err(|e| {
-                let errno = Errno::from_io_error(&e).unwrap_or(Errno::IO);
-                fs_error(path, "write", errno)
-            })?;
-            reader.consume(n);
-            self.stats.bytes += n as u64;
-            since_check += n as u64;
-            if let Some(expected) = self.options.expected_bytes {
-                if self.stats.bytes > expected {
+        }
+        let chunks = size.div_ceil(CHUNK as u64) as usize;
+        let pending = Arc::new(PendingFile {
+            file,
+            meta,
+            born,
+            path: path.clone(),
+            size,
+            remaining: AtomicUsize::new(chunks),
+        });
+        let mut offset = 0u64;
+        while offset < size {
+            let writers = self.writers()?;
+            if writers.failed() {
+                return Ok(());
+            }
+            let want = (size - offset).min(CHUNK as u64) as usize;
+            let mut buf = writers.buffer(want);
+            while buf.len() < want {
+                let data = reader.data()?;
+                if data.is_empty() {
                     return Err(Error::new(
                         Code::ImageInvalid,
-                        "the image holds more data than when it was measured (was it changed?)",
+                        format!("entry {}: content ends early", path.shown()),
                     ));
                 }
+                let take = data.len().min(want - buf.len());
+                buf.extend_from_slice(&data[..take]);
+                reader.consume(take);
             }
-            if since_check >= 1 << 20 {
-                since_check = 0;
-                self.observer.progress(self.stats.bytes);
+            self.writers_mut()?.submit(pending.clone(), offset, buf)?;
+            offset += want as u64;
+            self.stats.bytes += want as u64;
+            self.since_progress += want as u64;
+            if self.since_progress >= 1 << 20 {
+                self.since_progress = 0;
+                let written = self.writers()?.written();
+                self.observer.progress(written);
                 if self.observer.cancelled() {
                     return Err(Error::new(Code::Interrupted, "interrupted by a signal"));
                 }
             }
         }
-        let failures = fs::apply_meta_fd(file.as_fd(), &meta)
-            .map_err(|e| fs_error(path, "set metadata", e))?;
-        self.report_xattr_failures(path, failures);
-        self.observer.progress(self.stats.bytes);
         Ok(())
     }
 
@@ -455,6 +526,13 @@ impl Unpacker<'_, '_> {
 
     /// Applies directory metadata deepest first, then reports what could not be set.
     fn finish(mut self) -> Result<Stats> {
+        let writers = self
+            .writers
+            .take()
+            .ok_or_else(|| Error::internal("the writers are already finished"))?;
+        for (path, failure) in writers.finish()? {
+            self.report_xattr_failures(&path, vec![failure]);
+        }
         let mut dirs: Vec<(RelPath, Meta)> =
             std::mem::take(&mut self.deferred).into_iter().collect();
         dirs.sort_by(|a, b| b.0.depth().cmp(&a.0.depth()).then_with(|| a.0.cmp(&b.0)));
@@ -464,7 +542,7 @@ impl Unpacker<'_, '_> {
             else {
                 continue;
             };
-            let failures = fs::apply_meta_fd(fd.as_fd(), &meta)
+            let failures = fs::apply_meta_fd(fd.as_fd(), &meta, None)
                 .map_err(|e| fs_error(&path, "set metadata", e))?;
             self.report_xattr_failures(&path, failures);
         }
