@@ -18,7 +18,7 @@ use crate::error::{Code, Error, Result};
 use crate::image::{self, Format};
 use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::lock::VolumeLock;
-use crate::measure::{cache, measure_tar, Measurement};
+use crate::measure::{cache, measure_squashfs, measure_tar, Measurement};
 use crate::plan::{plan_fill, Need, Plan};
 use crate::protocol::events::{Events, Phase as EventPhase};
 use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source};
@@ -136,12 +136,6 @@ fn open_and_measure(
     };
     let (file, resolved) = config.open_image(path)?;
     let detected = image::detect(&file)?;
-    if detected.format == Format::Squashfs {
-        return Err(Error::new(
-            Code::ImageUnsupported,
-            "squashfs images are not supported by this version yet; use a tar image",
-        ));
-    }
     let key = cache::key(&file, prefix, idmap.ranges());
     let remembered = key
         .as_deref()
@@ -153,10 +147,15 @@ fn open_and_measure(
             m
         }
         None => {
-            let m = timings.time("measure", || {
-                measure_tar(&file, detected.compression, prefix, idmap, &mut |done, total| {
-                    events.progress(EventPhase::Measure, done, total, "bytes")
-                })
+            let m = timings.time("measure", || match detected.format {
+                Format::Tar => measure_tar(
+                    &file,
+                    detected.compression,
+                    prefix,
+                    idmap,
+                    &mut |done, total| events.progress(EventPhase::Measure, done, total, "bytes"),
+                ),
+                Format::Squashfs => measure_squashfs(&file, prefix, idmap),
             })?;
             if let Some(k) = &key {
                 cache::store(&config.state_dir, k, &m);
@@ -210,8 +209,6 @@ fn unpack_into(
         }
         return Ok(());
     };
-    let (stream, _) = image::open_stream(file, measurement.compression)?;
-    let mut reader = image::tar::TarReader::new(stream);
     let options = unpack::Options {
         prefix: measurement.rootfs_prefix.clone(),
         idmap: idmap.clone(),
@@ -220,20 +217,42 @@ fn unpack_into(
     };
     let total = measurement.tally.unpacked_bytes;
     events.progress(EventPhase::Unpack, 0, total, "bytes");
-    let mut observer = UnpackObserver { events, total };
-    unpack::unpack_tar(&mut reader, root.root(), &options, &mut observer)?;
+    match measurement.format {
+        Format::Tar => {
+            let (stream, _) = image::open_stream(file, measurement.compression)?;
+            let mut reader = image::tar::TarReader::new(stream);
+            let mut observer = UnpackObserver { events, total };
+            unpack::unpack(&mut reader, root.root(), &options, &mut observer)?;
+        }
+        Format::Squashfs => {
+            let mut image = image::squashfs::Squashfs::open(file)?;
+            let mut observer = UnpackObserver { events, total };
+            unpack::unpack(&mut image, root.root(), &options, &mut observer)?;
+            for socket in &image.skipped_sockets {
+                events.warning("socket_skipped", &format!("{socket} is a socket; sockets belong to running programs and are not unpacked"));
+            }
+        }
+    }
     Ok(())
 }
 
+/// The volume as results describe it. `with_usage` false leaves `used` and `inodes` null for
+/// drivers that would have to walk the whole tree to know them.
 fn volume_json(driver: &dyn Driver, volume: &VolumeName) -> Result<Value> {
-    let usage = driver.usage(Slot::live(volume))?;
+    volume_json_with(driver, volume, true)
+}
+
+fn volume_json_with(driver: &dyn Driver, volume: &VolumeName, with_usage: bool) -> Result<Value> {
+    let usage = (with_usage || driver.capabilities().cheap_usage)
+        .then(|| driver.usage(Slot::live(volume)))
+        .transpose()?;
     let snapshots = driver.snapshots(Slot::live(volume))?;
     Ok(json!({
         "name": volume.as_str(),
         "exists": true,
-        "size": usage.size,
-        "used": usage.used,
-        "inodes": usage.inodes,
+        "size": usage.as_ref().and_then(|u| u.size),
+        "used": usage.as_ref().map(|u| u.used),
+        "inodes": usage.as_ref().and_then(|u| u.inodes),
         "snapshots": snapshots,
     }))
 }
@@ -476,7 +495,7 @@ fn fill_result(
     timings: &Timings,
 ) -> Result<Map<String, Value>> {
     let mut out = Map::new();
-    out.insert("volume".into(), volume_json(driver, volume)?);
+    out.insert("volume".into(), volume_json_with(driver, volume, false)?);
     out.insert("image".into(), content.to_json());
     out.insert("timings_ms".into(), timings.to_json());
     Ok(out)

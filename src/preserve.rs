@@ -167,7 +167,8 @@ impl Copier {
                     xattrs(Some(src.as_fd()), src_dir, name)
                         .map_err(|e| fail(shown, "xattrs", e))?,
                 );
-                apply_meta_fd(dst.as_fd(), &meta, None).map_err(|e| fail(shown, "set metadata", e))?;
+                apply_meta_fd(dst.as_fd(), &meta, None)
+                    .map_err(|e| fail(shown, "set metadata", e))?;
             }
             FileType::RegularFile => {
                 let src = rustix::fs::openat(
@@ -198,7 +199,8 @@ impl Copier {
                     xattrs(Some(from.as_fd()), src_dir, name)
                         .map_err(|e| fail(shown, "xattrs", e))?,
                 );
-                apply_meta_fd(to.as_fd(), &meta, None).map_err(|e| fail(shown, "set metadata", e))?;
+                apply_meta_fd(to.as_fd(), &meta, None)
+                    .map_err(|e| fail(shown, "set metadata", e))?;
                 if st.st_nlink > 1 {
                     let keep = rustix::fs::openat(
                         dst_dir,

@@ -335,7 +335,10 @@ fn a_second_measure_of_the_same_image_comes_from_the_cache() {
     let a = rich_image(&env, "a.tar.xz", 1, TarFormat::Gnu, Compression::Xz);
     let measure = json!({"api":1,"op":"measure","source":{"image": a}});
     let unit = |r: &common::Run| {
-        r.events.iter().find(|e| e["phase"] == "measure").unwrap()["unit"].as_str().unwrap().to_owned()
+        r.events.iter().find(|e| e["phase"] == "measure").unwrap()["unit"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     };
     let first = env.run(&measure);
     assert_eq!(unit(&first), "bytes");
@@ -343,7 +346,8 @@ fn a_second_measure_of_the_same_image_comes_from_the_cache() {
     assert_eq!(unit(&second), "cached");
     assert_eq!(first.ok()["image"], second.ok()["image"]);
     // Another rootfs_prefix or idmap is another measurement.
-    let other = env.run(&json!({"api":1,"op":"measure","source":{"image": a, "rootfs_prefix": "usr"}}));
+    let other =
+        env.run(&json!({"api":1,"op":"measure","source":{"image": a, "rootfs_prefix": "usr"}}));
     assert_eq!(unit(&other), "bytes");
     // A changed image misses the cache.
     let b = rich_image(&env, "b.tar.xz", 2, TarFormat::Gnu, Compression::Xz);

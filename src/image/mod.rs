@@ -3,7 +3,9 @@
 //! The format is decided by magic bytes only (never by the file name). Decompression happens
 //! in-process: reimage never runs an external program on an untrusted image.
 
+pub mod entry;
 pub mod readahead;
+pub mod squashfs;
 pub mod tar;
 
 use std::fs::File;
@@ -37,16 +39,22 @@ pub enum Compression {
     Zstd,
     Bzip2,
     Lz4,
+    /// squashfs only.
+    Lzma,
+    /// squashfs only.
+    Lzo,
 }
 
 impl Compression {
-    pub const ALL: [Compression; 6] = [
+    pub const ALL: [Compression; 8] = [
         Compression::None,
         Compression::Gzip,
         Compression::Xz,
         Compression::Zstd,
         Compression::Bzip2,
         Compression::Lz4,
+        Compression::Lzma,
+        Compression::Lzo,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +65,8 @@ impl Compression {
             Compression::Zstd => "zstd",
             Compression::Bzip2 => "bzip2",
             Compression::Lz4 => "lz4",
+            Compression::Lzma => "lzma",
+            Compression::Lzo => "lzo",
         }
     }
 }
@@ -187,6 +197,15 @@ pub fn open_stream(
         }
         Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(raw)),
         Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(raw)),
+        Compression::Lzma | Compression::Lzo => {
+            return Err(Error::new(
+                Code::ImageUnsupported,
+                "lzma and lzo are supported inside squashfs only",
+            ))
+        }
     };
-    Ok((Box::new(readahead::ReadAhead::spawn(decoded).map_err(no_thread)?), read))
+    Ok((
+        Box::new(readahead::ReadAhead::spawn(decoded).map_err(no_thread)?),
+        read,
+    ))
 }

@@ -23,36 +23,46 @@ impl ReadAhead {
     pub fn spawn(mut inner: Box<dyn Read + Send>) -> std::io::Result<ReadAhead> {
         let (tx, blocks) = bounded::<std::io::Result<Vec<u8>>>(BLOCKS_IN_FLIGHT);
         let (recycle, reuse) = bounded::<Vec<u8>>(BLOCKS_IN_FLIGHT + 2);
-        let spawned = std::thread::Builder::new().name("reimage-decode".into()).spawn(move || loop {
-            let mut buf = reuse.try_recv().unwrap_or_else(|_| Vec::with_capacity(BLOCK));
-            buf.resize(BLOCK, 0);
-            let mut filled = 0;
-            let result = loop {
-                match inner.read(&mut buf[filled..]) {
-                    Ok(0) => break Ok(()),
-                    Ok(n) => {
-                        filled += n;
-                        if filled == buf.len() {
-                            break Ok(());
+        let spawned = std::thread::Builder::new()
+            .name("reimage-decode".into())
+            .spawn(move || loop {
+                let mut buf = reuse
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(BLOCK));
+                buf.resize(BLOCK, 0);
+                let mut filled = 0;
+                let result = loop {
+                    match inner.read(&mut buf[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == buf.len() {
+                                break Ok(());
+                            }
                         }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => break Err(e),
+                };
+                buf.truncate(filled);
+                let last = filled == 0 || result.is_err();
+                let message = match result {
+                    Ok(()) => Ok(buf),
+                    Err(e) => Err(e),
+                };
+                // The parser hung up (it stopped early): nothing more to do.
+                if tx.send(message).is_err() || last {
+                    return;
                 }
-            };
-            buf.truncate(filled);
-            let last = filled == 0 || result.is_err();
-            let message = match result {
-                Ok(()) => Ok(buf),
-                Err(e) => Err(e),
-            };
-            // The parser hung up (it stopped early): nothing more to do.
-            if tx.send(message).is_err() || last {
-                return;
-            }
-        });
+            });
         spawned?;
-        Ok(ReadAhead { blocks, recycle, current: Vec::new(), pos: 0, ended: false })
+        Ok(ReadAhead {
+            blocks,
+            recycle,
+            current: Vec::new(),
+            pos: 0,
+            ended: false,
+        })
     }
 }
 
@@ -90,4 +100,3 @@ impl BufRead for ReadAhead {
         self.pos = (self.pos + amount).min(self.current.len());
     }
 }
-

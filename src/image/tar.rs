@@ -32,70 +32,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-    Hardlink,
-    CharDevice,
-    BlockDevice,
-    Fifo,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::File => "file",
-            Kind::Dir => "directory",
-            Kind::Symlink => "symlink",
-            Kind::Hardlink => "hardlink",
-            Kind::CharDevice => "character device",
-            Kind::BlockDevice => "block device",
-            Kind::Fifo => "fifo",
-        }
-    }
-}
-
-/// One archive member with everything its headers said about it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    /// The path as the archive spells it (not yet normalized or checked).
-    pub path: Vec<u8>,
-    pub kind: Kind,
-    /// Permission bits including setuid, setgid and sticky (`0o7777`).
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    /// Seconds and nanoseconds since the epoch; seconds may be negative.
-    pub mtime: (i64, u32),
-    /// Bytes of file content that follow (regular files only; 0 otherwise).
-    pub size: u64,
-    /// Symlink target or hardlink target path.
-    pub link: Vec<u8>,
-    pub dev_major: u32,
-    pub dev_minor: u32,
-    /// Extended attributes, by name, from `SCHILY.xattr.*` and `LIBARCHIVE.xattr.*`.
-    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Offset of the entry's first header in the decompressed stream, for messages.
-    pub offset: u64,
-}
-
-impl Entry {
-    /// The path for messages: lossy UTF-8, shortened.
-    pub fn shown(&self) -> String {
-        shown(&self.path)
-    }
-}
-
-pub fn shown(bytes: &[u8]) -> String {
-    let s = String::from_utf8_lossy(bytes);
-    if s.chars().count() > 200 {
-        format!("{}...", s.chars().take(200).collect::<String>())
-    } else {
-        s.into_owned()
-    }
-}
+pub use super::entry::{shown, Entry, Kind};
 
 /// `true` when `block` is a plausible tar header (ustar magic or a valid v7 checksum).
 pub fn looks_like_tar(block: &[u8]) -> bool {

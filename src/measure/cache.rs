@@ -42,7 +42,17 @@ struct Record {
 pub fn key(file: &File, prefix: Option<&str>, idmap: &[IdRange]) -> Option<String> {
     let meta = file.metadata().ok()?;
     let mut h = DefaultHasher::new();
-    (VERSION, meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec()).hash(&mut h);
+    (
+        VERSION,
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
+        .hash(&mut h);
     prefix.hash(&mut h);
     for r in idmap {
         (r.host, r.container, r.count).hash(&mut h);
@@ -113,9 +123,14 @@ pub fn store(state_dir: &Path, key: &str, m: &Measurement) {
         allocated_bytes: m.tally.allocated_bytes,
         inodes: m.tally.inodes,
         entries: m.tally.entries,
-        rootfs_prefix: m.rootfs_prefix.as_ref().map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
+        rootfs_prefix: m
+            .rootfs_prefix
+            .as_ref()
+            .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
     };
-    let Ok(text) = serde_json::to_vec(&record) else { return };
+    let Ok(text) = serde_json::to_vec(&record) else {
+        return;
+    };
     let tmp = dir.join(format!(".{key}.tmp"));
     if std::fs::write(&tmp, text).is_ok() {
         let _ = std::fs::rename(&tmp, dir.join(format!("{key}.json")));
@@ -124,7 +139,9 @@ pub fn store(state_dir: &Path, key: &str, m: &Measurement) {
 }
 
 fn prune(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut records: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))

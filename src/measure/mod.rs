@@ -260,8 +260,49 @@ pub fn measure_tar(
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let (stream, count) = image::open_stream(file, compression)?;
     let mut reader = TarReader::new(stream);
-    let hasher = RandomState::new();
+    let mut last_report = 0u64;
+    let mut m = measure_entries(
+        &mut || {
+            let entry = reader.next_entry()?;
+            let read = count.load(Ordering::Relaxed);
+            if read - last_report >= 4 << 20 {
+                last_report = read;
+                progress(read, size);
+            }
+            if entry.is_none() {
+                reader.finish()?;
+            }
+            Ok(entry)
+        },
+        prefix_override,
+        idmap,
+    )?;
+    progress(size, size);
+    m.compression = compression;
+    Ok(m)
+}
 
+/// Measures a squashfs image from its inode and directory tables alone (no data is read).
+pub fn measure_squashfs(
+    file: &File,
+    prefix_override: Option<&str>,
+    idmap: &IdMap,
+) -> Result<Measurement> {
+    let mut image = crate::image::squashfs::Squashfs::open(file)?;
+    let mut m = measure_entries(&mut || image.next_entry(), prefix_override, idmap)?;
+    m.format = Format::Squashfs;
+    m.compression = image.codec().compression();
+    Ok(m)
+}
+
+/// Tallies and validates a stream of entries, as the whole image and as the part below a
+/// rootfs prefix, and picks the view the unpacker will use.
+fn measure_entries(
+    next: &mut dyn FnMut() -> Result<Option<Entry>>,
+    prefix_override: Option<&str>,
+    idmap: &IdMap,
+) -> Result<Measurement> {
+    let hasher = RandomState::new();
     // `Some(root)` is an explicit "the whole image"; `None` asks for detection.
     let explicit = prefix_override
         .map(|p| normalize(p.as_bytes()))
@@ -273,8 +314,7 @@ pub fn measure_tar(
     let mut whole = View::new(None);
     let mut below = View::new(Some(below_prefix));
     let mut has_metadata_yaml = false;
-    let mut last_report = 0u64;
-    while let Some(entry) = reader.next_entry()? {
+    while let Some(entry) = next()? {
         let path = normalize(&entry.path)?;
         if entry.kind == Kind::Hardlink {
             normalize(&entry.link)?;
@@ -284,14 +324,7 @@ pub fn measure_tar(
         if path.as_bytes() == b"metadata.yaml" && entry.kind == Kind::File {
             has_metadata_yaml = true;
         }
-        let read = count.load(Ordering::Relaxed);
-        if read - last_report >= 4 << 20 {
-            last_report = read;
-            progress(read, size);
-        }
     }
-    reader.finish()?;
-    progress(size, size);
     let use_below = match &explicit {
         Some(prefix) => !prefix.is_root(),
         None => has_metadata_yaml && below.tally.entries > 0,
@@ -309,7 +342,7 @@ pub fn measure_tar(
     }
     Ok(Measurement {
         format: Format::Tar,
-        compression,
+        compression: Compression::None,
         tally: view.tally,
         rootfs_prefix: view.prefix,
     })

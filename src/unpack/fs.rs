@@ -87,7 +87,11 @@ pub struct Born {
 /// Owner, mode, xattrs and times through an fd opened for reading or writing. With `born`,
 /// owner and mode are only set where they differ from it; chown still comes before chmod
 /// (chown clears setuid and setgid), and `born` never has those bits.
-pub fn apply_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, born: Option<Born>) -> Result<Vec<XattrFailure>, Errno> {
+pub fn apply_meta_fd(
+    fd: BorrowedFd<'_>,
+    meta: &Meta,
+    born: Option<Born>,
+) -> Result<Vec<XattrFailure>, Errno> {
     if born.is_none_or(|b| b.owner != Some((meta.uid, meta.gid))) {
         rustix::fs::fchown(
             fd,

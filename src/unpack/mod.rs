@@ -14,9 +14,9 @@ pub mod pipeline;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::BufRead;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
@@ -24,9 +24,9 @@ use rustix::io::Errno;
 use crate::error::{Code, Error, Result};
 use crate::image::tar::{Entry, Kind, TarReader};
 use fs::{Born, Meta, RemoveError, Tree, XattrFailure};
-use pipeline::{PendingFile, Writers, CHUNK};
 use idmap::IdMap;
 use path::{normalize, RelPath};
+use pipeline::{PendingFile, PieceData, Writers, CHUNK};
 
 /// What the unpacker reports while it works, and how it learns that it should stop.
 pub trait Observer {
@@ -123,10 +123,72 @@ fn current_umask() -> u32 {
     old.bits()
 }
 
-/// Unpacks every entry of `reader` below `root`. On error the tree is left half-written: the
+/// A source of entries in the order they are to be applied: the tar reader, or the squashfs
+/// reader's walk of its directory tree.
+pub trait Archive {
+    fn next_entry(&mut self) -> Result<Option<Entry>>;
+    /// The size of the pieces a file's content is handed over in.
+    fn piece_size(&self) -> usize;
+    /// `len` bytes of the current entry's content at `offset`; pieces are asked for in order.
+    /// `buffer` is an empty buffer to fill if the bytes are read now.
+    fn piece(&mut self, offset: u64, len: usize, buffer: Vec<u8>) -> Result<PieceData>;
+    /// Called after the last entry.
+    fn finish(&mut self) -> Result<()>;
+}
+
+impl<R: BufRead> Archive for TarReader<R> {
+    fn next_entry(&mut self) -> Result<Option<Entry>> {
+        TarReader::next_entry(self)
+    }
+
+    fn piece_size(&self) -> usize {
+        CHUNK
+    }
+
+    fn piece(&mut self, _offset: u64, len: usize, mut buffer: Vec<u8>) -> Result<PieceData> {
+        while buffer.len() < len {
+            let data = self.data()?;
+            if data.is_empty() {
+                return Err(Error::new(
+                    Code::ImageInvalid,
+                    "an entry's content ends early",
+                ));
+            }
+            let take = data.len().min(len - buffer.len());
+            buffer.extend_from_slice(&data[..take]);
+            self.consume(take);
+        }
+        Ok(PieceData::Bytes(buffer))
+    }
+
+    /// Drains the stream so that the decompressor verifies its checksum.
+    fn finish(&mut self) -> Result<()> {
+        TarReader::finish(self)
+    }
+}
+
+impl Archive for crate::image::squashfs::Squashfs {
+    fn next_entry(&mut self) -> Result<Option<Entry>> {
+        crate::image::squashfs::Squashfs::next_entry(self)
+    }
+
+    fn piece_size(&self) -> usize {
+        self.block_size()
+    }
+
+    fn piece(&mut self, offset: u64, len: usize, _buffer: Vec<u8>) -> Result<PieceData> {
+        crate::image::squashfs::Squashfs::piece(self, offset, len)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Unpacks every entry of `archive` below `root`. On error the tree is left half-written: the
 /// caller owns the volume and destroys it.
-pub fn unpack_tar<R: BufRead>(
-    reader: &mut TarReader<R>,
+pub fn unpack(
+    archive: &mut dyn Archive,
     root: BorrowedFd<'_>,
     options: &Options,
     observer: &mut dyn Observer,
@@ -146,8 +208,12 @@ pub fn unpack_tar<R: BufRead>(
     let root_mode = rustix::fs::fstat(root)
         .map_err(|e| fs_error(&RelPath::root(), "stat", e))?
         .st_mode;
-    let process_owner = (root_mode & 0o2000 == 0)
-        .then(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()));
+    let process_owner = (root_mode & 0o2000 == 0).then(|| {
+        (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        )
+    });
     let mut unpacker = Unpacker {
         tree: Tree::new(root, implicit_owner),
         writers: Some(Writers::start(pipeline::writer_count())?),
@@ -160,7 +226,7 @@ pub fn unpack_tar<R: BufRead>(
         process_owner,
         umask: current_umask(),
     };
-    while let Some(entry) = reader.next_entry()? {
+    while let Some(entry) = archive.next_entry()? {
         if unpacker.observer.cancelled() {
             return Err(Error::new(Code::Interrupted, "interrupted by a signal"));
         }
@@ -168,9 +234,9 @@ pub fn unpack_tar<R: BufRead>(
             // finish() reports the writer's error.
             return unpacker.finish();
         }
-        unpacker.entry(&entry, reader)?;
+        unpacker.entry(&entry, archive)?;
     }
-    reader.finish()?;
+    archive.finish()?;
     unpacker.finish()
 }
 
@@ -250,7 +316,7 @@ impl Unpacker<'_, '_> {
         })
     }
 
-    fn entry<R: BufRead>(&mut self, entry: &Entry, reader: &mut TarReader<R>) -> Result<()> {
+    fn entry(&mut self, entry: &Entry, archive: &mut dyn Archive) -> Result<()> {
         let Some(path) = self.place(&entry.path)? else {
             return Ok(());
         };
@@ -276,7 +342,7 @@ impl Unpacker<'_, '_> {
         let parent = parent.as_fd();
         match entry.kind {
             Kind::Dir => self.directory(parent, &name, &path, entry),
-            Kind::File => self.file(parent, &name, &path, entry, reader),
+            Kind::File => self.file(parent, &name, &path, entry, archive),
             Kind::Symlink => self.symlink(parent, &name, &path, entry),
             Kind::Hardlink => self.hardlink(parent, &name, &path, entry),
             Kind::CharDevice | Kind::BlockDevice | Kind::Fifo => {
@@ -340,18 +406,21 @@ impl Unpacker<'_, '_> {
 
     /// Creates the file in archive order, then hands its content to the writers in chunks;
     /// the writer that completes it sets its metadata.
-    fn file<R: BufRead>(
+    fn file(
         &mut self,
         parent: BorrowedFd<'_>,
         name: &CString,
         path: &RelPath,
         entry: &Entry,
-        reader: &mut TarReader<R>,
+        archive: &mut dyn Archive,
     ) -> Result<()> {
         let meta = self.meta(entry, path)?;
         // Created with its final permission bits where the umask leaves them alone, and owned
         // by this process: the writer then skips the chmod and chown it does not need.
-        let born = Born { owner: self.process_owner, mode: meta.mode & 0o777 & !self.umask };
+        let born = Born {
+            owner: self.process_owner,
+            mode: meta.mode & 0o777 & !self.umask,
+        };
         let fd: OwnedFd = self.create_replacing(parent, name, path, "create", || {
             rustix::fs::openat(
                 parent,
@@ -376,7 +445,8 @@ impl Unpacker<'_, '_> {
                 ));
             }
         }
-        let chunks = size.div_ceil(CHUNK as u64) as usize;
+        let piece_size = archive.piece_size() as u64;
+        let chunks = size.div_ceil(piece_size) as usize;
         let pending = Arc::new(PendingFile {
             file,
             meta,
@@ -391,20 +461,10 @@ impl Unpacker<'_, '_> {
             if writers.failed() {
                 return Ok(());
             }
-            let want = (size - offset).min(CHUNK as u64) as usize;
-            let mut buf = writers.buffer(want);
-            while buf.len() < want {
-                let data = reader.data()?;
-                if data.is_empty() {
-                    return Err(Error::new(
-                        Code::ImageInvalid,
-                        format!("entry {}: content ends early", path.shown()),
-                    ));
-                }
-                let take = data.len().min(want - buf.len());
-                buf.extend_from_slice(&data[..take]);
-                reader.consume(take);
-            }
+            let want = (size - offset).min(piece_size) as usize;
+            let buf = archive
+                .piece(offset, want, writers.buffer(want))
+                .map_err(|e| e.context(format!("entry {}", path.shown())))?;
             self.writers_mut()?.submit(pending.clone(), offset, buf)?;
             offset += want as u64;
             self.stats.bytes += want as u64;

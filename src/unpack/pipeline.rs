@@ -44,11 +44,27 @@ pub struct PendingFile {
     pub remaining: AtomicUsize,
 }
 
+/// Content for one offset of a file: bytes already read, or a deferred step that produces
+/// them on a writer thread (reading and decompressing a squashfs block in parallel).
+pub enum PieceData {
+    Bytes(Vec<u8>),
+    Deferred(Box<dyn FnOnce() -> Result<Vec<u8>> + Send>),
+}
+
+impl PieceData {
+    fn len_hint(&self) -> usize {
+        match self {
+            PieceData::Bytes(b) => b.len(),
+            PieceData::Deferred(_) => CHUNK / 4,
+        }
+    }
+}
+
 /// Content of one file at one offset.
 struct Piece {
     file: Arc<PendingFile>,
     offset: u64,
-    data: Vec<u8>,
+    data: PieceData,
 }
 
 /// Small files travel together: one queue operation per batch rather than per file.
@@ -79,8 +95,15 @@ pub fn write_error(path: &RelPath, what: &str, e: Errno) -> Error {
         Errno::DQUOT => (Code::QuotaExceeded, " (the volume's quota is exhausted)"),
         _ => (Code::DriverError, ""),
     };
-    Error::new(code, format!("entry {}: {what}: {}{hint}", path.shown(), std::io::Error::from(e)))
-        .with("entry", path.shown())
+    Error::new(
+        code,
+        format!(
+            "entry {}: {what}: {}{hint}",
+            path.shown(),
+            std::io::Error::from(e)
+        ),
+    )
+    .with("entry", path.shown())
 }
 
 fn is_zero(block: &[u8]) -> bool {
@@ -93,7 +116,9 @@ fn is_zero(block: &[u8]) -> bool {
 fn write_sparse(file: &File, offset: u64, data: &[u8], ends_file: bool) -> std::io::Result<()> {
     let len = data.len();
     // The final block of the file may not be skipped.
-    let skippable = |at: usize| at + HOLE <= len && !(ends_file && at + HOLE >= len) && is_zero(&data[at..at + HOLE]);
+    let skippable = |at: usize| {
+        at + HOLE <= len && !(ends_file && at + HOLE >= len) && is_zero(&data[at..at + HOLE])
+    };
     let mut start = 0;
     while start < len {
         while skippable(start) {
@@ -116,10 +141,17 @@ fn write_sparse(file: &File, offset: u64, data: &[u8], ends_file: bool) -> std::
 }
 
 fn finish_file(shared: &Shared, pending: &PendingFile) {
-    match apply_meta_fd(std::os::fd::AsFd::as_fd(&pending.file), &pending.meta, Some(pending.born)) {
+    match apply_meta_fd(
+        std::os::fd::AsFd::as_fd(&pending.file),
+        &pending.meta,
+        Some(pending.born),
+    ) {
         Ok(failures) if failures.is_empty() => {}
         Ok(failures) => {
-            let mut all = shared.xattr_failures.lock().unwrap_or_else(|p| p.into_inner());
+            let mut all = shared
+                .xattr_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             all.extend(failures.into_iter().map(|f| (pending.path.clone(), f)));
         }
         Err(e) => shared.fail(write_error(&pending.path, "set metadata", e)),
@@ -129,22 +161,35 @@ fn finish_file(shared: &Shared, pending: &PendingFile) {
 fn worker(jobs: Receiver<Vec<Piece>>, recycle: Sender<Vec<u8>>, shared: Arc<Shared>) {
     for batch in jobs {
         for piece in batch {
-            if !shared.failed.load(Ordering::Relaxed) {
-                let ends_file = piece.offset + piece.data.len() as u64 == piece.file.size;
-                match write_sparse(&piece.file.file, piece.offset, &piece.data, ends_file) {
-                    Ok(()) => {
-                        shared.written.fetch_add(piece.data.len() as u64, Ordering::Relaxed);
-                        if piece.file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                            finish_file(&shared, &piece.file);
-                        }
-                    }
+            if shared.failed.load(Ordering::Relaxed) {
+                continue;
+            }
+            let data = match piece.data {
+                PieceData::Bytes(bytes) => bytes,
+                PieceData::Deferred(produce) => match produce() {
+                    Ok(bytes) => bytes,
                     Err(e) => {
-                        let errno = Errno::from_io_error(&e).unwrap_or(Errno::IO);
-                        shared.fail(write_error(&piece.file.path, "write", errno));
+                        shared.fail(e.context(format!("entry {}", piece.file.path.shown())));
+                        continue;
+                    }
+                },
+            };
+            let ends_file = piece.offset + data.len() as u64 == piece.file.size;
+            match write_sparse(&piece.file.file, piece.offset, &data, ends_file) {
+                Ok(()) => {
+                    shared
+                        .written
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if piece.file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        finish_file(&shared, &piece.file);
                     }
                 }
+                Err(e) => {
+                    let errno = Errno::from_io_error(&e).unwrap_or(Errno::IO);
+                    shared.fail(write_error(&piece.file.path, "write", errno));
+                }
             }
-            let mut data = piece.data;
+            let mut data = data;
             if data.capacity() >= CHUNK {
                 data.clear();
                 let _ = recycle.try_send(data);
@@ -167,10 +212,15 @@ pub struct Writers {
 /// number of cores (the decoder and the parser share them; writers mostly wait on the
 /// filesystem).
 pub fn writer_count() -> usize {
-    if let Some(n) = std::env::var("REIMAGE_WRITERS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("REIMAGE_WRITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         return usize::max(1, n);
     }
-    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8)
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8)
 }
 
 impl Writers {
@@ -178,7 +228,14 @@ impl Writers {
         let (jobs, rx) = bounded::<Vec<Piece>>(JOBS_IN_FLIGHT);
         let (recycle, buffers) = bounded::<Vec<u8>>(JOBS_IN_FLIGHT + count);
         let shared = Arc::new(Shared::default());
-        let mut writers = Writers { jobs: Some(jobs), buffers, threads: Vec::new(), shared, batch: Vec::new(), batch_bytes: 0 };
+        let mut writers = Writers {
+            jobs: Some(jobs),
+            buffers,
+            threads: Vec::new(),
+            shared,
+            batch: Vec::new(),
+            batch_bytes: 0,
+        };
         for i in 0..count {
             let (rx, recycle, shared) = (rx.clone(), recycle.clone(), writers.shared.clone());
             let thread = std::thread::Builder::new()
@@ -194,7 +251,9 @@ impl Writers {
     /// an exact one for small files.
     pub fn buffer(&self, len: usize) -> Vec<u8> {
         if len >= CHUNK {
-            self.buffers.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK))
+            self.buffers
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(CHUNK))
         } else {
             Vec::with_capacity(len)
         }
@@ -213,8 +272,8 @@ impl Writers {
     /// Queues `data` for `file` at `offset`; small pieces are batched, a batch is sent when
     /// it holds a chunk's worth of bytes or `BATCH_PIECES` pieces (waiting while the queue is
     /// full).
-    pub fn submit(&mut self, file: Arc<PendingFile>, offset: u64, data: Vec<u8>) -> Result<()> {
-        self.batch_bytes += data.len();
+    pub fn submit(&mut self, file: Arc<PendingFile>, offset: u64, data: PieceData) -> Result<()> {
+        self.batch_bytes += data.len_hint();
         self.batch.push(Piece { file, offset, data });
         if self.batch_bytes >= CHUNK || self.batch.len() >= BATCH_PIECES {
             self.flush()?;
@@ -228,8 +287,13 @@ impl Writers {
         }
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        let sender = self.jobs.as_ref().ok_or_else(|| Error::internal("writers already finished"))?;
-        sender.send(batch).map_err(|_| Error::internal("the writer threads stopped"))
+        let sender = self
+            .jobs
+            .as_ref()
+            .ok_or_else(|| Error::internal("writers already finished"))?;
+        sender
+            .send(batch)
+            .map_err(|_| Error::internal("the writer threads stopped"))
     }
 
     /// Waits for every queued piece; returns the first failure, or the xattrs that could
@@ -242,10 +306,22 @@ impl Writers {
                 return Err(Error::internal("a writer thread panicked"));
             }
         }
-        if let Some(e) = self.shared.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(e) = self
+            .shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             return Err(e);
         }
-        let failures = std::mem::take(&mut *self.shared.xattr_failures.lock().unwrap_or_else(|p| p.into_inner()));
+        let failures = std::mem::take(
+            &mut *self
+                .shared
+                .xattr_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         Ok(failures)
     }
 }

@@ -121,6 +121,7 @@ impl Driver for DirDriver {
             size_model: SizeModel::Unlimited,
             shrink: false,
             exchange: true,
+            cheap_usage: false,
         }
     }
 

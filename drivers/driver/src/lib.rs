@@ -102,6 +102,9 @@ pub struct Capabilities {
     pub shrink: bool,
     /// [`Driver::exchange`] swaps two slots atomically; otherwise the core uses two renames.
     pub exchange: bool,
+    /// [`Driver::usage`] is a lookup (a quota or device size), not a walk of the whole tree;
+    /// results of create and rebuild include usage only then (`inspect` always does).
+    pub cheap_usage: bool,
 }
 
 /// Size and usage of one volume.
