@@ -845,7 +845,7 @@ impl Squashfs {
         Ok(entries)
     }
 
-    fn to_entry(&mut self, path: Vec<u8>, inode: Inode) -> Result<Entry> {
+    fn entry_of(&mut self, path: Vec<u8>, inode: Inode) -> Result<Entry> {
         let kind = match inode.kind {
             1 | 8 => Kind::Dir,
             2 | 9 => Kind::File,
@@ -883,7 +883,7 @@ impl Squashfs {
             };
             self.dirs_seen.insert(self.sb.root_inode);
             let entries = self.listing(b"", dir)?;
-            let entry = self.to_entry(b".".to_vec(), root)?;
+            let entry = self.entry_of(b".".to_vec(), root)?;
             self.stack.push(Frame {
                 path: Vec::new(),
                 entries,
@@ -921,7 +921,7 @@ impl Squashfs {
                     )));
                 }
                 let entries = self.listing(&path, dir)?;
-                let entry = self.to_entry(path.clone(), inode)?;
+                let entry = self.entry_of(path.clone(), inode)?;
                 self.stack.push(Frame {
                     path,
                     entries,
@@ -936,7 +936,7 @@ impl Squashfs {
             }
             // A second path to the same inode is a hardlink, as tar would record it.
             if let Some(first) = self.links.get(&inode.number).cloned() {
-                let mut entry = self.to_entry(
+                let mut entry = self.entry_of(
                     path,
                     Inode {
                         file: None,
@@ -952,7 +952,7 @@ impl Squashfs {
             }
             self.links.insert(inode.number, path.clone());
             let file = inode.file.clone();
-            let entry = self.to_entry(path, inode)?;
+            let entry = self.entry_of(path, inode)?;
             self.current = file;
             return Ok(Some(entry));
         }
