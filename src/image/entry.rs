@@ -48,12 +48,25 @@ pub struct Entry {
     pub dev_minor: u32,
     /// Extended attributes, by name, from `SCHILY.xattr.*` and `LIBARCHIVE.xattr.*`.
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// For a sparse file: its data segments (offset, length); the rest is holes, and `size`
+    /// is the file's real size.
+    pub sparse: Option<Vec<(u64, u64)>>,
+    /// Things about the entry worth a warning (an ACL that could not be used, ...).
+    pub notes: Vec<String>,
     /// Where the entry is described in the image (tar: offset of its first header in the
     /// decompressed stream), for messages.
     pub offset: u64,
 }
 
 impl Entry {
+    /// Bytes of content the image holds for this entry (less than `size` for sparse files).
+    pub fn data_size(&self) -> u64 {
+        match &self.sparse {
+            Some(map) => map.iter().map(|&(_, len)| len).sum(),
+            None => self.size,
+        }
+    }
+
     /// The path for messages: lossy UTF-8, shortened.
     pub fn shown(&self) -> String {
         shown(&self.path)

@@ -3,8 +3,10 @@
 //! The format is decided by magic bytes only (never by the file name). Decompression happens
 //! in-process: reimage never runs an external program on an untrusted image.
 
+pub mod acl;
 pub mod entry;
 pub mod readahead;
+pub mod sparse;
 pub mod squashfs;
 pub mod tar;
 

@@ -868,6 +868,8 @@ impl Squashfs {
             dev_major: (dev >> 8) & 0xfff,
             dev_minor: (dev & 0xff) | ((dev >> 12) & 0xfff00),
             xattrs,
+            sparse: None,
+            notes: Vec::new(),
             offset: 0,
         })
     }

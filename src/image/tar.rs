@@ -123,6 +123,8 @@ struct Pending {
     long_name: Option<Vec<u8>>,
     long_link: Option<Vec<u8>>,
     pax: BTreeMap<String, Vec<u8>>,
+    /// PAX sparse 0.0 repeats its offset and numbytes records: kept in order here.
+    sparse_00: Vec<(String, Vec<u8>)>,
 }
 
 fn invalid(offset: u64, message: impl std::fmt::Display) -> Error {
@@ -312,24 +314,26 @@ impl<R: BufRead> TarReader<R> {
                 }
                 b'x' | b'X' => {
                     let body = self.read_body(size, at, "PAX header")?;
-                    parse_pax(&body, at, self.limits.max_pax_records, &mut pending.pax)?;
+                    for (key, value) in parse_pax(&body, at, self.limits.max_pax_records)? {
+                        if key == "GNU.sparse.offset" || key == "GNU.sparse.numbytes" {
+                            pending.sparse_00.push((key.clone(), value.clone()));
+                        }
+                        pending.pax.insert(key, value);
+                    }
                 }
                 b'g' => {
                     let body = self.read_body(size, at, "PAX global header")?;
-                    let mut globals = std::mem::take(&mut self.globals);
-                    parse_pax(&body, at, self.limits.max_pax_records, &mut globals)?;
-                    globals.retain(|_, v| !v.is_empty());
-                    self.globals = globals;
+                    for (key, value) in parse_pax(&body, at, self.limits.max_pax_records)? {
+                        if value.is_empty() {
+                            self.globals.remove(&key);
+                        } else {
+                            self.globals.insert(key, value);
+                        }
+                    }
                 }
                 b'V' => {
                     // A volume label names the archive, not a member.
                     self.skip(size + padding_of(size))?;
-                }
-                b'S' => {
-                    return Err(Error::new(
-                        Code::ImageUnsupported,
-                        format!("tar header at offset {at}: GNU sparse members are not supported yet"),
-                    ))
                 }
                 b'M' | b'N' => {
                     return Err(Error::new(
@@ -387,7 +391,7 @@ impl<R: BufRead> TarReader<R> {
         };
         let kind = match typeflag {
             b'0' | 0 | b'7' if path.ends_with(b"/") => Kind::Dir,
-            b'0' | 0 | b'7' => Kind::File,
+            b'0' | 0 | b'7' | b'S' => Kind::File,
             b'1' => Kind::Hardlink,
             b'2' => Kind::Symlink,
             b'3' => Kind::CharDevice,
@@ -471,13 +475,134 @@ impl<R: BufRead> TarReader<R> {
                 xattrs.insert(name.as_bytes().to_vec(), value.clone());
             }
         }
-        // Content follows regular files only. Other members may still claim a size (a
-        // hardlink "with data", CVE-2016-5418): those bytes are skipped, never written.
-        let (content, skipped) = if kind == Kind::File {
+        // What the sparse formats and ACLs need, taken now: reading a sparse map below
+        // needs the reader itself.
+        let sparse_name = record("GNU.sparse.name").cloned();
+        let pax_sparse = (
+            record("GNU.sparse.major").cloned(),
+            record("GNU.sparse.minor").cloned(),
+            record("GNU.sparse.map").cloned(),
+            record("GNU.sparse.realsize")
+                .or(record("GNU.sparse.size"))
+                .cloned(),
+        );
+        let acls = [
+            (
+                "system.posix_acl_access",
+                record("SCHILY.acl.access").cloned(),
+            ),
+            (
+                "system.posix_acl_default",
+                record("SCHILY.acl.default").cloned(),
+            ),
+        ];
+        let mut notes = Vec::new();
+        for (name, text) in acls {
+            let Some(text) = text else { continue };
+            // GNU tar with --xattrs also stores the binary value; that one wins.
+            if xattrs.contains_key(name.as_bytes()) {
+                continue;
+            }
+            match super::acl::text_to_xattr(&text) {
+                Ok(value) => {
+                    xattrs.insert(name.as_bytes().to_vec(), value);
+                }
+                Err(why) => notes.push(format!(
+                    "ACL of {}: {why}; the ACL is not set",
+                    shown(&path)
+                )),
+            }
+        }
+        let mut path = path;
+        let (mut content, skipped) = if kind == Kind::File {
             (size, 0)
         } else {
             (0, size)
         };
+        let mut real_size = content;
+        let mut sparse = None;
+        if kind == Kind::File {
+            let real = |text: Option<Vec<u8>>| -> Result<u64> {
+                text.as_deref()
+                    .and_then(parse_decimal)
+                    .and_then(|v| u64::try_from(v).ok())
+                    .ok_or_else(|| invalid(at, "a sparse file without a valid real size"))
+            };
+            let map = match (typeflag, pax_sparse) {
+                (b'S', _) => {
+                    let number =
+                        |f: &[u8]| parse_number(f).ok().and_then(|v| u64::try_from(v).ok());
+                    let mut map =
+                        super::sparse::parse_gnu_entries(&block[386..482], 4, at, number)?;
+                    real_size = number(&block[483..495])
+                        .ok_or_else(|| invalid(at, "unreadable sparse real size"))?;
+                    let mut extended = block[482] != 0;
+                    while extended {
+                        let mut ext = [0u8; BLOCK as usize];
+                        self.read_exact(&mut ext)?;
+                        map.extend(super::sparse::parse_gnu_entries(
+                            &ext[..504],
+                            21,
+                            at,
+                            number,
+                        )?);
+                        if map.len() > super::sparse::MAX_SEGMENTS {
+                            return Err(invalid(at, "too many sparse segments"));
+                        }
+                        extended = ext[504] != 0;
+                    }
+                    Some(map)
+                }
+                (_, (Some(major), minor, _, real_text))
+                    if major == b"1" && minor.as_deref() == Some(b"0") =>
+                {
+                    real_size = real(real_text)?;
+                    // The map is at the start of the data, padded to a block.
+                    let mut consumed = 0u64;
+                    let map = super::sparse::parse_10(
+                        || {
+                            let mut line = Vec::new();
+                            loop {
+                                if consumed >= content || line.len() > 24 {
+                                    return Err(invalid(at, "malformed sparse 1.0 map"));
+                                }
+                                let mut byte = [0u8; 1];
+                                self.read_exact(&mut byte)?;
+                                consumed += 1;
+                                if byte[0] == b'\n' {
+                                    return Ok(line);
+                                }
+                                line.push(byte[0]);
+                            }
+                        },
+                        at,
+                    )?;
+                    let pad = padding_of(consumed).min(content - consumed);
+                    self.skip(pad)?;
+                    content -= consumed + pad;
+                    Some(map)
+                }
+                (_, (_, _, Some(map_text), real_text)) => {
+                    real_size = real(real_text)?;
+                    Some(super::sparse::parse_01(&map_text, at)?)
+                }
+                (_, (_, _, None, real_text)) if !pending.sparse_00.is_empty() => {
+                    real_size = real(real_text)?;
+                    Some(super::sparse::parse_00(&pending.sparse_00, at)?)
+                }
+                _ => None,
+            };
+            if let Some(map) = map {
+                sparse = Some(super::sparse::validate(map, real_size, content, at)?);
+                if let Some(name) = sparse_name {
+                    path = name;
+                }
+            } else {
+                real_size = content;
+            }
+        }
+        // Content follows regular files only. Other members may still claim a size (a
+        // hardlink "with data", CVE-2016-5418): those bytes are skipped, never written.
         self.remaining = content;
         self.padding = skipped + padding_of(size);
         Ok(Entry {
@@ -487,11 +612,13 @@ impl<R: BufRead> TarReader<R> {
             uid,
             gid,
             mtime,
-            size: content,
+            size: real_size,
             link,
             dev_major,
             dev_minor,
             xattrs,
+            sparse,
+            notes,
             offset: at,
         })
     }
@@ -521,13 +648,9 @@ fn trim_nul(mut body: Vec<u8>) -> Vec<u8> {
     body
 }
 
-/// Parses PAX records (`"%d %s=%s\n"`) into `into`; later records replace earlier ones.
-fn parse_pax(
-    body: &[u8],
-    at: u64,
-    max_records: usize,
-    into: &mut BTreeMap<String, Vec<u8>>,
-) -> Result<()> {
+/// Parses PAX records (`"%d %s=%s\n"`), in order.
+fn parse_pax(body: &[u8], at: u64, max_records: usize) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut into = Vec::new();
     let mut rest = body;
     let mut count = 0;
     while !rest.is_empty() {
@@ -567,10 +690,10 @@ fn parse_pax(
         if key.is_empty() {
             return Err(invalid(at, "PAX record with an empty key"));
         }
-        into.insert(key.to_owned(), record[eq + 1..].to_vec());
+        into.push((key.to_owned(), record[eq + 1..].to_vec()));
         rest = &rest[len..];
     }
-    Ok(())
+    Ok(into)
 }
 
 fn parse_decimal(text: &[u8]) -> Option<i128> {
@@ -692,8 +815,10 @@ mod tests {
 
     #[test]
     fn pax_records() {
-        let mut m = BTreeMap::new();
-        parse_pax(b"11 path=ab\n16 SCHILY.x=a=b\n", 0, 10, &mut m).unwrap();
+        let m: BTreeMap<String, Vec<u8>> = parse_pax(b"11 path=ab\n16 SCHILY.x=a=b\n", 0, 10)
+            .unwrap()
+            .into_iter()
+            .collect();
         assert_eq!(m["path"], b"ab");
         assert_eq!(m["SCHILY.x"], b"a=b");
         for bad in [
@@ -703,10 +828,7 @@ mod tests {
             b"5 =a\n\n",
             b"8 patha\n",
         ] {
-            assert!(
-                parse_pax(bad, 0, 10, &mut BTreeMap::new()).is_err(),
-                "{bad:?}"
-            );
+            assert!(parse_pax(bad, 0, 10).is_err(), "{bad:?}");
         }
     }
 

@@ -42,8 +42,14 @@ impl Tally {
         match e.kind {
             Kind::Hardlink => return,
             Kind::File => {
-                self.unpacked_bytes += e.size;
-                self.allocated_bytes += e.size.div_ceil(BLOCK) * BLOCK;
+                self.unpacked_bytes += e.data_size();
+                self.allocated_bytes += match &e.sparse {
+                    Some(map) => map
+                        .iter()
+                        .map(|&(_, len)| len.div_ceil(BLOCK) * BLOCK)
+                        .sum(),
+                    None => e.size.div_ceil(BLOCK) * BLOCK,
+                };
             }
             Kind::Dir => self.allocated_bytes += BLOCK,
             Kind::Symlink if e.link.len() > FAST_SYMLINK_MAX => self.allocated_bytes += BLOCK,

@@ -320,6 +320,9 @@ impl Unpacker<'_, '_> {
         let Some(path) = self.place(&entry.path)? else {
             return Ok(());
         };
+        for note in &entry.notes {
+            self.observer.warning("acl_skipped", note);
+        }
         self.stats.entries += 1;
         let Some((parent_path, name)) = path.split_last() else {
             // The volume root: only a directory entry may describe it, and it keeps being a
@@ -437,44 +440,73 @@ impl Unpacker<'_, '_> {
             self.report_xattr_failures(path, failures);
             return Ok(());
         }
+        let data_size = entry.data_size();
         if let Some(expected) = self.options.expected_bytes {
-            if self.stats.bytes + size > expected {
+            if self.stats.bytes + data_size > expected {
                 return Err(Error::new(
                     Code::ImageInvalid,
                     "the image holds more data than when it was measured (was it changed?)",
                 ));
             }
         }
+        // The pieces to write: for a sparse file only its data segments (the file is sized
+        // first and the rest stays holes), for any other file the whole of it.
         let piece_size = archive.piece_size() as u64;
-        let chunks = size.div_ceil(piece_size) as usize;
+        let whole = [(0, size)];
+        let segments: &[(u64, u64)] = match &entry.sparse {
+            Some(map) => {
+                file.set_len(size).map_err(|e| {
+                    fs_error(
+                        path,
+                        "set size",
+                        Errno::from_io_error(&e).unwrap_or(Errno::IO),
+                    )
+                })?;
+                map
+            }
+            None => &whole,
+        };
+        let pieces: u64 = segments
+            .iter()
+            .map(|&(_, len)| len.div_ceil(piece_size))
+            .sum();
+        if pieces == 0 {
+            let failures = fs::apply_meta_fd(file.as_fd(), &meta, Some(born))
+                .map_err(|e| fs_error(path, "set metadata", e))?;
+            self.report_xattr_failures(path, failures);
+            return Ok(());
+        }
         let pending = Arc::new(PendingFile {
             file,
             meta,
             born,
             path: path.clone(),
             size,
-            remaining: AtomicUsize::new(chunks),
+            remaining: AtomicUsize::new(pieces as usize),
         });
-        let mut offset = 0u64;
-        while offset < size {
-            let writers = self.writers()?;
-            if writers.failed() {
-                return Ok(());
-            }
-            let want = (size - offset).min(piece_size) as usize;
-            let buf = archive
-                .piece(offset, want, writers.buffer(want))
-                .map_err(|e| e.context(format!("entry {}", path.shown())))?;
-            self.writers_mut()?.submit(pending.clone(), offset, buf)?;
-            offset += want as u64;
-            self.stats.bytes += want as u64;
-            self.since_progress += want as u64;
-            if self.since_progress >= 1 << 20 {
-                self.since_progress = 0;
-                let written = self.writers()?.written();
-                self.observer.progress(written);
-                if self.observer.cancelled() {
-                    return Err(Error::new(Code::Interrupted, "interrupted by a signal"));
+        for &(start, len) in segments {
+            let mut done = 0u64;
+            while done < len {
+                let writers = self.writers()?;
+                if writers.failed() {
+                    return Ok(());
+                }
+                let want = (len - done).min(piece_size) as usize;
+                let buf = archive
+                    .piece(start + done, want, writers.buffer(want))
+                    .map_err(|e| e.context(format!("entry {}", path.shown())))?;
+                self.writers_mut()?
+                    .submit(pending.clone(), start + done, buf)?;
+                done += want as u64;
+                self.stats.bytes += want as u64;
+                self.since_progress += want as u64;
+                if self.since_progress >= 1 << 20 {
+                    self.since_progress = 0;
+                    let written = self.writers()?.written();
+                    self.observer.progress(written);
+                    if self.observer.cancelled() {
+                        return Err(Error::new(Code::Interrupted, "interrupted by a signal"));
+                    }
                 }
             }
         }
