@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::entry::{Entry, Kind};
 use crate::error::{Code, Error, Result};
@@ -384,8 +384,12 @@ pub struct DataReader {
     block_size: u32,
     end: u64,
     fragments: Vec<Fragment>,
-    fragment_cache: Mutex<Vec<(u32, Arc<Vec<u8>>)>>,
+    /// The most recently used fragment blocks. Each slot is filled once: a writer that needs
+    /// a fragment another writer is decoding waits for it instead of decoding it again.
+    fragment_cache: Mutex<Vec<(u32, FragmentSlot)>>,
 }
+
+type FragmentSlot = Arc<OnceLock<std::result::Result<Arc<Vec<u8>>, Error>>>;
 
 impl DataReader {
     /// Reads one data block of on-disk `size` (with the uncompressed flag) at `at`, which must
@@ -419,44 +423,39 @@ impl DataReader {
     }
 
     fn fragment(&self, index: u32) -> Result<Arc<Vec<u8>>> {
-        {
-            let cache = self
-                .fragment_cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some((_, data)) = cache.iter().find(|(i, _)| *i == index) {
-                return Ok(data.clone());
+        let slot = {
+            let mut cache = self.fragment_cache.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.iter().find(|(i, _)| *i == index) {
+                Some((_, slot)) => slot.clone(),
+                None => {
+                    if cache.len() >= FRAGMENT_CACHE {
+                        cache.remove(0);
+                    }
+                    let slot = FragmentSlot::default();
+                    cache.push((index, slot.clone()));
+                    slot
+                }
             }
-        }
+        };
+        slot.get_or_init(|| self.read_fragment(index).map(Arc::new)).clone()
+    }
+
+    fn read_fragment(&self, index: u32) -> Result<Vec<u8>> {
         let f = *self
             .fragments
             .get(index as usize)
             .ok_or_else(|| invalid(format!("fragment {index} does not exist")))?;
         let size = u64::from(f.size & !UNCOMPRESSED_BLOCK);
-        if size == 0
-            || size > u64::from(self.block_size)
-            || f.start.checked_add(size).is_none_or(|e| e > self.end)
-        {
+        if size == 0 || size > u64::from(self.block_size) || f.start.checked_add(size).is_none_or(|e| e > self.end) {
             return Err(invalid(format!("fragment {index} lies outside the image")));
         }
         let mut raw = vec![0u8; size as usize];
-        self.file
-            .read_exact_at(&mut raw, f.start)
-            .map_err(|e| invalid(format!("read: {e}")))?;
-        let data = Arc::new(if f.size & UNCOMPRESSED_BLOCK != 0 {
-            raw
+        self.file.read_exact_at(&mut raw, f.start).map_err(|e| invalid(format!("read: {e}")))?;
+        if f.size & UNCOMPRESSED_BLOCK != 0 {
+            Ok(raw)
         } else {
-            self.codec.decompress(&raw, self.block_size as usize)?
-        });
-        let mut cache = self
-            .fragment_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= FRAGMENT_CACHE {
-            cache.remove(0);
+            self.codec.decompress(&raw, self.block_size as usize)
         }
-        cache.push((index, data.clone()));
-        Ok(data)
     }
 }
 
