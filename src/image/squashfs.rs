@@ -424,7 +424,10 @@ impl DataReader {
 
     fn fragment(&self, index: u32) -> Result<Arc<Vec<u8>>> {
         let slot = {
-            let mut cache = self.fragment_cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self
+                .fragment_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             match cache.iter().find(|(i, _)| *i == index) {
                 Some((_, slot)) => slot.clone(),
                 None => {
@@ -437,7 +440,8 @@ impl DataReader {
                 }
             }
         };
-        slot.get_or_init(|| self.read_fragment(index).map(Arc::new)).clone()
+        slot.get_or_init(|| self.read_fragment(index).map(Arc::new))
+            .clone()
     }
 
     fn read_fragment(&self, index: u32) -> Result<Vec<u8>> {
@@ -446,11 +450,16 @@ impl DataReader {
             .get(index as usize)
             .ok_or_else(|| invalid(format!("fragment {index} does not exist")))?;
         let size = u64::from(f.size & !UNCOMPRESSED_BLOCK);
-        if size == 0 || size > u64::from(self.block_size) || f.start.checked_add(size).is_none_or(|e| e > self.end) {
+        if size == 0
+            || size > u64::from(self.block_size)
+            || f.start.checked_add(size).is_none_or(|e| e > self.end)
+        {
             return Err(invalid(format!("fragment {index} lies outside the image")));
         }
         let mut raw = vec![0u8; size as usize];
-        self.file.read_exact_at(&mut raw, f.start).map_err(|e| invalid(format!("read: {e}")))?;
+        self.file
+            .read_exact_at(&mut raw, f.start)
+            .map_err(|e| invalid(format!("read: {e}")))?;
         if f.size & UNCOMPRESSED_BLOCK != 0 {
             Ok(raw)
         } else {
