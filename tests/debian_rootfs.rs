@@ -1,7 +1,8 @@
 //! A real Debian root filesystem (debootstrap minbase with systemd, openssh-server, python3,
 //! sudo and ping: 10,000+ entries, setuid binaries, file capabilities), packed by GNU tar in
-//! several compressions, rebuilt by reimage and compared file by file with GNU tar's own
-//! extraction. `scripts/test` provides the tree (built once and cached) in REIMAGE_ROOTFS.
+//! several compressions and by mksquashfs, rebuilt by reimage and compared file by file with
+//! GNU tar's and unsquashfs' own extractions. `scripts/test` provides the tree (built once and
+//! cached) in REIMAGE_ROOTFS.
 
 mod common;
 
@@ -28,7 +29,7 @@ fn sh(cmd: &str) {
 }
 
 #[test]
-fn debian_rootfs_in_every_common_compression_equals_gnu_tar() {
+fn debian_rootfs_equals_gnu_tar_and_unsquashfs() {
     let Some(tree) = rootfs() else { return };
     let env = Env::new("debian");
     let tar = env.image("rootfs.tar");
@@ -55,6 +56,27 @@ fn debian_rootfs_in_every_common_compression_equals_gnu_tar() {
         assert!(img["entries"].as_u64().unwrap() > 10_000, "{img}");
         assert_same(&expected, &env.manifest_of("debian"), &Ignore::default());
         eprintln!("{suffix:>4}: {}", r.ok()["timings_ms"]);
+    }
+    // The same tree as squashfs, compared with unsquashfs' extraction. (mksquashfs drops
+    // POSIX ACL xattrs; both extractions lack them alike.)
+    for comp in ["zstd", "xz"] {
+        let image = env.image(&format!("rootfs-{comp}.sqfs"));
+        sh(&format!(
+            "mksquashfs {} {} -comp {comp} -quiet -no-progress >/dev/null 2>&1",
+            tree.display(),
+            image.display()
+        ));
+        env.rebuild_from("debian", &image).ok();
+        let dest = env.dir.join(format!("unsquashfs-{comp}"));
+        sh(&format!(
+            "unsquashfs -q -n -d {} {} >/dev/null",
+            dest.display(),
+            image.display()
+        ));
+        let expected = reimage_fixtures::manifest(&dest).unwrap();
+        assert_same(&expected, &env.manifest_of("debian"), &Ignore::default());
+        std::fs::remove_dir_all(&dest).unwrap();
+        std::fs::remove_file(&image).unwrap();
     }
     env.run(&json!({"api":1,"op":"delete","pool":"default","volume":"debian"}))
         .ok();

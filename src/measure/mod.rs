@@ -22,6 +22,8 @@ use crate::unpack::idmap::IdMap;
 use crate::unpack::path::{normalize, RelPath};
 
 const BLOCK: u64 = 4096;
+/// Images with more entries than this are refused (a root filesystem has well under a million).
+pub const MAX_ENTRIES: u64 = 20_000_000;
 /// ext4 keeps symlink targets shorter than this inside the inode.
 const FAST_SYMLINK_MAX: usize = 59;
 /// Xattrs up to about this many bytes fit in a 256-byte inode; more take a block.
@@ -320,7 +322,15 @@ fn measure_entries(
     let mut whole = View::new(None);
     let mut below = View::new(Some(below_prefix));
     let mut has_metadata_yaml = false;
+    let mut entries = 0u64;
     while let Some(entry) = next()? {
+        entries += 1;
+        if entries > MAX_ENTRIES {
+            return Err(Error::new(
+                Code::ImageInvalid,
+                format!("the image has more than {MAX_ENTRIES} entries"),
+            ));
+        }
         let path = normalize(&entry.path)?;
         if entry.kind == Kind::Hardlink {
             normalize(&entry.link)?;
