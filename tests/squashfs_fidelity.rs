@@ -77,3 +77,19 @@ fn every_compressor_equals_unsquashfs() {
         );
     }
 }
+
+#[test]
+fn sockets_are_skipped_with_a_warning() {
+    let env = Env::new("squashfs-socket");
+    let src = env.dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("file"), b"kept").unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(src.join("control.sock")).unwrap();
+    let image = env.image("socket.sqfs");
+    mksquashfs(&src, &image, "zstd");
+    let r = env.create_from("sq", &image);
+    r.ok();
+    assert!(r.warnings().contains(&"socket_skipped"), "{:?}", r.events);
+    assert!(env.volume("sq").join("file").exists());
+    assert!(!env.volume("sq").join("control.sock").exists());
+}
