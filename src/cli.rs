@@ -130,7 +130,9 @@ fn execute(
         op.pool(),
         op.volume().map(|v| v.as_str()),
     );
-    let driver = pool.map(drivers::open).transpose()?;
+    let driver = pool
+        .map(|p| drivers::open(p, &config.state_dir))
+        .transpose()?;
     let ctx = Ctx {
         config: &config,
         pool,

@@ -1,12 +1,14 @@
 //! From a pool's config to its driver.
 
 use reimage_driver::Driver;
+use reimage_driver_btrfs::BtrfsDriver;
 use reimage_driver_dir::DirDriver;
 
 use crate::config::{DriverKind, Pool};
 use crate::error::{Code, Error, Result};
 
-pub fn open(pool: &Pool) -> Result<Box<dyn Driver>> {
+/// The driver for `pool`; `state_dir` holds what a driver keeps between requests.
+pub fn open(pool: &Pool, state_dir: &std::path::Path) -> Result<Box<dyn Driver>> {
     match pool.driver {
         DriverKind::Dir => {
             let path = pool.path.as_deref().ok_or_else(|| {
@@ -16,6 +18,16 @@ pub fn open(pool: &Pool) -> Result<Box<dyn Driver>> {
                 )
             })?;
             Ok(Box::new(DirDriver::open(path)?))
+        }
+        DriverKind::Btrfs => {
+            let path = pool.path.as_deref().ok_or_else(|| {
+                Error::new(
+                    Code::ConfigInvalid,
+                    format!("pool {} needs a path", pool.name),
+                )
+            })?;
+            let lineage = state_dir.join("lineage").join(&pool.name);
+            Ok(Box::new(BtrfsDriver::open(path, pool.quota, &lineage)?))
         }
         other => Err(Error::new(
             Code::Unsupported,

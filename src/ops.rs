@@ -542,6 +542,10 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
             format!("volume {volume} already exists; use rebuild to replace its content"),
         ));
     }
+    // A new volume starts with no history, whatever an earlier one of that name left.
+    if !fill.dry_run {
+        driver.forget(volume)?;
+    }
     let idmap = IdMap::new(fill.idmap.clone());
     let content = open_and_measure(config, vop.events, &fill.source, &idmap, &mut timings)?;
     let measurement = content.measurement();
@@ -849,6 +853,7 @@ fn delete(
         );
     }
     vop.journal.clear(volume)?;
+    driver.forget(volume)?;
     vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");
     let mut out = Map::new();
     out.insert(

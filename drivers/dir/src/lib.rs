@@ -1,111 +1,31 @@
-//! The `dir` driver: each volume is a plain directory directly under the pool's `path`.
-//!
-//! Temporary slots are sibling directories whose names start with `.reimage-`, which no
-//! volume name can (volume names start with a letter or digit). Every operation is relative
-//! to the pool directory's fd and names exactly one component, so nothing is ever resolved
-//! through a symlink. Swaps are `renameat2(RENAME_EXCHANGE)`, atomic on every Linux
-//! filesystem that supports it.
+//! The `dir` driver: each volume is a plain directory directly under the pool's `path` (the
+//! naming, renames and swaps are [`PoolDir`]'s). Destroying a volume removes its tree
+//! fd-relative, never following a symlink and never crossing into a mount.
 //!
 //! Sizes: the dir driver has no limits yet (project quotas come later), so `size` is
 //! advisory and the core warns about it.
 
-use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::path::Path;
 
+use reimage_driver::pooldir::PoolDir;
 use reimage_driver::{
-    find_holder, holder_of_mount_below, tree, Capabilities, Driver, Error, ErrorKind, Mounted,
-    PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
+    tree, Capabilities, Driver, Error, ErrorKind, Mounted, PoolSpace, Result, SizeModel, Slot,
+    SlotKind, Usage, VolumeName,
 };
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::fs::Mode;
 use rustix::io::Errno;
 
-const NEW_PREFIX: &str = ".reimage-new.";
-const OLD_PREFIX: &str = ".reimage-old.";
-
 pub struct DirDriver {
-    path: PathBuf,
-    pool: OwnedFd,
+    pool: PoolDir,
 }
 
 impl DirDriver {
-    /// Opens the pool directory. It must exist and be a directory (not a symlink): the
-    /// administrator creates it, reimage never guesses where a pool should live.
+    /// Opens the pool directory (see [`PoolDir::open`]).
     pub fn open(path: &Path) -> Result<Self> {
-        let pool = rustix::fs::open(
-            path,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| match e {
-            Errno::NOENT => Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "pool directory {} does not exist; create it (mkdir -p) or fix the pool's path",
-                    path.display()
-                ),
-            ),
-            Errno::NOTDIR | Errno::LOOP => Error::new(
-                ErrorKind::Failed,
-                format!(
-                    "pool path {} is not a directory (symlinks are not followed)",
-                    path.display()
-                ),
-            ),
-            e => Error::errno(format!("opening pool directory {}", path.display()), e),
-        })?;
         Ok(DirDriver {
-            path: path.to_owned(),
-            pool,
+            pool: PoolDir::open(path)?,
         })
-    }
-
-    fn physical(slot: Slot<'_>) -> String {
-        match slot.kind {
-            SlotKind::Live => slot.volume.as_str().to_owned(),
-            SlotKind::New => format!("{NEW_PREFIX}{}", slot.volume),
-            SlotKind::Old => format!("{OLD_PREFIX}{}", slot.volume),
-        }
-    }
-
-    fn cname(slot: Slot<'_>) -> CString {
-        // Volume names are validated ASCII without NUL, so this cannot fail.
-        CString::new(Self::physical(slot)).unwrap_or_default()
-    }
-
-    fn path_of(&self, slot: Slot<'_>) -> PathBuf {
-        self.path.join(Self::physical(slot))
-    }
-
-    /// The stat of a slot's directory, `None` when the slot is empty. Anything but a
-    /// directory under a volume's name is an error: the driver never touches what it did
-    /// not make.
-    fn stat_slot(&self, slot: Slot<'_>) -> Result<Option<rustix::fs::Stat>> {
-        match rustix::fs::statat(&self.pool, Self::cname(slot), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(Some(st)),
-            Ok(_) => Err(Error::new(
-                ErrorKind::Failed,
-                format!(
-                    "{} is not a directory; the dir driver leaves it alone (move it away by hand)",
-                    self.path_of(slot).display()
-                ),
-            )),
-            Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(Error::errno(
-                format!("stat {}", self.path_of(slot).display()),
-                e,
-            )),
-        }
-    }
-
-    fn require(&self, slot: Slot<'_>) -> Result<()> {
-        match self.stat_slot(slot)? {
-            Some(_) => Ok(()),
-            None => Err(Error::new(
-                ErrorKind::NotFound,
-                format!("{slot} does not exist"),
-            )),
-        }
     }
 }
 
@@ -127,65 +47,49 @@ impl Driver for DirDriver {
 
     fn identity(&self, slot: Slot<'_>) -> Result<Option<String>> {
         Ok(self
-            .stat_slot(slot)?
+            .pool
+            .stat(slot)?
             .map(|st| format!("{}:{}", st.st_dev, st.st_ino)))
     }
 
     fn create(&self, slot: Slot<'_>, _size: Option<u64>) -> Result<()> {
-        rustix::fs::mkdirat(&self.pool, Self::cname(slot), Mode::from_raw_mode(0o755)).map_err(
-            |e| match e {
-                Errno::EXIST => {
-                    Error::new(ErrorKind::AlreadyExists, format!("{slot} already exists"))
-                }
-                e => Error::errno(format!("creating {}", self.path_of(slot).display()), e),
-            },
+        rustix::fs::mkdirat(
+            &self.pool.fd,
+            PoolDir::cname(slot),
+            Mode::from_raw_mode(0o755),
         )
+        .map_err(|e| match e {
+            Errno::EXIST => Error::new(ErrorKind::AlreadyExists, format!("{slot} already exists")),
+            e => Error::errno(format!("creating {}", self.pool.path_of(slot).display()), e),
+        })
     }
 
     fn destroy(&self, slot: Slot<'_>, _with_snapshots: bool) -> Result<()> {
-        if self.stat_slot(slot)?.is_none() {
+        if self.pool.stat(slot)?.is_none() {
             return Ok(());
         }
         tree::remove_tree(
-            self.pool.as_fd(),
-            &Self::cname(slot),
-            &self.path_of(slot).display().to_string(),
+            self.pool.fd.as_fd(),
+            &PoolDir::cname(slot),
+            &self.pool.path_of(slot).display().to_string(),
         )
     }
 
     fn snapshots(&self, slot: Slot<'_>) -> Result<Vec<String>> {
-        self.require(slot)?;
+        self.pool.require(slot)?;
         Ok(Vec::new())
     }
 
     fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
-        rustix::fs::renameat_with(
-            &self.pool,
-            Self::cname(from),
-            &self.pool,
-            Self::cname(to),
-            RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| match e {
-            Errno::EXIST => Error::new(ErrorKind::AlreadyExists, format!("{to} already exists")),
-            Errno::NOENT => Error::new(ErrorKind::NotFound, format!("{from} does not exist")),
-            e => Error::errno(format!("renaming {from} to {to}"), e),
-        })
+        self.pool.rename(from, to)
     }
 
     fn exchange(&self, a: Slot<'_>, b: Slot<'_>) -> Result<()> {
-        rustix::fs::renameat_with(
-            &self.pool,
-            Self::cname(a),
-            &self.pool,
-            Self::cname(b),
-            RenameFlags::EXCHANGE,
-        )
-        .map_err(|e| Error::errno(format!("exchanging {a} and {b}"), e))
+        self.pool.exchange(a, b)
     }
 
     fn usage(&self, slot: Slot<'_>) -> Result<Usage> {
-        self.require(slot)?;
+        self.pool.require(slot)?;
         let root = self.open_root(slot)?;
         let (used, inodes) = tree::usage(root.root())?;
         Ok(Usage {
@@ -203,8 +107,7 @@ impl Driver for DirDriver {
     }
 
     fn pool_space(&self) -> Result<PoolSpace> {
-        let st = rustix::fs::fstatvfs(&self.pool)
-            .map_err(|e| Error::errno(format!("statvfs {}", self.path.display()), e))?;
+        let st = self.pool.statvfs()?;
         Ok(PoolSpace {
             available: st.f_bavail.saturating_mul(st.f_frsize),
             total: st.f_blocks.saturating_mul(st.f_frsize),
@@ -213,48 +116,15 @@ impl Driver for DirDriver {
     }
 
     fn open_root(&self, slot: Slot<'_>) -> Result<Mounted> {
-        let fd = rustix::fs::openat(
-            &self.pool,
-            Self::cname(slot),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| match e {
-            Errno::NOENT => Error::new(ErrorKind::NotFound, format!("{slot} does not exist")),
-            e => Error::errno(format!("opening {}", self.path_of(slot).display()), e),
-        })?;
-        Ok(Mounted::unmanaged(fd))
+        self.pool.open_root(slot)
     }
 
     fn busy(&self, slot: Slot<'_>) -> Result<Option<String>> {
-        let path = self.path_of(slot);
-        if let Some(mount) = holder_of_mount_below(&path)
-            .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?
-        {
-            return Ok(Some(mount));
-        }
-        find_holder(&path).map_err(|e| Error::io("scanning /proc", e))
+        self.pool.busy(slot)
     }
 
     fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
-        let entries = std::fs::read_dir(&self.path)
-            .map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
-        let mut found = Vec::new();
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            for (prefix, kind) in [(NEW_PREFIX, SlotKind::New), (OLD_PREFIX, SlotKind::Old)] {
-                if let Some(volume) = name.strip_prefix(prefix) {
-                    if let Ok(volume) = VolumeName::parse(volume) {
-                        found.push((volume, kind));
-                    }
-                }
-            }
-        }
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(found)
+        self.pool.leftovers()
     }
 }
 

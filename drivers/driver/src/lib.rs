@@ -11,6 +11,7 @@
 
 mod busy;
 mod name;
+pub mod pooldir;
 pub mod tree;
 
 use std::fmt;
@@ -261,8 +262,9 @@ pub trait Driver {
     /// sizes. Fails with `AlreadyExists` if the slot is taken.
     fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()>;
 
-    /// Destroys the volume in `slot` and, with `with_snapshots`, its snapshots. Without it a
-    /// volume that has snapshots fails with `HasSnapshots`. An empty slot is not an error.
+    /// Destroys the volume in `slot` and, with `with_snapshots`, its snapshots. Without it,
+    /// snapshots that can outlive their volume (btrfs) stay, and a backend where they cannot
+    /// fails with `HasSnapshots`. An empty slot is not an error.
     fn destroy(&self, slot: Slot<'_>, with_snapshots: bool) -> Result<()>;
 
     /// Names of the snapshots of the volume in `slot`, oldest first.
@@ -291,6 +293,12 @@ pub trait Driver {
     /// Flushes the volume in `slot` to stable storage. `root` is its open root directory.
     fn sync(&self, _slot: Slot<'_>, root: std::os::fd::BorrowedFd<'_>) -> Result<()> {
         rustix::fs::syncfs(root).map_err(|e| Error::errno("syncfs", e))
+    }
+
+    /// The volume is gone for good (deleted): forget anything kept about it, such as the
+    /// lineage that ties old snapshots to it.
+    fn forget(&self, _volume: &VolumeName) -> Result<()> {
+        Ok(())
     }
 
     /// Volumes that have something in a temporary slot (`New` or `Old`): the leftovers of an

@@ -1,0 +1,183 @@
+//! A pool that is one directory holding one entry per volume (the dir and btrfs drivers).
+//!
+//! Temporary slots are siblings named `.reimage-new.VOLUME` and `.reimage-old.VOLUME`, which no
+//! volume name can be (volume names start with a letter or digit). Every operation is relative
+//! to the pool directory's fd and names exactly one component, so nothing is ever resolved
+//! through a symlink; swaps are `renameat2(RENAME_EXCHANGE)`.
+
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+use crate::{
+    find_holder, holder_of_mount_below, Error, ErrorKind, Mounted, Result, Slot, SlotKind,
+    VolumeName,
+};
+
+const NEW_PREFIX: &str = ".reimage-new.";
+const OLD_PREFIX: &str = ".reimage-old.";
+
+pub struct PoolDir {
+    pub path: PathBuf,
+    pub fd: OwnedFd,
+}
+
+impl PoolDir {
+    /// Opens the pool directory. It must exist and be a directory (not a symlink): the
+    /// administrator creates it, reimage never guesses where a pool should live.
+    pub fn open(path: &Path) -> Result<PoolDir> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::NOENT => Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "pool directory {} does not exist; create it (mkdir -p) or fix the pool's path",
+                    path.display()
+                ),
+            ),
+            Errno::NOTDIR | Errno::LOOP => Error::new(
+                ErrorKind::Failed,
+                format!(
+                    "pool path {} is not a directory (symlinks are not followed)",
+                    path.display()
+                ),
+            ),
+            e => Error::errno(format!("opening pool directory {}", path.display()), e),
+        })?;
+        Ok(PoolDir {
+            path: path.to_owned(),
+            fd,
+        })
+    }
+
+    pub fn physical(slot: Slot<'_>) -> String {
+        match slot.kind {
+            SlotKind::Live => slot.volume.as_str().to_owned(),
+            SlotKind::New => format!("{NEW_PREFIX}{}", slot.volume),
+            SlotKind::Old => format!("{OLD_PREFIX}{}", slot.volume),
+        }
+    }
+
+    pub fn cname(slot: Slot<'_>) -> CString {
+        // Volume names are validated ASCII without NUL, so this cannot fail.
+        CString::new(Self::physical(slot)).unwrap_or_default()
+    }
+
+    pub fn path_of(&self, slot: Slot<'_>) -> PathBuf {
+        self.path.join(Self::physical(slot))
+    }
+
+    /// The stat of a slot's directory, `None` when the slot is empty. Anything but a
+    /// directory under a volume's name is an error: a driver never touches what it did not
+    /// make.
+    pub fn stat(&self, slot: Slot<'_>) -> Result<Option<rustix::fs::Stat>> {
+        match rustix::fs::statat(&self.fd, Self::cname(slot), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(Some(st)),
+            Ok(_) => Err(Error::new(
+                ErrorKind::Failed,
+                format!(
+                    "{} is not a directory; reimage leaves it alone (move it away by hand)",
+                    self.path_of(slot).display()
+                ),
+            )),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(Error::errno(
+                format!("stat {}", self.path_of(slot).display()),
+                e,
+            )),
+        }
+    }
+
+    pub fn require(&self, slot: Slot<'_>) -> Result<()> {
+        match self.stat(slot)? {
+            Some(_) => Ok(()),
+            None => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("{slot} does not exist"),
+            )),
+        }
+    }
+
+    pub fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
+        rustix::fs::renameat_with(
+            &self.fd,
+            Self::cname(from),
+            &self.fd,
+            Self::cname(to),
+            RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| match e {
+            Errno::EXIST => Error::new(ErrorKind::AlreadyExists, format!("{to} already exists")),
+            Errno::NOENT => Error::new(ErrorKind::NotFound, format!("{from} does not exist")),
+            e => Error::errno(format!("renaming {from} to {to}"), e),
+        })
+    }
+
+    pub fn exchange(&self, a: Slot<'_>, b: Slot<'_>) -> Result<()> {
+        rustix::fs::renameat_with(
+            &self.fd,
+            Self::cname(a),
+            &self.fd,
+            Self::cname(b),
+            RenameFlags::EXCHANGE,
+        )
+        .map_err(|e| Error::errno(format!("exchanging {a} and {b}"), e))
+    }
+
+    pub fn open_root(&self, slot: Slot<'_>) -> Result<Mounted> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            Self::cname(slot),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::NOENT => Error::new(ErrorKind::NotFound, format!("{slot} does not exist")),
+            e => Error::errno(format!("opening {}", self.path_of(slot).display()), e),
+        })?;
+        Ok(Mounted::unmanaged(fd))
+    }
+
+    pub fn busy(&self, slot: Slot<'_>) -> Result<Option<String>> {
+        let path = self.path_of(slot);
+        if let Some(mount) = holder_of_mount_below(&path)
+            .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?
+        {
+            return Ok(Some(mount));
+        }
+        find_holder(&path).map_err(|e| Error::io("scanning /proc", e))
+    }
+
+    pub fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
+        let entries = std::fs::read_dir(&self.path)
+            .map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            for (prefix, kind) in [(NEW_PREFIX, SlotKind::New), (OLD_PREFIX, SlotKind::Old)] {
+                if let Some(volume) = name.strip_prefix(prefix) {
+                    if let Ok(volume) = VolumeName::parse(volume) {
+                        found.push((volume, kind));
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(found)
+    }
+
+    pub fn statvfs(&self) -> Result<rustix::fs::StatVfs> {
+        rustix::fs::fstatvfs(&self.fd)
+            .map_err(|e| Error::errno(format!("statvfs {}", self.path.display()), e))
+    }
+}
