@@ -13,7 +13,26 @@ use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_reimage");
 
-/// One test's world. Dropping it unmounts what it mounted and removes every file it made.
+/// The storage a test's pool lives on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A directory on the test machine's own filesystem.
+    Dir,
+    /// A btrfs filesystem on a loop device made for the test, with or without quotas.
+    Btrfs { quota: bool },
+}
+
+impl Backend {
+    pub fn driver(self) -> &'static str {
+        match self {
+            Backend::Dir => "dir",
+            Backend::Btrfs { .. } => "btrfs",
+        }
+    }
+}
+
+/// One test's world. Dropping it unmounts what it mounted, detaches its loop devices and
+/// removes every file it made.
 pub struct Env {
     pub dir: PathBuf,
     pub conf_dir: PathBuf,
@@ -21,13 +40,21 @@ pub struct Env {
     pub pool: PathBuf,
     pub images: PathBuf,
     pub state: PathBuf,
+    pub backend: Backend,
+    /// Where the backend's filesystem is mounted (btrfs), for snapshots outside the pool.
+    pub mount: Option<PathBuf>,
     mounts: Vec<PathBuf>,
+    loops: Vec<String>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Env {
     pub fn new(name: &str) -> Env {
+        Env::with_backend(name, Backend::Dir)
+    }
+
+    pub fn with_backend(name: &str, backend: Backend) -> Env {
         let id = format!(
             "{name}-{}-{}",
             std::process::id(),
@@ -43,25 +70,79 @@ impl Env {
         for d in [&dir, &conf_dir] {
             std::fs::create_dir_all(d).unwrap();
         }
-        let env = Env {
+        let mut env = Env {
             pool: dir.join("pool"),
             images: dir.join("images"),
             state: dir.join("state"),
             config: conf_dir.join("config.toml"),
             dir,
             conf_dir,
+            backend,
+            mount: None,
             mounts: Vec::new(),
+            loops: Vec::new(),
         };
-        std::fs::create_dir_all(&env.pool).unwrap();
         std::fs::create_dir_all(&env.images).unwrap();
+        if let Backend::Btrfs { .. } = backend {
+            env.btrfs_pool();
+        }
+        std::fs::create_dir_all(&env.pool).unwrap();
         env.write_config(&env.default_config());
         env
     }
 
+    /// A 1 GiB btrfs on a loop device, mounted at `dir/mnt`, the pool at `mnt/pool`.
+    fn btrfs_pool(&mut self) {
+        let image = self.dir.join("btrfs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        self.loops.push(device.clone());
+        let ok = Command::new("mkfs.btrfs")
+            .args(["-q", "-f", &device])
+            .output()
+            .unwrap();
+        assert!(
+            ok.status.success(),
+            "mkfs.btrfs: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let mount = self.dir.join("mnt");
+        std::fs::create_dir_all(&mount).unwrap();
+        let ok = Command::new("mount")
+            .arg(&device)
+            .arg(&mount)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount btrfs");
+        self.mounts.push(mount.clone());
+        self.pool = mount.join("pool");
+        self.mount = Some(mount);
+    }
+
     pub fn default_config(&self) -> String {
+        let quota = match self.backend {
+            Backend::Btrfs { quota: true } => "quota = true\n",
+            _ => "",
+        };
         format!(
-            "state_dir = {:?}\n[images]\nallow = [{:?}]\n[pools.default]\ndriver = \"dir\"\npath = {:?}\n",
-            self.state, self.images, self.pool
+            "state_dir = {:?}\n[images]\nallow = [{:?}]\n[pools.default]\ndriver = \"{}\"\npath = {:?}\n{quota}",
+            self.state,
+            self.images,
+            self.backend.driver(),
+            self.pool
         )
     }
 
@@ -101,7 +182,7 @@ impl Env {
     }
 
     pub fn run(&self, request: &Value) -> Run {
-        self.run_with(&["dir"], request.to_string().as_bytes())
+        self.run_with(&[self.backend.driver()], request.to_string().as_bytes())
     }
 
     /// Starts a request and returns the child with a line reader on its stdout.
@@ -109,7 +190,7 @@ impl Env {
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&self.config)
-            .arg("dir")
+            .arg(self.backend.driver())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -183,7 +264,10 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         for m in self.mounts.drain(..).rev() {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
+            let _ = Command::new("umount").arg(&m).status();
+        }
+        for device in self.loops.drain(..) {
+            let _ = Command::new("losetup").arg("-d").arg(&device).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_dir_all(&self.conf_dir);

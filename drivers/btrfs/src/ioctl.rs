@@ -237,22 +237,33 @@ fn tree_search(
     }
 }
 
-/// Ids of the subvolumes whose parent uuid is `uuid`: its snapshots.
+/// Ids of the subvolumes whose parent uuid is `uuid`: its snapshots. A deleted subvolume
+/// keeps its root item until the cleaner gets to it; those (no references left, marked dead,
+/// or without a name any more) are not snapshots.
 pub fn snapshots_of(fd: BorrowedFd<'_>, uuid: &[u8; 16]) -> Result<Vec<u64>, Errno> {
+    // btrfs_root_item (packed): flags u64 at 208 (bit 48: being deleted), refs u32 at 216,
+    // parent_uuid 16 bytes at 263.
+    const ROOT_SUBVOL_DEAD: u64 = 1 << 48;
     let mut ids = Vec::new();
-    tree_search(
-        fd,
-        ROOT_TREE,
-        ROOT_ITEM_KEY,
-        (FIRST_FREE_OBJECTID, LAST_FREE_OBJECTID),
-        (0, u64::MAX),
-        &mut |id, _, data| {
-            if data.len() >= 279 && &data[263..279] == uuid && !ids.contains(&id) {
-                ids.push(id);
-            }
-        },
-    )?;
-    Ok(ids)
+    let mut item = |id: u64, _: u64, data: &[u8]| {
+        if data.len() < 279 || &data[263..279] != uuid || ids.contains(&id) {
+            return;
+        }
+        let flags = u64::from_le_bytes(data[208..216].try_into().unwrap_or([0; 8]));
+        let refs = u32::from_le_bytes(data[216..220].try_into().unwrap_or([0; 4]));
+        if refs > 0 && flags & ROOT_SUBVOL_DEAD == 0 {
+            ids.push(id);
+        }
+    };
+    let all = (FIRST_FREE_OBJECTID, LAST_FREE_OBJECTID);
+    tree_search(fd, ROOT_TREE, ROOT_ITEM_KEY, all, (0, u64::MAX), &mut item)?;
+    let mut live = Vec::with_capacity(ids.len());
+    for id in ids {
+        if subvol_name(fd, id)?.is_some() {
+            live.push(id);
+        }
+    }
+    Ok(live)
 }
 
 /// The name subvolume `id` has in its parent directory.

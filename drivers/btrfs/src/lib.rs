@@ -294,9 +294,12 @@ impl Driver for BtrfsDriver {
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} does not exist")))?;
         let mut names = Vec::new();
         for id in self.snapshots_of_slot(slot, &info)? {
-            let name = ioctl::subvol_name(self.pool.fd.as_fd(), id)
-                .map_err(|e| Error::errno("naming a snapshot", e))?;
-            names.push(name.unwrap_or_else(|| format!("subvolume {id}")));
+            // A snapshot deleted meanwhile has lost its name: it is not one any more.
+            if let Some(name) = ioctl::subvol_name(self.pool.fd.as_fd(), id)
+                .map_err(|e| Error::errno("naming a snapshot", e))?
+            {
+                names.push(name);
+            }
         }
         Ok(names)
     }

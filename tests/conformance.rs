@@ -1,0 +1,472 @@
+//! The driver conformance suite: one set of cases, written once, that every driver must pass
+//! against its real backend (dir: a directory; btrfs: a filesystem on a loop device made for
+//! the test, with and without quotas). A case a driver cannot support is reported as not
+//! applicable, by the capability it lacks, on stderr, never skipped silently.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{assert_same, gnu_manifest, rich_image, Backend, Env};
+use reimage_fixtures::manifest::Ignore;
+use reimage_fixtures::rawtar::Header;
+use reimage_fixtures::{Compression, TarFormat};
+use serde_json::{json, Value};
+
+/// What a backend can do, as its driver declares it (kept in step with the drivers'
+/// `capabilities()`; the suite checks that the results agree).
+struct Caps {
+    snapshots: bool,
+    quota: bool,
+}
+
+fn caps(backend: Backend) -> Caps {
+    match backend {
+        Backend::Dir => Caps {
+            snapshots: false,
+            quota: false,
+        },
+        Backend::Btrfs { quota } => Caps {
+            snapshots: true,
+            quota,
+        },
+    }
+}
+
+fn not_applicable(case: &str, backend: Backend, why: &str) {
+    eprintln!("NOT APPLICABLE: {case} on {backend:?}: {why}");
+}
+
+fn req(op: &str, volume: &str, extra: Value) -> Value {
+    let mut v = json!({"api": 1, "op": op, "pool": "default", "volume": volume});
+    if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+        v.extend(extra.clone());
+    }
+    v
+}
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A read-only snapshot of `volume` named `name`, made the backend's own way, outside the pool.
+fn snapshot(env: &Env, volume: &str, name: &str) -> PathBuf {
+    let mount = env.mount.clone().expect("a filesystem with snapshots");
+    let dest = mount.join(name);
+    sh(Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(env.volume(volume))
+        .arg(&dest));
+    dest
+}
+
+/// An env with volume `c1` from image A and a neighbour `n1`, a sentinel outside the pool;
+/// returns the images A and B.
+fn populated(case: &str, backend: Backend) -> (Env, PathBuf, PathBuf) {
+    populated_on(case, backend, None)
+}
+
+/// As [`populated`]; `small` puts a dir pool on a tmpfs of that size (a btrfs pool is always
+/// a 1 GiB filesystem of its own).
+fn populated_on(case: &str, backend: Backend, small: Option<&str>) -> (Env, PathBuf, PathBuf) {
+    let mut env = Env::with_backend(&format!("conf-{case}-{}", backend.driver()), backend);
+    if let (Backend::Dir, Some(size)) = (backend, small) {
+        env.small_pool(size);
+    }
+    let a = rich_image(&env, "a.tar.zst", 1, TarFormat::Posix, Compression::Zstd);
+    let b = rich_image(&env, "b.tar.gz", 2, TarFormat::Gnu, Compression::Gzip);
+    env.create_from("c1", &a).ok();
+    env.create_from("n1", &b).ok();
+    std::fs::create_dir_all(env.dir.join("sentinel")).unwrap();
+    std::fs::write(env.dir.join("sentinel/file"), b"outside").unwrap();
+    (env, a, b)
+}
+
+/// The neighbour, the sentinel and the absence of temporary volumes: what no operation on
+/// `c1` may change.
+fn untouched(env: &Env) -> (reimage_fixtures::Manifest, reimage_fixtures::Manifest) {
+    assert!(
+        env.leftovers().is_empty(),
+        "temporary volumes left: {:?}",
+        env.leftovers()
+    );
+    (
+        env.manifest_of("n1"),
+        reimage_fixtures::manifest(&env.dir.join("sentinel")).unwrap(),
+    )
+}
+
+fn lifecycle(backend: Backend) {
+    let (env, a, b) = populated("lifecycle", backend);
+    let before = untouched(&env);
+    assert_same(
+        &gnu_manifest(&env, &a),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
+    env.rebuild_from("c1", &b).ok();
+    assert_same(
+        &gnu_manifest(&env, &b),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
+    env.rebuild_from("c1", &a).ok();
+    assert_same(
+        &gnu_manifest(&env, &a),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
+    env.run(&req("rebuild", "c1", json!({"source": {"empty": true}})))
+        .ok();
+    assert_eq!(std::fs::read_dir(env.volume("c1")).unwrap().count(), 0);
+    env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": b}, "mode": "in-place"}),
+    ))
+    .ok();
+    assert_same(
+        &gnu_manifest(&env, &b),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
+    let inspect = env.run(&req("inspect", "c1", json!({})));
+    let volume = &inspect.ok()["volume"];
+    assert_eq!(volume["exists"], true);
+    // The rich tree's mostly-zero file is stored with holes, so less than its 4.2 MB.
+    assert!(volume["used"].as_u64().unwrap() > 3_000_000, "{volume}");
+    assert_eq!(before, untouched(&env));
+    env.run(&req("delete", "c1", json!({}))).ok();
+    assert!(!env.volume("c1").exists());
+    assert_eq!(
+        env.run(&req("inspect", "c1", json!({}))).ok()["volume"]["exists"],
+        false
+    );
+    assert_eq!(before, untouched(&env));
+}
+
+fn resize(backend: Backend) {
+    let (env, _a, _b) = populated("resize", backend);
+    let r = env.run(&req("resize", "c1", json!({"size": "300MiB"})));
+    if !caps(backend).quota {
+        r.ok();
+        assert_eq!(r.warnings(), vec!["size_ignored"]);
+        return not_applicable("resize", backend, "no size limits (warned)");
+    }
+    assert_eq!(r.ok()["volume"]["size"], 300 << 20);
+    let r = env.run(&req("resize", "c1", json!({"size": "100MiB"})));
+    assert_eq!(
+        r.ok()["volume"]["size"],
+        100 << 20,
+        "shrinks where the driver can"
+    );
+    env.run(&req("resize", "c1", json!({"size": "1MiB"})))
+        .failed("insufficient_space", 1);
+    assert_eq!(
+        env.run(&req("inspect", "c1", json!({}))).ok()["volume"]["size"],
+        100 << 20
+    );
+}
+
+fn size_grows_to_fit_the_image(backend: Backend) {
+    let (env, a, _b) = populated("grow", backend);
+    let r = env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": a}, "size": "1MiB"}),
+    ));
+    if !caps(backend).quota {
+        r.ok();
+        assert!(r.warnings().contains(&"size_ignored"));
+        return not_applicable(
+            "size_grows_to_fit_the_image",
+            backend,
+            "no size limits (warned)",
+        );
+    }
+    let size = r.ok()["volume"]["size"].as_u64().unwrap();
+    let need = r.ok()["image"]["allocated_bytes"].as_u64().unwrap();
+    assert!(
+        size >= need + need / 5,
+        "size {size} fits {need} plus headroom"
+    );
+    let exact = env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": a}, "size": "1MiB", "size_policy": "exact"}),
+    ));
+    exact.failed("insufficient_space", 1);
+}
+
+fn snapshots(backend: Backend) {
+    let (env, a, b) = populated("snapshots", backend);
+    if !caps(backend).snapshots {
+        let r = env.rebuild_from("c1", &b);
+        r.ok();
+        let keep = env.run(&req(
+            "rebuild",
+            "c1",
+            json!({"source": {"image": a}, "snapshots": "keep"}),
+        ));
+        keep.ok();
+        return not_applicable("snapshots", backend, "the driver has no snapshots");
+    }
+    let snap = snapshot(&env, "c1", "snap1");
+    let snap_manifest = reimage_fixtures::manifest(&snap).unwrap();
+    let before = env.manifest_of("c1");
+    let refused = env.rebuild_from("c1", &b);
+    let e = refused.failed("volume_has_snapshots", 1);
+    assert_eq!(e["details"]["snapshots"], json!(["snap1"]));
+    assert_eq!(before, env.manifest_of("c1"));
+    env.run(&req("delete", "c1", json!({})))
+        .failed("volume_has_snapshots", 1);
+    // keep: the snapshot stays usable, and the volume still lists it after the rebuild.
+    env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": b}, "snapshots": "keep"}),
+    ))
+    .ok();
+    assert_eq!(snap_manifest, reimage_fixtures::manifest(&snap).unwrap());
+    assert_same(
+        &gnu_manifest(&env, &b),
+        &env.manifest_of("c1"),
+        &Ignore::default(),
+    );
+    assert_eq!(
+        env.run(&req("inspect", "c1", json!({}))).ok()["volume"]["snapshots"],
+        json!(["snap1"])
+    );
+    // delete: the snapshots go with the old content.
+    env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": a}, "snapshots": "delete"}),
+    ))
+    .ok();
+    assert!(!snap.exists());
+    assert_eq!(
+        env.run(&req("inspect", "c1", json!({}))).ok()["volume"]["snapshots"],
+        json!([])
+    );
+    // And a delete with snapshots "delete" removes them too.
+    let snap2 = snapshot(&env, "c1", "snap2");
+    env.run(&req("delete", "c1", json!({"snapshots": "delete"})))
+        .ok();
+    assert!(!snap2.exists() && !env.volume("c1").exists());
+    assert!(env.leftovers().is_empty());
+}
+
+fn nested_volumes_are_deleted(backend: Backend) {
+    let (env, _a, b) = populated("nested", backend);
+    if backend == Backend::Dir {
+        return not_applicable(
+            "nested_volumes_are_deleted",
+            backend,
+            "directories have no nested subvolumes",
+        );
+    }
+    let vol = env.volume("c1");
+    sh(Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(vol.join("var-lib-machines")));
+    sh(Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(vol.join("var-lib-machines/inner")));
+    std::fs::write(vol.join("var-lib-machines/inner/data"), b"x").unwrap();
+    sh(Command::new("btrfs")
+        .args(["property", "set"])
+        .arg(vol.join("var-lib-machines"))
+        .args(["ro", "true"]));
+    env.rebuild_from("c1", &b).ok();
+    assert!(!vol.join("var-lib-machines").exists());
+    sh(Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(vol.join("again")));
+    env.run(&req("delete", "c1", json!({}))).ok();
+    let out = Command::new("btrfs")
+        .args(["subvolume", "list"])
+        .arg(env.mount.as_ref().unwrap())
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !list.contains("c1") && !list.contains("machines") && !list.contains("again"),
+        "{list}"
+    );
+}
+
+/// An image that claims far more content than the pool holds: 2 GiB of zeros, compressed.
+fn oversized_image(env: &Env) -> PathBuf {
+    let raw = env.dir.join("big.tar");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&raw).unwrap();
+        let mut h = Header::new(b'0', b"zeros");
+        h.size = 2 << 30;
+        f.write_all(&h.to_block()).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..2048 {
+            f.write_all(&zeros).unwrap();
+        }
+        f.write_all(&[0u8; 1024]).unwrap();
+    }
+    let out = env.image("big.tar.zst");
+    sh(Command::new("zstd")
+        .args(["-q", "-1", "--rm", "-o"])
+        .arg(&out)
+        .arg(&raw));
+    out
+}
+
+fn a_pool_too_small_is_refused_before_anything_changes(backend: Backend) {
+    let (env, _a, _b) = populated_on("full", backend, Some("512m"));
+    let big = oversized_image(&env);
+    let before = (env.manifest_of("c1"), untouched(&env));
+    let r = env.rebuild_from("c1", &big);
+    let e = r.failed("insufficient_space", 1);
+    assert!(
+        e["details"]["needed"].as_u64().unwrap() > e["details"]["available"].as_u64().unwrap(),
+        "{e}"
+    );
+    assert!(!r.events.iter().any(|e| e["phase"] == "unpack"));
+    assert_eq!(before, (env.manifest_of("c1"), untouched(&env)));
+}
+
+fn bulky_image(env: &Env) -> PathBuf {
+    let src = env.dir.join("bulky");
+    reimage_fixtures::tree::bulky(&src, 64, 4 << 20).unwrap();
+    let image = env.image("bulky.tar");
+    reimage_fixtures::gnu_tar(&src, &image, TarFormat::Gnu, Compression::None).unwrap();
+    std::fs::remove_dir_all(&src).unwrap();
+    image
+}
+
+fn kill_and_recover(env: &Env, request: Value) {
+    let mut child = env.spawn(&request);
+    child
+        .wait_for(|e| e["event"] == "progress" && e["phase"] == "unpack")
+        .expect("reached the unpack");
+    child.signal(libc::SIGKILL);
+    child.finish();
+}
+
+fn recovery_after_a_crash(backend: Backend) {
+    let (env, a, _b) = populated("crash", backend);
+    let bulky = bulky_image(&env);
+    let before = (env.manifest_of("c1"), untouched(&env));
+    kill_and_recover(
+        &env,
+        req("rebuild", "c1", json!({"source": {"image": bulky}})),
+    );
+    let r = env.run(&json!({"api": 1, "op": "recover", "pool": "default"}));
+    assert_eq!(r.ok()["recovered"][0]["action"], "rolled_back");
+    assert_eq!(before, (env.manifest_of("c1"), untouched(&env)));
+    assert_eq!(
+        env.run(&json!({"api": 1, "op": "recover", "pool": "default"}))
+            .ok()["recovered"],
+        json!([])
+    );
+    // In place, the old content is destroyed before the unpack starts (the documented
+    // risk): a kill there loses the volume, and recovery leaves nothing half-built behind.
+    kill_and_recover(
+        &env,
+        req(
+            "rebuild",
+            "c1",
+            json!({"source": {"image": bulky}, "mode": "in-place"}),
+        ),
+    );
+    let r = env.run(&json!({"api": 1, "op": "recover", "pool": "default"}));
+    assert_eq!(r.ok()["recovered"][0]["action"], "lost");
+    assert!(!env.volume("c1").exists());
+    assert_eq!(before.1, untouched(&env));
+    env.create_from("c1", &a).ok();
+    // The next request recovers first by itself.
+    kill_and_recover(
+        &env,
+        req("rebuild", "c1", json!({"source": {"image": bulky}})),
+    );
+    let r = env.rebuild_from("c1", &bulky);
+    r.ok();
+    assert!(r.warnings().contains(&"recovered"));
+    assert!(env.leftovers().is_empty());
+}
+
+fn busy_volumes_name_their_holder(backend: Backend) {
+    let (env, _a, b) = populated("busy", backend);
+    let mut holder = Command::new("sleep")
+        .arg("60")
+        .current_dir(env.volume("c1").join("etc"))
+        .spawn()
+        .unwrap();
+    let r = env.rebuild_from("c1", &b);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let e = r.failed("volume_busy", 1);
+    assert!(
+        e["details"]["holder"].as_str().unwrap().contains("sleep"),
+        "{e}"
+    );
+    env.rebuild_from("c1", &b).ok();
+}
+
+fn hostile_names_are_refused(backend: Backend) {
+    let (env, _a, _b) = populated("names", backend);
+    let before = (env.manifest_of("c1"), untouched(&env));
+    for name in [
+        "-o",
+        "../x",
+        "a@b",
+        "",
+        ".reimage-new.c1",
+        "c1/..",
+        &"x".repeat(300),
+    ] {
+        env.run(&req("delete", name, json!({})))
+            .failed("invalid_request", 2);
+        env.run(&req("create", name, json!({"source": {"empty": true}})))
+            .failed("invalid_request", 2);
+    }
+    assert_eq!(before, (env.manifest_of("c1"), untouched(&env)));
+}
+
+macro_rules! conformance {
+    ($backend:ident = $value:expr; $($case:ident),* $(,)?) => {
+        mod $backend {
+            use super::*;
+            $(
+                #[test]
+                fn $case() {
+                    super::$case($value);
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_cases {
+    ($backend:ident = $value:expr) => {
+        conformance!($backend = $value;
+            lifecycle,
+            resize,
+            size_grows_to_fit_the_image,
+            snapshots,
+            nested_volumes_are_deleted,
+            a_pool_too_small_is_refused_before_anything_changes,
+            recovery_after_a_crash,
+            busy_volumes_name_their_holder,
+            hostile_names_are_refused,
+        );
+    };
+}
+
+all_cases!(dir = Backend::Dir);
+all_cases!(btrfs = Backend::Btrfs { quota: true });
+all_cases!(btrfs_without_quota = Backend::Btrfs { quota: false });
