@@ -170,9 +170,14 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
         }
         Ok(Parsed::Version) => {
             eprintln!(
-                "reimage {} (protocol api {})",
+                "reimage {} (protocol api {}){}",
                 env!("CARGO_PKG_VERSION"),
-                request::API_VERSION
+                request::API_VERSION,
+                if crate::fault::ENABLED {
+                    " with fault injection"
+                } else {
+                    ""
+                }
             );
             return 0;
         }

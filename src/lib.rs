@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod drivers;
 pub mod error;
+pub mod fault;
 pub mod image;
 pub mod journal;
 pub mod lock;

@@ -26,7 +26,7 @@ use crate::recover::{recover_orphans, recover_volume, Outcome};
 use crate::unpack::idmap::IdMap;
 use crate::unpack::path::{normalize, RelPath};
 use crate::unpack::{self, Observer};
-use crate::{preserve, signals};
+use crate::{fault, preserve, signals};
 
 /// Everything an operation works with.
 pub struct Ctx<'a> {
@@ -348,6 +348,7 @@ impl VolumeOp<'_> {
             },
             with_snapshots,
         )?;
+        fault::point("commit:journaled")?;
         let (driver, volume) = (self.driver, self.volume);
         let swapped = timings.time("swap", || -> Result<()> {
             let live_exists = driver.identity(Slot::live(volume))?.is_some();
@@ -377,6 +378,7 @@ impl VolumeOp<'_> {
                 )),
             };
         }
+        fault::point("commit:swapped")?;
         self.events.progress(EventPhase::Swap, 1, 1, "steps");
         let cleaned = timings.time("cleanup", || -> Result<()> {
             for kind in [SlotKind::New, SlotKind::Old] {
@@ -387,6 +389,7 @@ impl VolumeOp<'_> {
             }
             Ok(())
         });
+        let cleaned = cleaned.and_then(|()| fault::point("commit:cleaned"));
         match cleaned {
             Ok(()) => self.journal.clear(volume)?,
             Err(e) => self.events.warning(
@@ -483,6 +486,18 @@ fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, Value>> {
         json!({"name": volume.as_str(), "exists": false})
     };
     info["pending_recovery"] = pending.into();
+    // Added to v1: what the driver can do, so callers (and the conformance suite) need not guess.
+    let caps = driver.capabilities();
+    info["capabilities"] = json!({
+        "snapshots": caps.snapshots,
+        "keep_snapshots": caps.keep_snapshots,
+        "size_limit": match caps.size_model {
+            reimage_driver::SizeModel::Unlimited => "none",
+            reimage_driver::SizeModel::Quota => "quota",
+            reimage_driver::SizeModel::Allocated => "allocated",
+        },
+        "shrink": caps.shrink,
+    });
     let mut out = Map::new();
     out.insert("volume".into(), info);
     Ok(out)
@@ -572,16 +587,19 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
     cancelled_check()?;
     vop.intent(IntentOp::Create, Phase::Building, false)?;
     let built = (|| -> Result<String> {
+        fault::point("create:journaled")?;
         vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
         timings.time("prepare", || {
             driver.create(Slot::new(volume), plan.target_size)
         })?;
+        fault::point("create:created")?;
         let root = driver.open_root(Slot::new(volume))?;
         vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
         let events = &mut *vop.events;
         timings.time("unpack", || {
             unpack_into(events, &root, &content, &idmap, &[])
         })?;
+        fault::point("create:unpacked")?;
         seal(driver, vop.events, root, volume, &mut timings)
     })();
     let new_id = match built {
@@ -683,23 +701,28 @@ fn rebuild(
         Mode::Atomic => {
             vop.intent(IntentOp::Rebuild, Phase::Building, with_snapshots)?;
             let built = (|| -> Result<String> {
+                fault::point("rebuild:journaled")?;
                 vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
                 timings.time("prepare", || {
                     driver.create(Slot::new(volume), plan.target_size)
                 })?;
+                fault::point("rebuild:created")?;
                 let root = driver.open_root(Slot::new(volume))?;
                 vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
                 let events = &mut *vop.events;
                 timings.time("unpack", || {
                     unpack_into(events, &root, &content, &idmap, &[])
                 })?;
+                fault::point("rebuild:unpacked")?;
                 if !keep.is_empty() {
                     let old = driver.open_root(live)?;
                     let events = &mut *vop.events;
                     timings.time("preserve", || copy_preserved(events, &old, &root, &keep))?;
                     old.release()?;
                 }
-                seal(driver, vop.events, root, volume, &mut timings)
+                let id = seal(driver, vop.events, root, volume, &mut timings)?;
+                fault::point("rebuild:synced")?;
+                Ok(id)
             })();
             let new_id = match built {
                 Ok(id) => id,
@@ -712,11 +735,14 @@ fn rebuild(
             let op = IntentOp::RebuildInPlace;
             // Until the old content is destroyed, a failure puts it back.
             let prepared = (|| -> Result<Mounted> {
+                fault::point("inplace:journaled")?;
                 vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
                 driver.rename(live, Slot::old(volume))?;
+                fault::point("inplace:detached")?;
                 timings.time("prepare", || {
                     driver.create(Slot::new(volume), plan.target_size)
                 })?;
+                fault::point("inplace:created")?;
                 let root = driver.open_root(Slot::new(volume))?;
                 vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
                 if !keep.is_empty() {
@@ -750,6 +776,7 @@ fn rebuild(
             };
             vop.intent(op, Phase::DestroyingOld, with_snapshots)?;
             let built = (|| -> Result<String> {
+                fault::point("inplace:destroying")?;
                 timings.time("cleanup", || {
                     driver.destroy(Slot::old(volume), with_snapshots)
                 })?;
@@ -757,6 +784,7 @@ fn rebuild(
                 timings.time("unpack", || {
                     unpack_into(events, &root, &content, &idmap, &keep)
                 })?;
+                fault::point("inplace:unpacked")?;
                 seal(driver, vop.events, root, volume, &mut timings)
             })();
             match built {
@@ -829,11 +857,14 @@ fn delete(
     let with_snapshots = snapshots == SnapshotPolicy::Delete;
     vop.intent(IntentOp::Delete, Phase::Deleting, with_snapshots)?;
     vop.events.progress(EventPhase::Cleanup, 0, 1, "steps");
-    let deleted = driver
-        .rename(live, Slot::old(volume))
-        .and_then(|()| driver.destroy(Slot::old(volume), with_snapshots));
+    let deleted = (|| -> Result<()> {
+        fault::point("delete:journaled")?;
+        driver.rename(live, Slot::old(volume))?;
+        fault::point("delete:detached")?;
+        driver.destroy(Slot::old(volume), with_snapshots)?;
+        fault::point("delete:destroyed")
+    })();
     if let Err(e) = deleted {
-        let e = Error::from(e);
         // Finish what can be finished: a volume moved aside is deleted, one still under its
         // name stays.
         let intent = Intent {

@@ -14,23 +14,19 @@ use reimage_fixtures::rawtar::Header;
 use reimage_fixtures::{Compression, TarFormat};
 use serde_json::{json, Value};
 
-/// What a backend can do, as its driver declares it (kept in step with the drivers'
-/// `capabilities()`; the suite checks that the results agree).
+/// What the driver declares it can do (from `inspect`): cases it cannot support are reported
+/// as not applicable by this declaration.
 struct Caps {
     snapshots: bool,
     quota: bool,
 }
 
-fn caps(backend: Backend) -> Caps {
-    match backend {
-        Backend::Dir => Caps {
-            snapshots: false,
-            quota: false,
-        },
-        Backend::Btrfs { quota } => Caps {
-            snapshots: true,
-            quota,
-        },
+fn caps(env: &Env) -> Caps {
+    let r = env.run(&req("inspect", "c1", json!({})));
+    let c = &r.ok()["volume"]["capabilities"];
+    Caps {
+        snapshots: c["snapshots"] == true,
+        quota: c["size_limit"] == "quota",
     }
 }
 
@@ -154,7 +150,7 @@ fn lifecycle(backend: Backend) {
 fn resize(backend: Backend) {
     let (env, _a, _b) = populated("resize", backend);
     let r = env.run(&req("resize", "c1", json!({"size": "300MiB"})));
-    if !caps(backend).quota {
+    if !caps(&env).quota {
         r.ok();
         assert_eq!(r.warnings(), vec!["size_ignored"]);
         return not_applicable("resize", backend, "no size limits (warned)");
@@ -181,7 +177,7 @@ fn size_grows_to_fit_the_image(backend: Backend) {
         "c1",
         json!({"source": {"image": a}, "size": "1MiB"}),
     ));
-    if !caps(backend).quota {
+    if !caps(&env).quota {
         r.ok();
         assert!(r.warnings().contains(&"size_ignored"));
         return not_applicable(
@@ -206,7 +202,7 @@ fn size_grows_to_fit_the_image(backend: Backend) {
 
 fn snapshots(backend: Backend) {
     let (env, a, b) = populated("snapshots", backend);
-    if !caps(backend).snapshots {
+    if !caps(&env).snapshots {
         let r = env.rebuild_from("c1", &b);
         r.ok();
         let keep = env.run(&req(
@@ -399,6 +395,115 @@ fn recovery_after_a_crash(backend: Backend) {
     assert!(env.leftovers().is_empty());
 }
 
+/// Every fault point an operation passes: kill the process there, then `recover`. The
+/// volume holds the complete old or the complete new content (never neither, never a mix),
+/// no temporary volume or journal record is left, and a second `recover` does nothing. Then
+/// the same with an error injected instead of a kill.
+fn crash_at_every_step(backend: Backend) {
+    let (env, a, b) = populated("steps", backend);
+    let version = std::process::Command::new(common::BIN)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&version.stderr).contains("fault injection"),
+        "the crash tests need a build with --features fault-injection"
+    );
+    let old = env.manifest_of("c1");
+    let new = gnu_manifest(&env, &b);
+    let journal_is_empty = |env: &Env| env.snapshot().1.is_empty();
+    let mut checked = 0;
+    for point in reimage::fault::POINTS {
+        let (op, request) = match point.split(':').next() {
+            Some("create") => (
+                "create",
+                req("create", "c2", json!({"source": {"image": b}})),
+            ),
+            Some("delete") => ("delete", req("delete", "c1", json!({}))),
+            Some("inplace") => (
+                "rebuild",
+                req(
+                    "rebuild",
+                    "c1",
+                    json!({"source": {"image": b}, "mode": "in-place"}),
+                ),
+            ),
+            _ => (
+                "rebuild",
+                req("rebuild", "c1", json!({"source": {"image": b}})),
+            ),
+        };
+        for action in ["kill", "error"] {
+            let spec = if action == "kill" {
+                point.to_string()
+            } else {
+                format!("{point}@error")
+            };
+            let run = env.run_env(&request, &[("REIMAGE_FAULT", &spec)]);
+            if action == "kill" {
+                assert_eq!(
+                    run.status,
+                    -1,
+                    "{spec}: killed by SIGKILL; {:?}",
+                    run.events.last()
+                );
+            }
+            let r = env.run(&json!({"api": 1, "op": "recover", "pool": "default"}));
+            r.ok();
+            assert_eq!(
+                env.run(&json!({"api": 1, "op": "recover", "pool": "default"}))
+                    .ok()["recovered"],
+                json!([]),
+                "{spec}"
+            );
+            assert!(env.leftovers().is_empty(), "{spec}: {:?}", env.leftovers());
+            assert!(journal_is_empty(&env), "{spec}: journal records left");
+            match op {
+                "create" => {
+                    if env.volume("c2").exists() {
+                        assert_same(&new, &env.manifest_of("c2"), &Ignore::default());
+                        env.run(&req("delete", "c2", json!({}))).ok();
+                    }
+                }
+                "delete" => {
+                    if env.volume("c1").exists() {
+                        assert_eq!(old, env.manifest_of("c1"), "{spec}");
+                    } else {
+                        env.create_from("c1", &a).ok();
+                    }
+                }
+                _ => {
+                    if !env.volume("c1").exists() {
+                        // Only an in-place rebuild, after the old content was destroyed.
+                        assert!(
+                            point.starts_with("inplace") || point.starts_with("commit"),
+                            "{spec}: the volume is gone"
+                        );
+                    } else {
+                        let now = env.manifest_of("c1");
+                        let is_old = now == old;
+                        let is_new =
+                            reimage_fixtures::manifest::diff(&new, &now, &Ignore::default())
+                                .is_empty();
+                        assert!(
+                            is_old || is_new,
+                            "{spec}: the volume holds neither the old nor the new content"
+                        );
+                    }
+                    // Back to the old content for the next point.
+                    if env.volume("c1").exists() {
+                        env.rebuild_from("c1", &a).ok();
+                    } else {
+                        env.create_from("c1", &a).ok();
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    eprintln!("crash_at_every_step on {backend:?}: {checked} crashes and errors recovered");
+}
+
 fn busy_volumes_name_their_holder(backend: Backend) {
     let (env, _a, b) = populated("busy", backend);
     let mut holder = Command::new("sleep")
@@ -414,6 +519,23 @@ fn busy_volumes_name_their_holder(backend: Backend) {
         e["details"]["holder"].as_str().unwrap().contains("sleep"),
         "{e}"
     );
+    // A filesystem mounted inside the volume keeps it busy too, named by its mount point.
+    let inside = env.volume("c1").join("srv");
+    sh(Command::new("mount")
+        .args(["-t", "tmpfs", "inside"])
+        .arg(&inside));
+    let r = env.rebuild_from("c1", &b);
+    let deleted = env.run(&req("delete", "c1", json!({})));
+    sh(Command::new("umount").arg(&inside));
+    let e = r.failed("volume_busy", 1);
+    assert!(
+        e["details"]["holder"]
+            .as_str()
+            .unwrap()
+            .contains("mounted at"),
+        "{e}"
+    );
+    deleted.failed("volume_busy", 1);
     env.rebuild_from("c1", &b).ok();
 }
 
@@ -461,6 +583,7 @@ macro_rules! all_cases {
             nested_volumes_are_deleted,
             a_pool_too_small_is_refused_before_anything_changes,
             recovery_after_a_crash,
+            crash_at_every_step,
             busy_volumes_name_their_holder,
             hostile_names_are_refused,
         );

@@ -181,6 +181,27 @@ impl Env {
         Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
     }
 
+    /// Runs a request with extra environment variables (fault injection).
+    pub fn run_env(&self, request: &Value, vars: &[(&str, &str)]) -> Run {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg(self.backend.driver())
+            .envs(vars.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(request.to_string().as_bytes());
+        let out = child.wait_with_output().unwrap();
+        Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
+    }
+
     pub fn run(&self, request: &Value) -> Run {
         self.run_with(&[self.backend.driver()], request.to_string().as_bytes())
     }
