@@ -54,5 +54,18 @@ pub fn point(_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// With the feature: `REIMAGE_FAULT_QUOTA=BYTES` gives the volume being built that size limit
+/// instead of the planned one, so tests can make the kernel stop an unpack with EDQUOT.
+#[cfg(feature = "fault-injection")]
+pub fn quota_override() -> Option<u64> {
+    std::env::var("REIMAGE_FAULT_QUOTA").ok()?.parse().ok()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn quota_override() -> Option<u64> {
+    None
+}
+
 /// `true` when this build has fault points (tests check it before relying on them).
 pub const ENABLED: bool = cfg!(feature = "fault-injection");

@@ -707,6 +707,9 @@ fn rebuild(
                     driver.create(Slot::new(volume), plan.target_size)
                 })?;
                 fault::point("rebuild:created")?;
+                if let Some(bytes) = fault::quota_override() {
+                    driver.set_size(Slot::new(volume), bytes)?;
+                }
                 let root = driver.open_root(Slot::new(volume))?;
                 vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
                 let events = &mut *vop.events;

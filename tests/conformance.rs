@@ -335,6 +335,30 @@ fn a_pool_too_small_is_refused_before_anything_changes(backend: Backend) {
     assert_eq!(before, (env.manifest_of("c1"), untouched(&env)));
 }
 
+/// A nearly full filesystem: filled with real extents (fallocate) until about 64 MiB are
+/// left, so an image of 256 MiB cannot fit; statfs alone is approximate on btrfs.
+fn a_nearly_full_pool_is_refused_before_anything_changes(backend: Backend) {
+    let (env, _a, _b) = populated_on("nearly-full", backend, Some("512m"));
+    let bulky = bulky_image(&env);
+    let fill_at = env.mount.clone().unwrap_or(env.pool.clone()).join("filler");
+    let st = rustix::fs::statvfs(&env.pool).unwrap();
+    let free = st.f_bavail * st.f_frsize;
+    sh(Command::new("fallocate")
+        .arg("-l")
+        .arg((free - (64 << 20)).to_string())
+        .arg(&fill_at));
+    let before = (env.manifest_of("c1"), untouched(&env));
+    let r = env.rebuild_from("c1", &bulky);
+    let e = r.failed("insufficient_space", 1);
+    let available = e["details"]["available"].as_u64().unwrap();
+    assert!(
+        available < 128 << 20,
+        "available {available} reflects the fill"
+    );
+    assert_eq!(before, (env.manifest_of("c1"), untouched(&env)));
+    std::fs::remove_file(&fill_at).unwrap();
+}
+
 fn bulky_image(env: &Env) -> PathBuf {
     let src = env.dir.join("bulky");
     reimage_fixtures::tree::bulky(&src, 64, 4 << 20).unwrap();
@@ -504,6 +528,29 @@ fn crash_at_every_step(backend: Backend) {
     eprintln!("crash_at_every_step on {backend:?}: {checked} crashes and errors recovered");
 }
 
+/// The kernel stops an unpack at the volume's limit: `quota_exceeded`, the old volume intact.
+fn an_exhausted_quota_is_quota_exceeded(backend: Backend) {
+    let (env, a, _b) = populated("edquot", backend);
+    if !caps(&env).quota {
+        return not_applicable(
+            "an_exhausted_quota_is_quota_exceeded",
+            backend,
+            "no size limits",
+        );
+    }
+    let bulky = bulky_image(&env);
+    let before = env.manifest_of("c1");
+    let r = env.run_env(
+        &req("rebuild", "c1", json!({"source": {"image": bulky}})),
+        &[("REIMAGE_FAULT_QUOTA", &(8u64 << 20).to_string())],
+    );
+    let e = r.failed("quota_exceeded", 1);
+    assert!(e["message"].as_str().unwrap().contains("quota"), "{e}");
+    assert_eq!(before, env.manifest_of("c1"));
+    assert!(env.leftovers().is_empty());
+    env.rebuild_from("c1", &a).ok();
+}
+
 fn busy_volumes_name_their_holder(backend: Backend) {
     let (env, _a, b) = populated("busy", backend);
     let mut holder = Command::new("sleep")
@@ -582,8 +629,10 @@ macro_rules! all_cases {
             snapshots,
             nested_volumes_are_deleted,
             a_pool_too_small_is_refused_before_anything_changes,
+            a_nearly_full_pool_is_refused_before_anything_changes,
             recovery_after_a_crash,
             crash_at_every_step,
+            an_exhausted_quota_is_quota_exceeded,
             busy_volumes_name_their_holder,
             hostile_names_are_refused,
         );
