@@ -306,6 +306,26 @@ impl VolumeOp<'_> {
         Ok(outcome)
     }
 
+    /// Finishes or rolls back from `phase` at once, as `recover` would after a crash there.
+    fn try_recover(&self, op: IntentOp, phase: Phase, with_snapshots: bool) -> Result<()> {
+        let intent = Intent {
+            op,
+            phase,
+            with_snapshots,
+            pid: std::process::id(),
+        };
+        recover_volume(self.driver, &self.journal, self.volume, &intent).map(|_| ())
+    }
+
+    /// After a failed step: recovers from `phase` and returns `err`, noting when even that
+    /// failed (the journal then stays for `recover`).
+    fn recover_after(&self, err: Error, op: IntentOp, phase: Phase, with_snapshots: bool) -> Error {
+        match self.try_recover(op, phase, with_snapshots) {
+            Ok(()) => err,
+            Err(again) => recovery_pending(err, &again),
+        }
+    }
+
     /// Destroys the `New` slot after a failure and clears the journal; if that fails too the
     /// journal stays so that the next request finishes the job, and the error says so.
     fn roll_back_new(&mut self, err: Error) -> Error {
@@ -316,9 +336,7 @@ impl VolumeOp<'_> {
             .and_then(|()| self.journal.clear(self.volume));
         match undone {
             Ok(()) => err,
-            Err(e) => err
-                .with("recovery", format!("pending: {}; run recover", e.message))
-                .context("rolled back only partly"),
+            Err(e) => recovery_pending(err, &e).context("rolled back only partly"),
         }
     }
 
@@ -364,19 +382,9 @@ impl VolumeOp<'_> {
         });
         if let Err(e) = swapped {
             // The new volume is complete: finishing the swap is the recovery.
-            let intent = Intent {
-                op,
-                phase: Phase::Committing { new_id },
-                with_snapshots,
-                pid: std::process::id(),
-            };
-            return match recover_volume(driver, &self.journal, volume, &intent) {
-                Ok(_) => Ok(()),
-                Err(again) => Err(e.with(
-                    "recovery",
-                    format!("pending: {}; run recover", again.message),
-                )),
-            };
+            return self
+                .try_recover(op, Phase::Committing { new_id }, with_snapshots)
+                .map_err(|again| recovery_pending(e, &again));
         }
         fault::point("commit:swapped")?;
         self.events.progress(EventPhase::Swap, 1, 1, "steps");
@@ -400,6 +408,14 @@ impl VolumeOp<'_> {
         self.events.progress(EventPhase::Cleanup, 1, 1, "steps");
         Ok(())
     }
+}
+
+/// `err`, saying that recovery failed too and is left to `recover`.
+fn recovery_pending(err: Error, again: &Error) -> Error {
+    err.with(
+        "recovery",
+        format!("pending: {}; run recover", again.message),
+    )
 }
 
 /// Syncs and closes the volume being built, and returns its identity.
@@ -759,23 +775,7 @@ fn rebuild(
             })();
             let root = match prepared {
                 Ok(root) => root,
-                Err(e) => {
-                    let intent = Intent {
-                        op,
-                        phase: Phase::Detaching,
-                        with_snapshots,
-                        pid: std::process::id(),
-                    };
-                    return Err(
-                        match recover_volume(driver, &vop.journal, volume, &intent) {
-                            Ok(_) => e,
-                            Err(again) => e.with(
-                                "recovery",
-                                format!("pending: {}; run recover", again.message),
-                            ),
-                        },
-                    );
-                }
+                Err(e) => return Err(vop.recover_after(e, op, Phase::Detaching, with_snapshots)),
             };
             vop.intent(op, Phase::DestroyingOld, with_snapshots)?;
             let built = (|| -> Result<String> {
@@ -870,21 +870,7 @@ fn delete(
     if let Err(e) = deleted {
         // Finish what can be finished: a volume moved aside is deleted, one still under its
         // name stays.
-        let intent = Intent {
-            op: IntentOp::Delete,
-            phase: Phase::Deleting,
-            with_snapshots,
-            pid: std::process::id(),
-        };
-        return Err(
-            match recover_volume(driver, &vop.journal, volume, &intent) {
-                Ok(_) => e,
-                Err(again) => e.with(
-                    "recovery",
-                    format!("pending: {}; run recover", again.message),
-                ),
-            },
-        );
+        return Err(vop.recover_after(e, IntentOp::Delete, Phase::Deleting, with_snapshots));
     }
     vop.journal.clear(volume)?;
     driver.forget(volume)?;
