@@ -145,6 +145,7 @@ fn execute(
 
 /// Runs one request; returns the process exit status.
 pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
+    let hardening = crate::privilege::reduce();
     signals::install();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let stderr_tty = std::io::stderr().is_terminal();
@@ -162,6 +163,9 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
         Box::new(std::io::stderr()),
         bar,
     );
+    for note in &hardening {
+        events.log(&format!("warning: {note}"));
+    }
     let args = match parsed {
         Ok(Parsed::Run(a)) => a,
         Ok(Parsed::Help) => {

@@ -17,6 +17,7 @@ pub mod measure;
 pub mod ops;
 pub mod plan;
 pub mod preserve;
+pub mod privilege;
 pub mod protocol;
 pub mod recover;
 pub mod signals;

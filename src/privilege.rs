@@ -1,0 +1,69 @@
+//! Least privilege, applied once at start, before any thread exists.
+//!
+//! reimage runs as root on hosts full of other people's data, from `sudo` or a daemon, so it
+//! gives up what it never needs: file descriptors it inherited (beyond stdin, stdout,
+//! stderr), the ability to gain privileges through exec (`NO_NEW_PRIVS`), the network (a new,
+//! empty network namespace), and every capability outside the set below — from the bounding
+//! set too, so no child program can get them back. `CAP_SYS_RESOURCE` is among those dropped:
+//! reimage's own writes must respect quotas and reserved blocks like anybody's.
+
+use rustix::thread::{CapabilitySet, CapabilitySets};
+
+/// What unpacking and the drivers need.
+pub fn needed() -> CapabilitySet {
+    CapabilitySet::CHOWN // owners from the image
+        | CapabilitySet::DAC_OVERRIDE // files and directories of any owner and mode
+        | CapabilitySet::DAC_READ_SEARCH // linkat(AT_EMPTY_PATH) for hardlinks
+        | CapabilitySet::FOWNER // modes and times on files owned by others
+        | CapabilitySet::FSETID // setuid and setgid bits
+        | CapabilitySet::MKNOD // device nodes
+        | CapabilitySet::SETFCAP // security.capability
+        | CapabilitySet::LINUX_IMMUTABLE // clearing immutable flags when deleting a volume
+        | CapabilitySet::SYS_ADMIN // trusted.* xattrs, btrfs ioctls, mounting volumes
+        | CapabilitySet::SYS_PTRACE // naming the process that keeps a volume busy
+}
+
+/// Applies the reductions; returns what could not be done (for the log), never failing the
+/// request over a hardening step the kernel refused.
+pub fn reduce() -> Vec<String> {
+    let mut notes = Vec::new();
+    // SAFETY: close_range on fds we do not use; 3.. holds nothing of ours this early.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if closed != 0 {
+        notes.push(format!(
+            "could not close inherited file descriptors: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        notes.push(format!("could not set no_new_privs: {e}"));
+    }
+    // SAFETY: called before any other thread of this process exists.
+    if let Err(e) = unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
+    {
+        notes.push(format!("could not enter a new network namespace: {e}"));
+    }
+    let keep = needed();
+    for cap in 0..64u64 {
+        if keep.bits() & (1 << cap) == 0 {
+            // SAFETY: a plain prctl; EINVAL for numbers the kernel does not know is expected.
+            unsafe {
+                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            }
+        }
+    }
+    match rustix::thread::capabilities(None) {
+        Ok(current) => {
+            let sets = CapabilitySets {
+                effective: current.effective & keep,
+                permitted: current.permitted & keep,
+                inheritable: CapabilitySet::empty(),
+            };
+            if let Err(e) = rustix::thread::set_capabilities(None, sets) {
+                notes.push(format!("could not reduce capabilities: {e}"));
+            }
+        }
+        Err(e) => notes.push(format!("could not read capabilities: {e}")),
+    }
+    notes
+}
