@@ -157,3 +157,30 @@ fn a_gzip_bomb_unpacks_as_holes() {
         "zeros become holes"
     );
 }
+
+/// Inputs the fuzzers found (fixtures/regressions): each is refused cleanly, nothing changes.
+#[test]
+fn fuzzer_findings_stay_fixed() {
+    let env = Env::new("regressions");
+    let a = rich_image(&env, "a.tar", 1, TarFormat::Gnu, Compression::None);
+    env.create_from("c1", &a).ok();
+    let before = env.manifest_of("c1");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/regressions");
+    let mut n = 0;
+    for file in std::fs::read_dir(dir).unwrap().flatten() {
+        let image = env.image(&file.file_name().to_string_lossy());
+        std::fs::copy(file.path(), &image).unwrap();
+        let r = env.rebuild_from("c1", &image);
+        assert!(
+            r.status == 0 || r.status == 1,
+            "{:?}: exit {}",
+            file.path(),
+            r.status
+        );
+        if r.last()["event"] == "error" {
+            assert_eq!(before, env.manifest_of("c1"));
+        }
+        n += 1;
+    }
+    assert!(n >= 1);
+}

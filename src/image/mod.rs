@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod entry;
+pub mod lzo;
 pub mod readahead;
 pub mod sparse;
 pub mod squashfs;
@@ -149,6 +150,9 @@ fn no_thread(e: std::io::Error) -> Error {
     Error::internal(format!("cannot start the decoder thread: {e}"))
 }
 
+/// Memory an xz stream may ask the decoder for.
+const XZ_MEMLIMIT: u64 = 512 << 20;
+
 /// Reads an image from its start with `pread`, independent of any shared file offset, and
 /// counts the (compressed) bytes read for progress.
 struct ImageFile {
@@ -188,7 +192,17 @@ pub fn open_stream(
     let decoded: Box<dyn Read + Send> = match compression {
         Compression::None => return Ok((Box::new(raw), read)),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
-        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(raw)),
+        Compression::Xz => {
+            // Bounded: a hostile header may ask for gigabytes of dictionary (xz -9 needs 64 MiB).
+            let stream = liblzma::stream::Stream::new_stream_decoder(
+                XZ_MEMLIMIT,
+                liblzma::stream::CONCATENATED,
+            )
+            .map_err(|e| {
+                Error::new(Code::ImageInvalid, format!("cannot start xz decoding: {e}"))
+            })?;
+            Box::new(liblzma::bufread::XzDecoder::new_stream(raw, stream))
+        }
         Compression::Zstd => {
             Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| {
                 Error::new(

@@ -31,6 +31,9 @@ const MAX_TABLE_BYTES: u64 = 512 << 20;
 const MAX_LISTING_BYTES: u64 = 64 << 20;
 const UNCOMPRESSED_BLOCK: u32 = 1 << 24;
 const FRAGMENT_CACHE: usize = 8;
+/// Memory an xz or lzma block may ask the decoder for: mksquashfs' dictionaries are at most
+/// the block size (1 MiB); a hostile header asking for gigabytes is refused.
+const LZMA_MEMLIMIT: u64 = 64 << 20;
 
 fn invalid(message: impl Into<String>) -> Error {
     Error::new(Code::ImageInvalid, format!("squashfs: {}", message.into()))
@@ -106,25 +109,47 @@ impl Codec {
         let bad = |what: &dyn std::fmt::Display| {
             invalid(format!("corrupt {} block: {what}", self.as_str()))
         };
-        let limited = |reader: &mut dyn Read| -> Result<Vec<u8>> {
+        // xz and lzma decode straight into a buffer of the largest allowed size, with the
+        // decoder's memory bounded.
+        let lzma = |mut stream: liblzma::stream::Stream| -> Result<Vec<u8>> {
+            use liblzma::stream::{Action, Status};
             let mut out = Vec::with_capacity(max);
-            reader
-                .take(max as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| bad(&e))?;
-            if out.len() > max {
-                return Err(bad(&"it expands beyond the block size"));
+            loop {
+                let consumed = (stream.total_in() as usize).min(input.len());
+                let before = out.len();
+                let status = stream
+                    .process_vec(&input[consumed..], &mut out, Action::Finish)
+                    .map_err(|e| bad(&e))?;
+                if status == Status::StreamEnd {
+                    return Ok(out);
+                }
+                if out.len() == out.capacity() {
+                    return Err(bad(&"it expands beyond the block size"));
+                }
+                if out.len() == before && stream.total_in() as usize == consumed {
+                    return Err(bad(&"the block is truncated"));
+                }
             }
-            Ok(out)
         };
         match self {
-            Codec::Gzip => limited(&mut flate2::read::ZlibDecoder::new(input)),
-            Codec::Xz => limited(&mut liblzma::read::XzDecoder::new(input)),
-            Codec::Lzma => {
-                let stream =
-                    liblzma::stream::Stream::new_lzma_decoder(u64::MAX).map_err(|e| bad(&e))?;
-                limited(&mut liblzma::read::XzDecoder::new_stream(input, stream))
+            Codec::Gzip => {
+                let mut out = Vec::with_capacity(max);
+                flate2::read::ZlibDecoder::new(input)
+                    .take(max as u64 + 1)
+                    .read_to_end(&mut out)
+                    .map_err(|e| bad(&e))?;
+                if out.len() > max {
+                    return Err(bad(&"it expands beyond the block size"));
+                }
+                Ok(out)
             }
+            Codec::Xz => lzma(
+                liblzma::stream::Stream::new_stream_decoder(LZMA_MEMLIMIT, 0)
+                    .map_err(|e| bad(&e))?,
+            ),
+            Codec::Lzma => lzma(
+                liblzma::stream::Stream::new_lzma_decoder(LZMA_MEMLIMIT).map_err(|e| bad(&e))?,
+            ),
             Codec::Zstd => zstd::bulk::decompress(input, max).map_err(|e| bad(&e)),
             Codec::Lz4 => {
                 let mut out = vec![0u8; max];
@@ -132,18 +157,7 @@ impl Codec {
                 out.truncate(n);
                 Ok(out)
             }
-            Codec::Lzo => {
-                // The LZO decoder is the least proven of the codecs: a panic on hostile input
-                // becomes an error, and its unbounded output is checked afterwards.
-                let out =
-                    std::panic::catch_unwind(|| lzokay_native::decompress_all(input, Some(max)))
-                        .map_err(|_| bad(&"the decoder failed"))?
-                        .map_err(|e| bad(&format!("{e:?}")))?;
-                if out.len() > max {
-                    return Err(bad(&"it expands beyond the block size"));
-                }
-                Ok(out)
-            }
+            Codec::Lzo => super::lzo::decompress(input, max).map_err(|why| bad(&why)),
         }
     }
 }
@@ -315,7 +329,8 @@ impl MetaTable {
         mut pos: MetaPos,
         len: usize,
     ) -> Result<(Vec<u8>, MetaPos)> {
-        let mut out = Vec::with_capacity(len);
+        // Grows as the table really yields bytes: `len` comes from the image.
+        let mut out = Vec::with_capacity(len.min(1 << 16));
         while out.len() < len {
             let (data, next) = self.block(file, codec, pos.block)?;
             if pos.offset > data.len() {
@@ -646,7 +661,7 @@ impl Squashfs {
             }
             let (raw, _) = table.read(file, codec, pos, count as usize * 4)?;
             let mut at = start;
-            let mut blocks = Vec::with_capacity(count as usize);
+            let mut blocks = Vec::with_capacity((count as usize).min(4096));
             for c in raw.chunks(4) {
                 let word = le32(c, 0);
                 blocks.push((at, word));
