@@ -547,9 +547,34 @@ fn dry_run_result(
     out
 }
 
-fn warn_size_ignored(events: &mut Events, plan: &Plan, driver: &dyn Driver) {
+/// Measures the fill's content and plans its size and space against the pool (the steps
+/// create and rebuild share before anything changes); warns when `size` cannot be enforced.
+fn measure_and_plan(
+    config: &Config,
+    vop: &mut VolumeOp<'_>,
+    fill: &Fill,
+    idmap: &IdMap,
+    current: Option<&reimage_driver::Usage>,
+    mode: Mode,
+    timings: &mut Timings,
+) -> Result<(Content, Plan)> {
+    let content = open_and_measure(config, vop.events, &fill.source, idmap, timings)?;
+    let tally = content.measurement().tally;
+    let need = Need {
+        bytes: tally.allocated_bytes,
+        inodes: tally.inodes,
+    };
+    let driver = vop.driver;
+    let plan = plan_fill(
+        driver.capabilities().size_model,
+        fill,
+        need,
+        current,
+        mode,
+        driver.pool_space()?,
+    )?;
     if plan.size_ignored {
-        events.warning(
+        vop.events.warning(
             "size_ignored",
             &format!(
                 "the {} driver cannot limit a volume's size on this pool; `size` is not enforced",
@@ -557,6 +582,7 @@ fn warn_size_ignored(events: &mut Events, plan: &Plan, driver: &dyn Driver) {
             ),
         );
     }
+    Ok((content, plan))
 }
 
 fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<String, Value>> {
@@ -578,20 +604,15 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
         driver.forget(volume)?;
     }
     let idmap = IdMap::new(fill.idmap.clone());
-    let content = open_and_measure(config, vop.events, &fill.source, &idmap, &mut timings)?;
-    let measurement = content.measurement();
-    let plan = plan_fill(
-        driver.capabilities().size_model,
+    let (content, plan) = measure_and_plan(
+        config,
+        &mut vop,
         fill,
-        Need {
-            bytes: measurement.tally.allocated_bytes,
-            inodes: measurement.tally.inodes,
-        },
+        &idmap,
         None,
         Mode::Atomic,
-        driver.pool_space()?,
+        &mut timings,
     )?;
-    warn_size_ignored(vop.events, &plan, driver);
     if fill.dry_run {
         return Ok(dry_run_result(
             &plan,
@@ -675,21 +696,16 @@ fn rebuild(
     let with_snapshots = snapshots == SnapshotPolicy::Delete;
     let keep = preserve_paths(preserve_list)?;
     let idmap = IdMap::new(fill.idmap.clone());
-    let content = open_and_measure(config, vop.events, &fill.source, &idmap, &mut timings)?;
-    let measurement = content.measurement();
     let current = driver.usage(live)?;
-    let plan = plan_fill(
-        driver.capabilities().size_model,
+    let (content, plan) = measure_and_plan(
+        config,
+        &mut vop,
         fill,
-        Need {
-            bytes: measurement.tally.allocated_bytes,
-            inodes: measurement.tally.inodes,
-        },
+        &idmap,
         Some(&current),
         mode,
-        driver.pool_space()?,
+        &mut timings,
     )?;
-    warn_size_ignored(vop.events, &plan, driver);
     if fill.dry_run {
         let steps: &[&str] = match mode {
             Mode::Atomic => &[

@@ -360,12 +360,7 @@ fn a_nearly_full_pool_is_refused_before_anything_changes(backend: Backend) {
 }
 
 fn bulky_image(env: &Env) -> PathBuf {
-    let src = env.dir.join("bulky");
-    reimage_fixtures::tree::bulky(&src, 64, 4 << 20).unwrap();
-    let image = env.image("bulky.tar");
-    reimage_fixtures::gnu_tar(&src, &image, TarFormat::Gnu, Compression::None).unwrap();
-    std::fs::remove_dir_all(&src).unwrap();
-    image
+    common::bulky_image(env, "bulky.tar", 64)
 }
 
 fn kill_and_recover(env: &Env, request: Value) {

@@ -15,11 +15,7 @@ fn setup(name: &str) -> (Env, Manifest, PathBuf) {
     let a = rich_image(&env, "a.tar", 1, TarFormat::Gnu, Compression::None);
     env.create_from("c1", &a).ok();
     let old = env.manifest_of("c1");
-    let src = env.dir.join("bulky");
-    reimage_fixtures::tree::bulky(&src, 96, 4 << 20).unwrap();
-    let b = env.image("b.tar");
-    reimage_fixtures::gnu_tar(&src, &b, TarFormat::Gnu, Compression::None).unwrap();
-    std::fs::remove_dir_all(&src).unwrap();
+    let b = common::bulky_image(&env, "b.tar", 96);
     (env, old, b)
 }
 

@@ -31,12 +31,7 @@ const CAP_SYS_MODULE: u64 = 1 << 16;
 const CAP_SYS_RESOURCE: u64 = 1 << 24;
 
 fn bulky(env: &Env) -> std::path::PathBuf {
-    let src = env.dir.join("bulky");
-    reimage_fixtures::tree::bulky(&src, 64, 4 << 20).unwrap();
-    let image = env.image("bulky.tar");
-    reimage_fixtures::gnu_tar(&src, &image, TarFormat::Gnu, Compression::None).unwrap();
-    std::fs::remove_dir_all(&src).unwrap();
-    image
+    common::bulky_image(env, "bulky.tar", 64)
 }
 
 #[test]

@@ -423,6 +423,23 @@ pub fn rich_image(
     out
 }
 
+/// An uncompressed image of `files` incompressible 4 MiB files (`name`), one that takes a
+/// while to unpack: for killing a request mid-unpack.
+pub fn bulky_image(env: &Env, name: &str, files: usize) -> PathBuf {
+    let src = env.dir.join(format!("src-{name}"));
+    reimage_fixtures::tree::bulky(&src, files, 4 << 20).unwrap();
+    let image = env.image(name);
+    reimage_fixtures::gnu_tar(
+        &src,
+        &image,
+        reimage_fixtures::TarFormat::Gnu,
+        reimage_fixtures::Compression::None,
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&src).unwrap();
+    image
+}
+
 /// GNU tar's extraction of `image` into a fresh directory, as a manifest.
 pub fn gnu_manifest(env: &Env, image: &Path) -> Manifest {
     let dest = env.dir.join(format!(
