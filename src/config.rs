@@ -63,6 +63,9 @@ pub struct Pool {
     pub fs: Option<String>,
     pub mount_dir: Option<PathBuf>,
     pub quota: bool,
+    /// zfs: the property that limits a volume, `refquota` (the default: snapshots do not eat
+    /// the volume's space) or `quota` (snapshots count).
+    pub quota_property: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -99,10 +102,63 @@ struct WirePool {
     fs: Option<String>,
     mount_dir: Option<PathBuf>,
     quota: Option<bool>,
+    quota_property: Option<String>,
 }
 
 fn invalid(message: impl Into<String>) -> Error {
     Error::new(Code::ConfigInvalid, message)
+}
+
+/// The longest parent dataset name: a zfs name has at most 255 bytes, and reimage adds
+/// `/.reimage-new.` (14), a volume name (64) and `@reimage-guard` (14).
+const MAX_PARENT_DATASET: usize = 255 - 14 - 64 - 14;
+
+/// A zfs dataset name as the config may give it: components of letters, digits and `_-:.`,
+/// joined by `/`, starting with a letter (as pool names do), no empty component, no `.`/`..`.
+fn check_dataset_name(pool: &str, dataset: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(invalid(format!(
+            "pools.{pool}.dataset {dataset:?} {why} (e.g. \"tank/reimage\")"
+        )))
+    };
+    if dataset.len() > MAX_PARENT_DATASET {
+        return bad(&format!("is longer than {MAX_PARENT_DATASET} bytes"));
+    }
+    if !dataset.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return bad("must start with a letter");
+    }
+    for component in dataset.split('/') {
+        if component.is_empty() || component == "." || component == ".." {
+            return bad("has an empty, '.' or '..' component");
+        }
+        if let Some(c) = component
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')))
+        {
+            return bad(&format!("contains {c:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// A volume group or LV name as LVM allows it: letters, digits and `+_.-`, not starting
+/// with `-`, not `.` or `..`, at most 127 bytes.
+fn check_lvm_name(pool: &str, what: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 127
+        && !value.starts_with('-')
+        && value != "."
+        && value != ".."
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "pools.{pool}.{what} {value:?} is not an LVM name (letters, digits, '+_.-', not starting with '-')"
+        )))
+    }
 }
 
 /// `true` when `mode` lets someone other than the owner change the directory's entries.
@@ -241,12 +297,28 @@ impl Config {
         field(p.quota.is_some() && !path_based, "quota", false)?;
         if driver == DriverKind::Zfs {
             field(p.dataset.is_some(), "dataset", true)?;
+            if let Some(dataset) = &p.dataset {
+                check_dataset_name(&name, dataset)?;
+            }
+            match p.quota_property.as_deref() {
+                None | Some("refquota") | Some("quota") => {}
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "pools.{name}.quota_property {other:?} is not refquota or quota"
+                    )))
+                }
+            }
         } else {
             field(p.dataset.is_some(), "dataset", false)?;
+            field(p.quota_property.is_some(), "quota_property", false)?;
         }
         if driver == DriverKind::Lvm {
             field(p.vg.is_some(), "vg", true)?;
-            field(p.mount_dir.is_some(), "mount_dir", true)?;
+            for (what, value) in [("vg", &p.vg), ("thin_pool", &p.thin_pool)] {
+                if let Some(value) = value {
+                    check_lvm_name(&name, what, value)?;
+                }
+            }
             match p.fs.as_deref() {
                 None | Some("ext4") | Some("xfs") => {}
                 Some(other) => {
@@ -259,7 +331,10 @@ impl Config {
             field(p.vg.is_some(), "vg", false)?;
             field(p.thin_pool.is_some(), "thin_pool", false)?;
             field(p.fs.is_some(), "fs", false)?;
-            field(p.mount_dir.is_some(), "mount_dir", false)?;
+            // zfs mounts datasets too, under /run/reimage/mnt unless told otherwise.
+            if driver != DriverKind::Zfs {
+                field(p.mount_dir.is_some(), "mount_dir", false)?;
+            }
         }
         for (what, path) in [("path", &p.path), ("mount_dir", &p.mount_dir)] {
             if let Some(path) = path {
@@ -284,6 +359,10 @@ impl Config {
             fs,
             mount_dir: p.mount_dir,
             quota: p.quota.unwrap_or(false),
+            quota_property: match driver {
+                DriverKind::Zfs => Some(p.quota_property.unwrap_or_else(|| "refquota".into())),
+                _ => None,
+            },
         })
     }
 

@@ -29,6 +29,9 @@ pub enum Code {
     Internal,
     /// Added to v1: the driver cannot do this at all (e.g. keep snapshots, shrink).
     Unsupported,
+    /// Added to v1: other volumes are clones of the volume's snapshots, so it cannot be
+    /// destroyed (zfs); `details.clones` names them.
+    VolumeHasClones,
 }
 
 impl Code {
@@ -54,6 +57,7 @@ impl Code {
             Code::Interrupted => "interrupted",
             Code::Internal => "internal",
             Code::Unsupported => "unsupported",
+            Code::VolumeHasClones => "volume_has_clones",
         }
     }
 
@@ -134,6 +138,9 @@ impl From<reimage_driver::Error> for Error {
             }
             K::HasSnapshots(names) => {
                 Error::new(Code::VolumeHasSnapshots, e.message).with("snapshots", names)
+            }
+            K::HasClones(names) => {
+                Error::new(Code::VolumeHasClones, e.message).with("clones", names)
             }
             K::NoSpace => Error::new(Code::InsufficientSpace, e.message),
             K::QuotaExceeded => Error::new(Code::QuotaExceeded, e.message),

@@ -22,6 +22,9 @@ pub enum IntentOp {
     Create,
     Rebuild,
     RebuildInPlace,
+    /// A rebuild that keeps snapshots living inside the volume: the volume itself is refilled
+    /// under a guard snapshot ([`reimage_driver::KeepSnapshots::Refill`]).
+    RebuildRefill,
     Delete,
 }
 
@@ -39,6 +42,12 @@ pub enum Phase {
     Committing { new_id: String },
     /// Delete: the volume is being moved aside and destroyed.
     Deleting,
+    /// Refill: the guard snapshot is being taken, then the volume emptied and refilled. Until
+    /// the next phase, recovery rolls back to the guard and restores the size it had
+    /// (`size_before`, `None` for no limit).
+    Refilling { size_before: Option<u64> },
+    /// Refill: the new content is complete and synced; only the guard remains to be dropped.
+    Refilled,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use reimage_driver::{Driver, Mounted, Slot, SlotKind, VolumeName};
+use reimage_driver::{tree, Driver, KeepSnapshots, Mounted, Slot, SlotKind, Usage, VolumeName};
 use serde_json::{json, Map, Value};
 
 use crate::config::{Config, Pool};
@@ -179,6 +179,40 @@ fn preserve_paths(paths: &[PathBuf]) -> Result<Vec<RelPath>> {
                 .map_err(|e| Error::new(Code::InvalidRequest, e.message).with("path", "preserve"))
         })
         .collect()
+}
+
+/// A full volume, with the numbers that explain it: its size, what measure expected, and
+/// what the filesystem had left in bytes and inodes when it refused.
+fn with_fill_numbers(
+    driver: &dyn Driver,
+    err: Error,
+    root: &Mounted,
+    content: &Content,
+    size: Option<u64>,
+) -> Error {
+    if !matches!(err.code, Code::InsufficientSpace | Code::QuotaExceeded) {
+        return err;
+    }
+    let mut err = err;
+    if err.code == Code::InsufficientSpace && driver.capabilities().limit_reads_as_full {
+        // The volume is full but the pool is not: that is the volume's limit.
+        if driver.pool_space().is_ok_and(|s| s.available > 1 << 20) {
+            err.code = Code::QuotaExceeded;
+            err.message = format!(
+                "{} — the volume's quota is exhausted (this filesystem reports it as a full disk)",
+                err.message
+            );
+        }
+    }
+    let mut err = err
+        .with("volume_size", size)
+        .with("measured", content.measurement().tally.allocated_bytes);
+    if let Ok(st) = rustix::fs::fstatvfs(root.root()) {
+        err = err
+            .with("free_bytes", st.f_bavail.saturating_mul(st.f_frsize))
+            .with("free_inodes", st.f_favail);
+    }
+    err
 }
 
 /// Unpacks `content` into the open root of the volume being built.
@@ -389,10 +423,10 @@ impl VolumeOp<'_> {
         fault::point("commit:swapped")?;
         self.events.progress(EventPhase::Swap, 1, 1, "steps");
         let cleaned = timings.time("cleanup", || -> Result<()> {
-            for kind in [SlotKind::New, SlotKind::Old] {
-                let slot = Slot { volume, kind };
-                if driver.identity(slot)?.is_some_and(|id| id != new_id) {
-                    driver.destroy(slot, with_snapshots)?;
+            let [_, new, old] = driver.identities(volume)?;
+            for (kind, id) in [(SlotKind::New, new), (SlotKind::Old, old)] {
+                if id.is_some_and(|id| id != new_id) {
+                    driver.destroy(Slot { volume, kind }, with_snapshots)?;
                 }
             }
             Ok(())
@@ -418,25 +452,30 @@ fn recovery_pending(err: Error, again: &Error) -> Error {
     )
 }
 
-/// Syncs and closes the volume being built, and returns its identity.
+/// Syncs and closes the volume being built in `slot`, and returns its identity.
 fn seal(
     driver: &dyn Driver,
     events: &mut Events,
     root: Mounted,
-    volume: &VolumeName,
+    slot: Slot<'_>,
     timings: &mut Timings,
 ) -> Result<String> {
     events.progress(EventPhase::Sync, 0, 1, "steps");
-    timings.time("sync", || driver.sync(Slot::new(volume), root.root()))?;
+    timings.time("sync", || driver.sync(slot, root.root()))?;
     root.release()?;
     events.progress(EventPhase::Sync, 1, 1, "steps");
     cancelled_check()?;
     driver
-        .identity(Slot::new(volume))?
-        .ok_or_else(|| Error::internal("the new volume vanished before it was committed"))
+        .identity(slot)?
+        .ok_or_else(|| Error::internal(format!("{slot} vanished before it was committed")))
 }
 
 pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
+    if let Some(driver) = ctx.driver {
+        for (code, message) in driver.warnings() {
+            ctx.events.warning(code, &message);
+        }
+    }
     match op {
         Op::Measure { source } => measure(ctx, source),
         Op::Recover { volume, .. } => recover(ctx, volume.as_ref()),
@@ -506,7 +545,14 @@ fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, Value>> {
     let caps = driver.capabilities();
     info["capabilities"] = json!({
         "snapshots": caps.snapshots,
-        "keep_snapshots": caps.keep_snapshots,
+        "keep_snapshots": caps.keep_snapshots != reimage_driver::KeepSnapshots::No,
+        // Added: how snapshots are kept: "independent" (they outlive the volume) or
+        // "refill" (the volume is refilled in place under a guard snapshot).
+        "keep_snapshots_by": match caps.keep_snapshots {
+            reimage_driver::KeepSnapshots::No => Value::Null,
+            reimage_driver::KeepSnapshots::Independent => "independent".into(),
+            reimage_driver::KeepSnapshots::Refill => "refill".into(),
+        },
         "size_limit": match caps.size_model {
             reimage_driver::SizeModel::Unlimited => "none",
             reimage_driver::SizeModel::Quota => "quota",
@@ -573,6 +619,19 @@ fn measure_and_plan(
         mode,
         driver.pool_space()?,
     )?;
+    if let (Some((provisioned, total)), Some(size)) = (plan.provisioned, plan.target_size) {
+        // The old volume's promise goes away in a rebuild; it is still counted here, as it
+        // stands until the swap.
+        if provisioned.saturating_add(size) > total {
+            vop.events.warning(
+                "overcommitted",
+                &format!(
+                    "the pool's volumes are promised {} bytes with this one, more than the {total} the pool has; writes fail when it fills up",
+                    provisioned.saturating_add(size)
+                ),
+            );
+        }
+    }
     if plan.size_ignored {
         vop.events.warning(
             "size_ignored",
@@ -627,7 +686,10 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
         fault::point("create:journaled")?;
         vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
         timings.time("prepare", || {
-            driver.create(Slot::new(volume), plan.target_size)
+            driver.create(
+                Slot::new(volume),
+                fault::quota_override().or(plan.target_size),
+            )
         })?;
         fault::point("create:created")?;
         let root = driver.open_root(Slot::new(volume))?;
@@ -635,9 +697,10 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
         let events = &mut *vop.events;
         timings.time("unpack", || {
             unpack_into(events, &root, &content, &idmap, &[])
+                .map_err(|e| with_fill_numbers(driver, e, &root, &content, plan.target_size))
         })?;
         fault::point("create:unpacked")?;
-        seal(driver, vop.events, root, volume, &mut timings)
+        seal(driver, vop.events, root, Slot::new(volume), &mut timings)
     })();
     let new_id = match built {
         Ok(id) => id,
@@ -684,7 +747,7 @@ fn rebuild(
                 )
                 .with("snapshots", existing))
             }
-            SnapshotPolicy::Keep if !driver.capabilities().keep_snapshots => {
+            SnapshotPolicy::Keep if driver.capabilities().keep_snapshots == KeepSnapshots::No => {
                 return Err(Error::new(
                     Code::Unsupported,
                     format!("the {} driver cannot keep snapshots across a rebuild; use \"delete\"", driver.name()),
@@ -694,6 +757,13 @@ fn rebuild(
         }
     }
     let with_snapshots = snapshots == SnapshotPolicy::Delete;
+    if with_snapshots {
+        refuse_clones(driver, volume)?;
+    }
+    // Snapshots that live inside the volume survive only if the volume itself is refilled.
+    let refill = snapshots == SnapshotPolicy::Keep
+        && !existing.is_empty()
+        && driver.capabilities().keep_snapshots == KeepSnapshots::Refill;
     let keep = preserve_paths(preserve_list)?;
     let idmap = IdMap::new(fill.idmap.clone());
     let current = driver.usage(live)?;
@@ -708,6 +778,14 @@ fn rebuild(
     )?;
     if fill.dry_run {
         let steps: &[&str] = match mode {
+            _ if refill => &[
+                "guard snapshot",
+                "empty",
+                "unpack",
+                "preserve",
+                "sync",
+                "drop guard",
+            ],
             Mode::Atomic => &[
                 "create new",
                 "unpack",
@@ -729,6 +807,18 @@ fn rebuild(
         return Ok(dry_run_result(&plan, &content, steps, pending));
     }
     cancelled_check()?;
+    if refill {
+        refill_in_place(
+            &mut vop,
+            &content,
+            &plan,
+            &current,
+            &idmap,
+            &keep,
+            &mut timings,
+        )?;
+        return fill_result(driver, volume, &content, &timings);
+    }
     match mode {
         Mode::Atomic => {
             vop.intent(IntentOp::Rebuild, Phase::Building, with_snapshots)?;
@@ -736,17 +826,19 @@ fn rebuild(
                 fault::point("rebuild:journaled")?;
                 vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
                 timings.time("prepare", || {
-                    driver.create(Slot::new(volume), plan.target_size)
+                    driver.create(
+                        Slot::new(volume),
+                        fault::quota_override().or(plan.target_size),
+                    )
                 })?;
                 fault::point("rebuild:created")?;
-                if let Some(bytes) = fault::quota_override() {
-                    driver.set_size(Slot::new(volume), bytes)?;
-                }
                 let root = driver.open_root(Slot::new(volume))?;
                 vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
                 let events = &mut *vop.events;
                 timings.time("unpack", || {
-                    unpack_into(events, &root, &content, &idmap, &[])
+                    unpack_into(events, &root, &content, &idmap, &[]).map_err(|e| {
+                        with_fill_numbers(driver, e, &root, &content, plan.target_size)
+                    })
                 })?;
                 fault::point("rebuild:unpacked")?;
                 if !keep.is_empty() {
@@ -755,7 +847,7 @@ fn rebuild(
                     timings.time("preserve", || copy_preserved(events, &old, &root, &keep))?;
                     old.release()?;
                 }
-                let id = seal(driver, vop.events, root, volume, &mut timings)?;
+                let id = seal(driver, vop.events, root, Slot::new(volume), &mut timings)?;
                 fault::point("rebuild:synced")?;
                 Ok(id)
             })();
@@ -775,7 +867,10 @@ fn rebuild(
                 driver.rename(live, Slot::old(volume))?;
                 fault::point("inplace:detached")?;
                 timings.time("prepare", || {
-                    driver.create(Slot::new(volume), plan.target_size)
+                    driver.create(
+                        Slot::new(volume),
+                        fault::quota_override().or(plan.target_size),
+                    )
                 })?;
                 fault::point("inplace:created")?;
                 let root = driver.open_root(Slot::new(volume))?;
@@ -801,10 +896,12 @@ fn rebuild(
                 })?;
                 let events = &mut *vop.events;
                 timings.time("unpack", || {
-                    unpack_into(events, &root, &content, &idmap, &keep)
+                    unpack_into(events, &root, &content, &idmap, &keep).map_err(|e| {
+                        with_fill_numbers(driver, e, &root, &content, plan.target_size)
+                    })
                 })?;
                 fault::point("inplace:unpacked")?;
-                seal(driver, vop.events, root, volume, &mut timings)
+                seal(driver, vop.events, root, Slot::new(volume), &mut timings)
             })();
             match built {
                 Ok(new_id) => vop.commit(op, new_id, with_snapshots, &mut timings)?,
@@ -818,6 +915,111 @@ fn rebuild(
         }
     }
     fill_result(driver, volume, &content, &timings)
+}
+
+/// Refuses to go on when the volume cannot be destroyed because other volumes are clones of
+/// its snapshots: found now, before anything changes, not when the old content is cleaned up.
+fn refuse_clones(driver: &dyn Driver, volume: &VolumeName) -> Result<()> {
+    let clones = driver.clones(Slot::live(volume))?;
+    if clones.is_empty() {
+        return Ok(());
+    }
+    Err(Error::new(
+        Code::VolumeHasClones,
+        format!(
+            "the snapshots of volume {volume} have clones ({}), so they cannot be deleted; \
+             promote the clones (`zfs promote`) or destroy them first, or rebuild with \
+             \"snapshots\": \"keep\"",
+            clones.join(", ")
+        ),
+    )
+    .with("clones", clones))
+}
+
+/// A rebuild that keeps snapshots living inside the volume ([`KeepSnapshots::Refill`]): the
+/// volume is emptied and refilled where it is, after a guard snapshot of its old content was
+/// taken. Any failure before the new content is synced, and any crash (through `recover`),
+/// rolls the volume back to the guard, and its size back to what it was; success drops the
+/// guard. Existing snapshots are never touched.
+fn refill_in_place(
+    vop: &mut VolumeOp<'_>,
+    content: &Content,
+    plan: &Plan,
+    current: &Usage,
+    idmap: &IdMap,
+    keep: &[RelPath],
+    timings: &mut Timings,
+) -> Result<()> {
+    let (driver, volume) = (vop.driver, vop.volume);
+    let live = Slot::live(volume);
+    let op = IntentOp::RebuildRefill;
+    let counts_snapshots = driver.capabilities().size_counts_snapshots;
+    let refilling = Phase::Refilling {
+        size_before: current.size,
+    };
+    vop.intent(op, refilling.clone(), false)?;
+    let built = (|| -> Result<()> {
+        fault::point("refill:journaled")?;
+        vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+        driver.set_guard(live)?;
+        fault::point("refill:guarded")?;
+        if let Some(target) = plan.target_size {
+            // A limit that counts snapshots must also hold the old content the guard keeps.
+            let during = if counts_snapshots {
+                target.saturating_add(current.used)
+            } else {
+                target
+            };
+            if Some(during) != current.size {
+                driver.set_size(live, during)?;
+            }
+        }
+        if let Some(bytes) = fault::quota_override() {
+            driver.set_size(live, bytes)?;
+        }
+        let root = driver.open_root(live)?;
+        timings.time("prepare", || {
+            tree::empty(root.root(), &live.to_string()).map_err(Error::from)
+        })?;
+        fault::point("refill:emptied")?;
+        vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
+        let events = &mut *vop.events;
+        timings.time("unpack", || {
+            unpack_into(events, &root, content, idmap, &[])
+                .map_err(|e| with_fill_numbers(driver, e, &root, content, plan.target_size))
+        })?;
+        fault::point("refill:unpacked")?;
+        if !keep.is_empty() {
+            let old = driver.open_guard(live)?;
+            let events = &mut *vop.events;
+            timings.time("preserve", || copy_preserved(events, &old, &root, keep))?;
+            old.release()?;
+        }
+        seal(driver, vop.events, root, live, timings)?;
+        fault::point("refill:synced")
+    })();
+    if let Err(e) = built {
+        return Err(vop.recover_after(e, op, refilling, false));
+    }
+    vop.intent(op, Phase::Refilled, false)?;
+    fault::point("refill:committed")?;
+    let cleaned = timings.time("cleanup", || -> Result<()> {
+        driver.drop_guard(live)?;
+        if let (true, Some(target)) = (counts_snapshots, plan.target_size) {
+            let used = driver.usage(live)?.used;
+            driver.set_size(live, target.max(used))?;
+        }
+        Ok(())
+    });
+    match cleaned {
+        Ok(()) => vop.journal.clear(volume)?,
+        Err(e) => vop.events.warning(
+            "cleanup_pending",
+            &format!("the volume holds the new content but its guard snapshot could not be removed yet ({}); the next request or `recover` removes it", e.message),
+        ),
+    }
+    vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+    Ok(())
 }
 
 fn copy_preserved(
@@ -874,6 +1076,9 @@ fn delete(
         .with("snapshots", existing));
     }
     let with_snapshots = snapshots == SnapshotPolicy::Delete;
+    if with_snapshots {
+        refuse_clones(driver, volume)?;
+    }
     vop.intent(IntentOp::Delete, Phase::Deleting, with_snapshots)?;
     vop.events.progress(EventPhase::Cleanup, 0, 1, "steps");
     let deleted = (|| -> Result<()> {

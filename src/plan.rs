@@ -23,6 +23,9 @@ pub struct Plan {
     pub available: u64,
     /// `size` was asked for but the driver cannot enforce it.
     pub size_ignored: bool,
+    /// An overcommitting pool (LVM thin): what its volumes were promised before this one,
+    /// and the pool's real size.
+    pub provisioned: Option<(u64, u64)>,
 }
 
 fn grown(bytes: u64, headroom: f64) -> u64 {
@@ -128,6 +131,7 @@ pub fn plan_fill(
         required,
         available,
         size_ignored: fill.size.is_some() && model == SizeModel::Unlimited,
+        provisioned: space.provisioned.map(|p| (p, space.total)),
     })
 }
 
@@ -139,6 +143,7 @@ impl Plan {
             "target_size": self.target_size,
             "required_space": self.required,
             "available_space": self.available,
+            "provisioned_space": self.provisioned.map(|(p, _)| p),
             "steps": steps,
         })
     }
@@ -164,6 +169,7 @@ mod tests {
         available: 1 << 40,
         total: 1 << 40,
         inodes_available: None,
+        provisioned: None,
     };
 
     fn n(bytes: u64) -> Need {
@@ -240,6 +246,7 @@ mod tests {
             available: 1000,
             total: 10_000,
             inodes_available: Some(10),
+            provisioned: None,
         };
         let cur = Usage {
             size: None,

@@ -3,7 +3,10 @@
 //! reimage runs as root on hosts full of other people's data, from `sudo` or a daemon, so it
 //! gives up what it never needs: file descriptors it inherited (beyond stdin, stdout,
 //! stderr), the ability to gain privileges through exec (`NO_NEW_PRIVS`), the network (a new,
-//! empty network namespace), and every capability outside the set below — from the bounding
+//! empty network namespace), the host's mount table (a mount namespace of its own that
+//! receives the host's mounts but sends none back, so a volume reimage mounts to fill it is
+//! invisible to everybody else and unmounted by the kernel when reimage ends, even by
+//! `SIGKILL`), and every capability outside the set below — from the bounding
 //! set too, so no child program can get them back. `CAP_SYS_RESOURCE` is among those dropped:
 //! reimage's own writes must respect quotas and reserved blocks like anybody's.
 
@@ -21,6 +24,20 @@ pub fn needed() -> CapabilitySet {
         | CapabilitySet::LINUX_IMMUTABLE // clearing immutable flags when deleting a volume
         | CapabilitySet::SYS_ADMIN // trusted.* xattrs, btrfs ioctls, mounting volumes
         | CapabilitySet::SYS_PTRACE // naming the process that keeps a volume busy
+}
+
+/// Enters a mount namespace of its own in which every mount is a downstream (slave) of the
+/// host's: the host's mounts and unmounts still show here, ours never show there.
+fn private_mounts() -> std::result::Result<(), String> {
+    use rustix::mount::MountPropagationFlags;
+    // SAFETY: called before any other thread of this process exists.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+        .map_err(|e| format!("could not enter a new mount namespace: {e}"))?;
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::DOWNSTREAM | MountPropagationFlags::REC,
+    )
+    .map_err(|e| format!("could not make the mounts of reimage's namespace private: {e}"))
 }
 
 /// Applies the reductions; returns what could not be done (for the log), never failing the
@@ -42,6 +59,9 @@ pub fn reduce() -> Vec<String> {
     if let Err(e) = unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
     {
         notes.push(format!("could not enter a new network namespace: {e}"));
+    }
+    if let Err(e) = private_mounts() {
+        notes.push(e);
     }
     let keep = needed();
     for cap in 0..64u64 {

@@ -49,6 +49,7 @@ impl Outcome {
             IntentOp::Create => "create",
             IntentOp::Rebuild => "rebuild",
             IntentOp::RebuildInPlace => "rebuild-in-place",
+            IntentOp::RebuildRefill => "rebuild-keeping-snapshots",
             IntentOp::Delete => "delete",
         });
         json!({"volume": self.volume.as_str(), "op": op, "action": self.action.as_str()})
@@ -141,6 +142,22 @@ fn destroy_leftovers_restoring(
     Ok(())
 }
 
+/// Returns a volume refilled in place to its guard snapshot, and its size limit to what it
+/// was (`None`: no limit). Before the guard was taken nothing had changed but, perhaps, the
+/// size.
+pub fn roll_back_refill(
+    driver: &dyn Driver,
+    volume: &VolumeName,
+    size_before: Option<u64>,
+) -> Result<()> {
+    let live = Slot::live(volume);
+    driver.roll_back_to_guard(live)?;
+    if driver.identity(live)?.is_some() && driver.usage(live)?.size != size_before {
+        driver.set_size(live, size_before.unwrap_or(0))?;
+    }
+    Ok(())
+}
+
 /// Recovers one volume from its journal record (the caller holds the volume's lock).
 pub fn recover_volume(
     driver: &dyn Driver,
@@ -151,6 +168,14 @@ pub fn recover_volume(
     let snaps = intent.with_snapshots;
     let action = match (&intent.op, &intent.phase) {
         (_, Phase::Committing { new_id }) => finish_commit(driver, volume, new_id, snaps)?,
+        (_, Phase::Refilling { size_before }) => {
+            roll_back_refill(driver, volume, *size_before)?;
+            Action::RolledBack
+        }
+        (_, Phase::Refilled) => {
+            driver.drop_guard(Slot::live(volume))?;
+            Action::Completed
+        }
         (IntentOp::Delete, _) => {
             if identity(driver, volume, SlotKind::Old)?.is_some() {
                 driver.destroy(Slot::old(volume), snaps)?;
@@ -185,13 +210,12 @@ pub fn recover_volume(
 /// orphaned `New` slot is destroyed (it cannot be known complete); an orphaned `Old` slot is
 /// moved back under the name if the name is free, and otherwise left alone and reported.
 pub fn recover_orphans(driver: &dyn Driver, volume: &VolumeName) -> Result<Option<Outcome>> {
-    let new = identity(driver, volume, SlotKind::New)?;
-    let old = identity(driver, volume, SlotKind::Old)?;
+    let [live, new, old] = driver.identities(volume)?;
     if new.is_none() && old.is_none() {
         return Ok(None);
     }
     driver.destroy(Slot::new(volume), false)?;
-    let action = if old.is_some() && identity(driver, volume, SlotKind::Live)?.is_none() {
+    let action = if old.is_some() && live.is_none() {
         driver.rename(Slot::old(volume), Slot::live(volume))?;
         Action::RolledBack
     } else {

@@ -64,6 +64,9 @@ fn a_running_reimage_holds_only_what_it_needs() {
     );
     let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
     let own_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let propagation = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     let leaked_target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
     let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -95,6 +98,14 @@ fn a_running_reimage_holds_only_what_it_needs() {
         "nothing beyond the needed set"
     );
     assert_ne!(net, own_net, "a network namespace of its own");
+    assert_ne!(mnt, own_mnt, "a mount namespace of its own");
+    for line in propagation.lines() {
+        let optional = line.split(" - ").next().unwrap_or("");
+        assert!(
+            !optional.contains("shared:"),
+            "no mount of reimage's namespace propagates back to the host: {line}"
+        );
+    }
     assert!(
         leaked_target.as_deref() != Some(marker.as_path()),
         "the leaked fd was closed"

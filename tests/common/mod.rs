@@ -3,6 +3,8 @@
 //! run the real binary as a daemon would: spawn it, write the JSON request, read event lines.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,15 @@ pub enum Backend {
     Dir,
     /// A btrfs filesystem on a loop device made for the test, with or without quotas.
     Btrfs { quota: bool },
+    /// A zpool on a loop device made for the test (inside the QEMU guest), volumes under
+    /// its dataset `reimage`, limited by `refquota` or (`quota: true`) by `quota`.
+    Zfs { quota: bool },
+    /// A volume group on a loop device (inside the QEMU guest), thick or with a thin pool,
+    /// volumes holding ext4 or (`xfs: true`) xfs.
+    Lvm { thin: bool, xfs: bool },
+    /// A dir pool on ext4 or (`xfs: true`) xfs with project quotas, on a loop device
+    /// (inside the QEMU guest: the host kernel has no quota support).
+    DirQuota { xfs: bool },
 }
 
 impl Backend {
@@ -27,8 +38,32 @@ impl Backend {
         match self {
             Backend::Dir => "dir",
             Backend::Btrfs { .. } => "btrfs",
+            Backend::Zfs { .. } => "zfs",
+            Backend::Lvm { .. } => "lvm",
+            Backend::DirQuota { .. } => "dir",
         }
     }
+}
+
+/// Runs a command the test needs to succeed; returns its stdout.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A snapshot the test took of a volume, the backend's own way.
+pub enum Snapshot {
+    /// A read-only btrfs snapshot at this path, outside the pool.
+    Path(PathBuf),
+    /// An LVM snapshot `VG/LV`.
+    Lvm(String),
+    /// A zfs snapshot `DATASET@NAME`.
+    Zfs(String),
 }
 
 /// One test's world. Dropping it unmounts what it mounted, detaches its loop devices and
@@ -43,6 +78,10 @@ pub struct Env {
     pub backend: Backend,
     /// Where the backend's filesystem is mounted (btrfs), for snapshots outside the pool.
     pub mount: Option<PathBuf>,
+    /// The zpool (zfs) and the dataset that holds the volumes.
+    pub zpool: Option<String>,
+    /// The volume group (lvm).
+    pub vg: Option<String>,
     mounts: Vec<PathBuf>,
     loops: Vec<String>,
 }
@@ -60,9 +99,11 @@ impl Env {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join("reimage-tests")
-            .join(&id);
+        // The guest tier points this at a scratch ext4 (its overlay's tmpfs lacks xattrs).
+        let base = std::env::var_os("REIMAGE_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+        let dir = base.join("reimage-tests").join(&id);
         // The config must sit in root-owned, non-writable directories all the way up; /run is
         // such a place on every Debian machine, whatever the checkout's location.
         let conf_dir = PathBuf::from("/run/reimage-tests").join(&id);
@@ -79,37 +120,136 @@ impl Env {
             conf_dir,
             backend,
             mount: None,
+            zpool: None,
+            vg: None,
             mounts: Vec::new(),
             loops: Vec::new(),
         };
         std::fs::create_dir_all(&env.images).unwrap();
-        if let Backend::Btrfs { .. } = backend {
-            env.btrfs_pool();
+        match backend {
+            Backend::Btrfs { .. } => env.btrfs_pool(),
+            Backend::Zfs { .. } => env.zfs_pool(&id),
+            Backend::Lvm { thin, .. } => env.lvm_pool(&id, thin),
+            Backend::DirQuota { xfs } => env.quota_pool(xfs),
+            Backend::Dir => {}
         }
         std::fs::create_dir_all(&env.pool).unwrap();
         env.write_config(&env.default_config());
         env
     }
 
-    /// A 1 GiB btrfs on a loop device, mounted at `dir/mnt`, the pool at `mnt/pool`.
-    fn btrfs_pool(&mut self) {
-        let image = self.dir.join("btrfs.img");
+    /// A sparse file of 1 GiB on a new loop device.
+    fn loop_device(&mut self, name: &str) -> String {
+        self.loop_device_of(name, 1 << 30)
+    }
+
+    fn loop_device_of(&mut self, name: &str, bytes: u64) -> String {
+        let image = self.dir.join(name);
         std::fs::File::create(&image)
             .unwrap()
-            .set_len(1 << 30)
+            .set_len(bytes)
             .unwrap();
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let device = sh(Command::new("losetup").args(["-f", "--show"]).arg(&image))
+            .trim()
+            .to_owned();
         self.loops.push(device.clone());
+        device
+    }
+
+    /// A 1 GiB zpool on a loop device (a file vdev would need O_DIRECT, which the guest's
+    /// tmpfs lacks), with the dataset `reimage` for the volumes.
+    fn zfs_pool(&mut self, id: &str) {
+        let device = self.loop_device("zfs.img");
+        let name: String = format!("rt{}", id.replace(['-', '.'], "x"))
+            .chars()
+            .take(60)
+            .collect();
+        sh(Command::new("zpool")
+            .args(["create", "-f", "-m", "none", &name])
+            .arg(&device));
+        self.zpool = Some(name.clone());
+        sh(Command::new("zfs").args(["create", &format!("{name}/reimage")]));
+    }
+
+    /// A volume group on a 2 GiB loop device; with `thin`, a 768 MiB thin pool `pool`.
+    fn lvm_pool(&mut self, id: &str, thin: bool) {
+        let device = self.loop_device_of("lvm.img", 2 << 30);
+        let vg: String = format!("rt{}", id.replace(['-', '.'], "x"))
+            .chars()
+            .take(60)
+            .collect();
+        sh(Command::new("vgcreate").args(["-q", &vg]).arg(&device));
+        self.vg = Some(vg.clone());
+        if thin {
+            sh(Command::new("lvcreate").args([
+                "-q",
+                "--type",
+                "thin-pool",
+                "-L",
+                "768M",
+                "-n",
+                "pool",
+                &vg,
+            ]));
+        }
+    }
+
+    /// A 1 GiB ext4 (with the project feature) or xfs on a loop device, mounted with
+    /// `prjquota` at `dir/mnt`, the pool at `mnt/pool`.
+    fn quota_pool(&mut self, xfs: bool) {
+        let device = self.loop_device("quota.img");
+        if xfs {
+            sh(Command::new("mkfs.xfs").args(["-q", "-f", &device]));
+        } else {
+            sh(Command::new("mkfs.ext4").args([
+                "-q",
+                "-F",
+                "-O",
+                "quota,project",
+                "-I",
+                "256",
+                &device,
+            ]));
+        }
+        let mount = self.dir.join("mnt");
+        std::fs::create_dir_all(&mount).unwrap();
+        sh(Command::new("mount")
+            .args(["-o", "prjquota", &device])
+            .arg(&mount));
+        self.mounts.push(mount.clone());
+        self.pool = mount.join("pool");
+        self.mount = Some(mount);
+    }
+
+    /// The LV name of a volume (as the lvm driver escapes it).
+    fn lv(&self, volume: &str) -> String {
+        format!(
+            "{}/v+{}",
+            self.vg.as_deref().expect("an lvm pool"),
+            volume.replace('_', "+")
+        )
+    }
+
+    /// The device of an LV (`VG/LV`), activated first if it is not (thin snapshots are
+    /// created inactive).
+    fn lv_device(&self, lv: &str) -> String {
+        let report =
+            sh(Command::new("lvs").args(["--noheadings", "-o", "lv_active,lv_dm_path", lv]));
+        let fields: Vec<&str> = report.split_whitespace().collect();
+        if fields.first() != Some(&"active") {
+            sh(Command::new("lvchange").args(["-q", "-ay", "-K", lv]));
+        }
+        fields.last().copied().unwrap_or_default().to_owned()
+    }
+
+    /// The dataset that holds the volumes (zfs).
+    pub fn dataset(&self) -> String {
+        format!("{}/reimage", self.zpool.as_deref().expect("a zfs pool"))
+    }
+
+    /// A 1 GiB btrfs on a loop device, mounted at `dir/mnt`, the pool at `mnt/pool`.
+    fn btrfs_pool(&mut self) {
+        let device = self.loop_device("btrfs.img");
         let ok = Command::new("mkfs.btrfs")
             .args(["-q", "-f", &device])
             .output()
@@ -133,17 +273,46 @@ impl Env {
     }
 
     pub fn default_config(&self) -> String {
+        if let Backend::Lvm { thin, xfs } = self.backend {
+            let fs = if xfs { "xfs" } else { "ext4" };
+            let thin = if thin { "thin_pool = \"pool\"\n" } else { "" };
+            return format!(
+                "state_dir = {:?}\n[images]\nallow = [{}]\n[pools.default]\ndriver = \"lvm\"\nvg = {:?}\n{thin}fs = {fs:?}\nmount_dir = {:?}\n",
+                self.state,
+                self.allow(),
+                self.vg.as_deref().unwrap(),
+                self.dir.join("fill")
+            );
+        }
+        if let Backend::Zfs { quota } = self.backend {
+            let property = if quota { "quota" } else { "refquota" };
+            return format!(
+                "state_dir = {:?}\n[images]\nallow = [{}]\n[pools.default]\ndriver = \"zfs\"\ndataset = {:?}\nquota_property = {property:?}\n",
+                self.state,
+                self.allow(),
+                self.dataset()
+            );
+        }
         let quota = match self.backend {
-            Backend::Btrfs { quota: true } => "quota = true\n",
+            Backend::Btrfs { quota: true } | Backend::DirQuota { .. } => "quota = true\n",
             _ => "",
         };
         format!(
-            "state_dir = {:?}\n[images]\nallow = [{:?}]\n[pools.default]\ndriver = \"{}\"\npath = {:?}\n{quota}",
+            "state_dir = {:?}\n[images]\nallow = [{}]\n[pools.default]\ndriver = \"{}\"\npath = {:?}\n{quota}",
             self.state,
-            self.images,
+            self.allow(),
             self.backend.driver(),
             self.pool
         )
+    }
+
+    /// `images.allow`: the env's image directory, and in the guest the host-made fixtures.
+    fn allow(&self) -> String {
+        let mut dirs = vec![format!("{:?}", self.images)];
+        if let Some(dir) = std::env::var_os(guest::FIXTURES_VAR) {
+            dirs.push(format!("{:?}", PathBuf::from(dir)));
+        }
+        dirs.join(", ")
     }
 
     pub fn write_config(&self, text: &str) {
@@ -163,6 +332,7 @@ impl Env {
 
     /// Runs `reimage DRIVER` with `request` on stdin (as a JSON value or raw text).
     pub fn run_with(&self, args: &[&str], stdin: &[u8]) -> Run {
+        let started = std::time::Instant::now();
         let mut child = Command::new(BIN)
             .args(["--config"])
             .arg(&self.config)
@@ -178,6 +348,7 @@ impl Env {
             other => other.unwrap(),
         }
         let out = child.wait_with_output().unwrap();
+        trace(started, stdin, &out.stdout);
         Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
     }
 
@@ -235,12 +406,245 @@ impl Env {
         self.images.join(name)
     }
 
+    /// The path of a volume of a path-based pool (dir, btrfs).
     pub fn volume(&self, name: &str) -> PathBuf {
+        assert!(
+            self.zpool.is_none() && self.vg.is_none(),
+            "zfs and lvm volumes have no path; use view()"
+        );
         self.pool.join(name)
     }
 
+    pub fn exists(&self, name: &str) -> bool {
+        let succeeds = |cmd: &mut Command| cmd.output().unwrap().status.success();
+        if self.zpool.is_some() {
+            succeeds(Command::new("zfs").args([
+                "list",
+                "-H",
+                &format!("{}/{name}", self.dataset()),
+            ]))
+        } else if self.vg.is_some() {
+            succeeds(Command::new("lvs").arg(self.lv(name)))
+        } else {
+            self.volume(name).exists()
+        }
+    }
+
+    /// The volume's directory for as long as the view lives: its path in a path-based
+    /// pool, or the dataset mounted (by the test, outside reimage) for zfs.
+    pub fn view(&self, name: &str) -> View {
+        if self.vg.is_some() {
+            let device = self.lv_device(&self.lv(name));
+            return View::mount_device(self, &device, name);
+        }
+        match &self.zpool {
+            Some(_) => View::mount(self, &format!("{}/{name}", self.dataset()), name),
+            None => View {
+                path: self.volume(name),
+                mounted: false,
+            },
+        }
+    }
+
     pub fn manifest_of(&self, name: &str) -> Manifest {
-        manifest::manifest(&self.volume(name)).unwrap()
+        let view = self.view(name);
+        manifest::manifest(&view.path).unwrap()
+    }
+
+    /// Takes a read-only snapshot of `volume` named `name`, the backend's own way.
+    pub fn take_snapshot(&self, volume: &str, name: &str) -> Snapshot {
+        match self.backend {
+            Backend::Zfs { .. } => {
+                let snap = format!("{}/{volume}@{name}", self.dataset());
+                sh(Command::new("zfs").args(["snapshot", &snap]));
+                Snapshot::Zfs(snap)
+            }
+            Backend::Lvm { thin, .. } => {
+                let mut cmd = Command::new("lvcreate");
+                cmd.args(["-q", "-s", "-n", name]);
+                if !thin {
+                    cmd.args(["-L", "64M"]);
+                }
+                sh(cmd.arg(self.lv(volume)));
+                Snapshot::Lvm(format!("{}/{name}", self.vg.as_deref().unwrap()))
+            }
+            _ => {
+                let mount = self.mount.clone().expect("a filesystem with snapshots");
+                let dest = mount.join(name);
+                sh(Command::new("btrfs")
+                    .args(["subvolume", "snapshot", "-r"])
+                    .arg(self.volume(volume))
+                    .arg(&dest));
+                Snapshot::Path(dest)
+            }
+        }
+    }
+
+    /// The snapshot's content, or `None` when it no longer exists.
+    pub fn snapshot_manifest(&self, snap: &Snapshot) -> Option<Manifest> {
+        match snap {
+            Snapshot::Path(p) => p.exists().then(|| manifest::manifest(p).unwrap()),
+            Snapshot::Lvm(lv) => {
+                let exists = Command::new("lvs")
+                    .arg(lv)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success();
+                exists.then(|| {
+                    let device = self.lv_device(lv);
+                    let view = View::mount_device(self, &device, "snapshot");
+                    manifest::manifest(&view.path).unwrap()
+                })
+            }
+            Snapshot::Zfs(name) => {
+                let exists = Command::new("zfs")
+                    .args(["list", "-H", name])
+                    .output()
+                    .unwrap()
+                    .status
+                    .success();
+                exists.then(|| {
+                    let view = View::mount(self, name, "snapshot");
+                    manifest::manifest(&view.path).unwrap()
+                })
+            }
+        }
+    }
+
+    pub fn drop_snapshot(&self, snap: Snapshot) {
+        match snap {
+            Snapshot::Path(p) => {
+                sh(Command::new("btrfs").args(["subvolume", "delete"]).arg(p));
+            }
+            Snapshot::Zfs(name) => {
+                sh(Command::new("zfs").args(["destroy", &name]));
+            }
+            Snapshot::Lvm(lv) => {
+                sh(Command::new("lvremove").args(["-q", "-y", &lv]));
+            }
+        }
+    }
+
+    /// Fills the pool's storage until about `left` bytes are free, with real allocations
+    /// (fallocate; a zfs reservation); undone by [`Env::unfill`].
+    pub fn fill_pool_leaving(&self, left: u64) {
+        match self.backend {
+            Backend::Lvm { thin, .. } => {
+                let vg = self.vg.as_deref().unwrap();
+                if thin {
+                    // Thin pools allocate only what is written: write it.
+                    let report = sh(Command::new("lvs").args([
+                        "--noheadings",
+                        "--units",
+                        "b",
+                        "--nosuffix",
+                        "-o",
+                        "lv_size,data_percent",
+                        &format!("{vg}/pool"),
+                    ]));
+                    let mut f = report.split_whitespace();
+                    let size: f64 = f.next().unwrap().parse().unwrap();
+                    let used: f64 = f.next().unwrap().parse().unwrap();
+                    let free = (size * (1.0 - used / 100.0)) as u64;
+                    let fill = (free - left) >> 20;
+                    sh(Command::new("lvcreate").args([
+                        "-q",
+                        "-V",
+                        &format!("{}M", fill + 64),
+                        "--thin",
+                        "-n",
+                        "filler",
+                        &format!("{vg}/pool"),
+                    ]));
+                    let device = self.lv_device(&format!("{vg}/filler"));
+                    sh(Command::new("dd").args([
+                        "if=/dev/zero",
+                        &format!("of={device}"),
+                        "bs=1M",
+                        &format!("count={fill}"),
+                        "oflag=direct",
+                        "status=none",
+                    ]));
+                } else {
+                    let report = sh(Command::new("vgs").args([
+                        "--noheadings",
+                        "--units",
+                        "b",
+                        "--nosuffix",
+                        "-o",
+                        "vg_free,vg_extent_size",
+                        vg,
+                    ]));
+                    let mut f = report.split_whitespace();
+                    let free: u64 = f.next().unwrap().parse().unwrap();
+                    let extent: u64 = f.next().unwrap().parse().unwrap();
+                    let extents = (free - left) / extent;
+                    sh(Command::new("lvcreate").args([
+                        "-q",
+                        "-l",
+                        &extents.to_string(),
+                        "-n",
+                        "filler",
+                        vg,
+                    ]));
+                }
+            }
+            Backend::Zfs { .. } => {
+                let available: u64 = sh(Command::new("zfs").args([
+                    "get",
+                    "-H",
+                    "-p",
+                    "-o",
+                    "value",
+                    "available",
+                    &self.dataset(),
+                ]))
+                .trim()
+                .parse()
+                .unwrap();
+                sh(Command::new("zfs").args([
+                    "create",
+                    "-o",
+                    &format!("refreservation={}", available - left),
+                    &format!("{}/filler", self.zpool.as_deref().unwrap()),
+                ]));
+            }
+            _ => {
+                let st = rustix::fs::statvfs(&self.pool).unwrap();
+                let free = st.f_bavail * st.f_frsize;
+                sh(Command::new("fallocate")
+                    .arg("-l")
+                    .arg((free - left).to_string())
+                    .arg(self.filler()));
+            }
+        }
+    }
+
+    pub fn unfill(&self) {
+        match self.backend {
+            Backend::Lvm { .. } => {
+                sh(Command::new("lvremove").args([
+                    "-q",
+                    "-y",
+                    &format!("{}/filler", self.vg.as_deref().unwrap()),
+                ]));
+            }
+            Backend::Zfs { .. } => {
+                sh(Command::new("zfs").args([
+                    "destroy",
+                    &format!("{}/filler", self.zpool.as_deref().unwrap()),
+                ]));
+            }
+            _ => std::fs::remove_file(self.filler()).unwrap(),
+        }
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.mount
+            .clone()
+            .unwrap_or(self.pool.clone())
+            .join("filler")
     }
 
     /// Manifest of the whole pool and of the state directory's journal: "nothing changed"
@@ -257,8 +661,49 @@ impl Env {
         (manifest::manifest(&self.pool).unwrap(), journal)
     }
 
-    /// Temporary volumes left in the pool.
+    /// Temporary volumes left in the pool (and, for zfs, guard snapshots and mounts).
     pub fn leftovers(&self) -> Vec<String> {
+        if let Some(vg) = &self.vg {
+            let all = sh(Command::new("lvs").args(["--noheadings", "-o", "lv_name", vg]));
+            let mut left: Vec<String> = all
+                .split_whitespace()
+                .filter(|n| n.starts_with("n+") || n.starts_with("o+"))
+                .map(str::to_owned)
+                .collect();
+            let fill = self.dir.join("fill");
+            if let Ok(dirs) = std::fs::read_dir(fill.join(format!("lvm-{vg}"))) {
+                left.extend(
+                    dirs.flatten()
+                        .map(|d| format!("mount point: {:?}", d.path())),
+                );
+            }
+            return left;
+        }
+        if self.zpool.is_some() {
+            let all = sh(Command::new("zfs").args([
+                "list",
+                "-H",
+                "-t",
+                "all",
+                "-r",
+                "-o",
+                "name",
+                &self.dataset(),
+            ]));
+            let mut left: Vec<String> = all
+                .lines()
+                .filter(|n| n.contains("/.reimage") || n.contains("@reimage"))
+                .map(str::to_owned)
+                .collect();
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            left.extend(
+                mounts
+                    .lines()
+                    .filter(|l| l.contains(&format!(" {}/", self.dataset())))
+                    .map(|l| format!("mounted: {l}")),
+            );
+            return left;
+        }
         std::fs::read_dir(&self.pool)
             .unwrap()
             .flatten()
@@ -287,6 +732,16 @@ impl Drop for Env {
         for m in self.mounts.drain(..).rev() {
             let _ = Command::new("umount").arg(&m).status();
         }
+        if let Some(pool) = self.zpool.take() {
+            let _ = Command::new("zpool")
+                .args(["destroy", "-f", &pool])
+                .status();
+        }
+        if let Some(vg) = self.vg.take() {
+            let _ = Command::new("vgremove")
+                .args(["-q", "-f", "-y", &vg])
+                .output();
+        }
         for device in self.loops.drain(..) {
             let _ = Command::new("losetup").arg("-d").arg(&device).status();
         }
@@ -300,6 +755,77 @@ impl Drop for Env {
             let _ = std::fs::remove_dir(parent);
         }
     }
+}
+
+/// A volume's directory, for reading it; a zfs dataset is mounted for as long as this lives.
+pub struct View {
+    pub path: PathBuf,
+    mounted: bool,
+}
+
+impl View {
+    fn mount_device(env: &Env, device: &str, what: &str) -> View {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = env.dir.join(format!("view-{what}-{n}"));
+        std::fs::create_dir_all(&path).unwrap();
+        // xfs refuses a second mount of a snapshot with the same uuid unless told.
+        let options = if matches!(env.backend, Backend::Lvm { xfs: true, .. }) {
+            "nouuid"
+        } else {
+            "defaults"
+        };
+        sh(Command::new("mount")
+            .args(["-o", options, device])
+            .arg(&path));
+        View {
+            path,
+            mounted: true,
+        }
+    }
+
+    fn mount(env: &Env, dataset: &str, what: &str) -> View {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = env.dir.join(format!("view-{what}-{n}"));
+        std::fs::create_dir_all(&path).unwrap();
+        sh(Command::new("mount")
+            .args(["-t", "zfs", dataset])
+            .arg(&path));
+        View {
+            path,
+            mounted: true,
+        }
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.path).status();
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
+}
+
+/// With `REIMAGE_TEST_TRACE` set: each run's request, wall time and the result's timings,
+/// on stderr (for finding where a slow test spends its time).
+fn trace(started: std::time::Instant, stdin: &[u8], stdout: &[u8]) {
+    if std::env::var_os("REIMAGE_TEST_TRACE").is_none() {
+        return;
+    }
+    let last = String::from_utf8_lossy(stdout);
+    let last = last.lines().last().unwrap_or("");
+    let timings = serde_json::from_str::<Value>(last)
+        .ok()
+        .map(|v| v["timings_ms"].to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "TRACE {:>6} ms {} -> {timings}",
+        started.elapsed().as_millis(),
+        String::from_utf8_lossy(stdin)
+            .chars()
+            .take(90)
+            .collect::<String>()
+    );
 }
 
 /// What one run printed and returned.
@@ -426,6 +952,14 @@ pub fn rich_image(
 /// An uncompressed image of `files` incompressible 4 MiB files (`name`), one that takes a
 /// while to unpack: for killing a request mid-unpack.
 pub fn bulky_image(env: &Env, name: &str, files: usize) -> PathBuf {
+    // In the guest, made on the host beforehand (writing 256 MiB of noise under emulation
+    // takes a minute); see guest::run_cases.
+    if let Some(dir) = std::env::var_os(guest::FIXTURES_VAR) {
+        let made = PathBuf::from(dir).join(guest::bulky_name(files));
+        if made.exists() {
+            return made;
+        }
+    }
     let src = env.dir.join(format!("src-{name}"));
     reimage_fixtures::tree::bulky(&src, files, 4 << 20).unwrap();
     let image = env.image(name);

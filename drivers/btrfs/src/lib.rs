@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use reimage_driver::pooldir::PoolDir;
 use reimage_driver::{
-    tree, Capabilities, Driver, Error, ErrorKind, Mounted, PoolSpace, Result, SizeModel, Slot,
-    SlotKind, Usage, VolumeName,
+    tree, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, Result,
+    SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
@@ -228,7 +228,9 @@ impl Driver for BtrfsDriver {
         Capabilities {
             snapshots: true,
             // Snapshots are subvolumes of their own: they outlive the volume they came from.
-            keep_snapshots: true,
+            keep_snapshots: KeepSnapshots::Independent,
+            size_counts_snapshots: false,
+            limit_reads_as_full: false,
             size_model: if self.quota {
                 SizeModel::Quota
             } else {
@@ -375,6 +377,7 @@ impl Driver for BtrfsDriver {
             available,
             total,
             inodes_available: None,
+            provisioned: None,
         })
     }
 

@@ -2,30 +2,63 @@
 //! naming, renames and swaps are [`PoolDir`]'s). Destroying a volume removes its tree
 //! fd-relative, never following a symlink and never crossing into a mount.
 //!
-//! Sizes: the dir driver has no limits yet (project quotas come later), so `size` is
-//! advisory and the core warns about it.
+//! Sizes: with `quota = true` on a filesystem that has project quotas (ext4, xfs), each
+//! volume is a project ([`project`]) limited to its size; otherwise `size` is advisory and
+//! the core warns about it (and about a filesystem without project quotas).
+
+pub mod project;
 
 use std::os::fd::AsFd;
 use std::path::Path;
 
 use reimage_driver::pooldir::PoolDir;
 use reimage_driver::{
-    tree, Capabilities, Driver, Error, ErrorKind, Mounted, PoolSpace, Result, SizeModel, Slot,
-    SlotKind, Usage, VolumeName,
+    tree, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, Result,
+    SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 use rustix::fs::Mode;
 use rustix::io::Errno;
 
 pub struct DirDriver {
     pool: PoolDir,
+    /// Project quotas are asked for and the filesystem has them.
+    quota: bool,
+    /// Asked for but not available, and why.
+    quota_unavailable: Option<String>,
+    /// The pool is on xfs, whose project quotas fail writes with ENOSPC.
+    xfs: bool,
 }
 
 impl DirDriver {
-    /// Opens the pool directory (see [`PoolDir::open`]).
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens the pool directory (see [`PoolDir::open`]); `quota` asks for project quotas.
+    pub fn open(path: &Path, quota: bool) -> Result<Self> {
+        let pool = PoolDir::open(path)?;
+        let quota_unavailable = quota
+            .then(|| project::unsupported(pool.fd.as_fd()))
+            .flatten();
+        const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+        let xfs = rustix::fs::fstatfs(&pool.fd).is_ok_and(|st| st.f_type == XFS_SUPER_MAGIC);
         Ok(DirDriver {
-            pool: PoolDir::open(path)?,
+            xfs,
+            quota: quota && quota_unavailable.is_none(),
+            quota_unavailable,
+            pool,
         })
+    }
+
+    /// The root of the volume in `slot` (a directory needs no mount).
+    fn root(&self, slot: Slot<'_>) -> Result<Mounted> {
+        self.pool.open_root(slot)
+    }
+
+    /// The volume's project, assigned to its tree first if it was made without one.
+    fn project(&self, slot: Slot<'_>) -> Result<u32> {
+        let root = self.root(slot)?;
+        if project::is_assigned(root.root())? {
+            project::id_of(root.root())
+        } else {
+            project::assign(root.root())
+        }
     }
 }
 
@@ -37,11 +70,17 @@ impl Driver for DirDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             snapshots: false,
-            keep_snapshots: false,
-            size_model: SizeModel::Unlimited,
-            shrink: false,
+            keep_snapshots: KeepSnapshots::No,
+            size_counts_snapshots: false,
+            limit_reads_as_full: self.quota && self.xfs,
+            size_model: if self.quota {
+                SizeModel::Quota
+            } else {
+                SizeModel::Unlimited
+            },
+            shrink: self.quota,
             exchange: true,
-            cheap_usage: false,
+            cheap_usage: self.quota,
         }
     }
 
@@ -52,7 +91,7 @@ impl Driver for DirDriver {
             .map(|st| format!("{}:{}", st.st_dev, st.st_ino)))
     }
 
-    fn create(&self, slot: Slot<'_>, _size: Option<u64>) -> Result<()> {
+    fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()> {
         rustix::fs::mkdirat(
             &self.pool.fd,
             PoolDir::cname(slot),
@@ -61,7 +100,14 @@ impl Driver for DirDriver {
         .map_err(|e| match e {
             Errno::EXIST => Error::new(ErrorKind::AlreadyExists, format!("{slot} already exists")),
             e => Error::errno(format!("creating {}", self.pool.path_of(slot).display()), e),
-        })
+        })?;
+        if self.quota {
+            // An earlier directory with the same inode number may have left a limit: set it.
+            let root = self.root(slot)?;
+            let id = project::assign(root.root())?;
+            project::set_limit(root.root(), id, size.unwrap_or(0))?;
+        }
+        Ok(())
     }
 
     fn destroy(&self, slot: Slot<'_>, _with_snapshots: bool) -> Result<()> {
@@ -91,6 +137,15 @@ impl Driver for DirDriver {
     fn usage(&self, slot: Slot<'_>) -> Result<Usage> {
         self.pool.require(slot)?;
         let root = self.open_root(slot)?;
+        if self.quota && project::is_assigned(root.root())? {
+            let id = project::id_of(root.root())?;
+            let (size, used, inodes) = project::usage(root.root(), id)?;
+            return Ok(Usage {
+                size,
+                used,
+                inodes: Some(inodes),
+            });
+        }
         let (used, inodes) = tree::usage(root.root())?;
         Ok(Usage {
             size: None,
@@ -99,11 +154,22 @@ impl Driver for DirDriver {
         })
     }
 
-    fn set_size(&self, slot: Slot<'_>, _bytes: u64) -> Result<()> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            format!("{slot}: the dir driver has no size limits on this pool"),
-        ))
+    fn set_size(&self, slot: Slot<'_>, bytes: u64) -> Result<()> {
+        if !self.quota {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{slot}: the dir driver has no size limits on this pool"),
+            ));
+        }
+        let id = self.project(slot)?;
+        project::set_limit(self.pool.fd.as_fd(), id, bytes)
+    }
+
+    fn warnings(&self) -> Vec<(&'static str, String)> {
+        match &self.quota_unavailable {
+            Some(why) => vec![("quota_unavailable", why.clone())],
+            None => Vec::new(),
+        }
     }
 
     fn pool_space(&self) -> Result<PoolSpace> {
@@ -112,6 +178,7 @@ impl Driver for DirDriver {
             available: st.f_bavail.saturating_mul(st.f_frsize),
             total: st.f_blocks.saturating_mul(st.f_frsize),
             inodes_available: (st.f_files > 0).then_some(st.f_favail),
+            provisioned: None,
         })
     }
 
@@ -134,7 +201,7 @@ mod tests {
 
     fn pool() -> (tempfile_dir::TempDir, DirDriver) {
         let dir = tempfile_dir::TempDir::new();
-        let driver = DirDriver::open(dir.path()).unwrap();
+        let driver = DirDriver::open(dir.path(), false).unwrap();
         (dir, driver)
     }
 

@@ -26,6 +26,24 @@ fn process_name(pid: &str) -> String {
 /// passed over.
 pub fn find_holder(dir: &Path) -> std::io::Result<Option<String>> {
     let dir = dir.as_os_str().as_bytes();
+    find_process(|link, target| {
+        let _ = link;
+        is_within(target.as_os_str().as_bytes(), dir)
+    })
+}
+
+/// The first process (other than this one) that uses something on the filesystem with
+/// device number `dev` (a volume that is a filesystem of its own: a zfs dataset, an LV).
+/// Compared by device, not by path: a path from /proc names the file in the holder's mount
+/// namespace, which need not be ours.
+pub fn find_holder_on_device(dev: u64) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    find_process(|link, _| fs::metadata(link).is_ok_and(|m| m.dev() == dev))
+}
+
+/// The first process whose cwd, root, executable or an open file satisfies `uses` (given
+/// the /proc link and its target).
+fn find_process(uses: impl Fn(&Path, &Path) -> bool) -> std::io::Result<Option<String>> {
     let me = std::process::id().to_string();
     for entry in fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
@@ -51,7 +69,7 @@ pub fn find_holder(dir: &Path) -> std::io::Result<Option<String>> {
             let Ok(target) = fs::read_link(&link) else {
                 continue;
             };
-            if is_within(target.as_os_str().as_bytes(), dir) {
+            if uses(&link, &target) {
                 return Ok(Some(format!(
                     "pid {pid} ({}): {what} {}",
                     process_name(pid),
@@ -81,6 +99,48 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
         i += 1;
     }
     out
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    /// `MAJOR:MINOR` of the mounted device.
+    pub device: String,
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    /// The mount source: a device path, or a zfs dataset name.
+    pub source: String,
+}
+
+/// The mounts of this mount namespace.
+pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
+    use std::os::unix::ffi::OsStringExt;
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in info.lines() {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = before.split(' ').collect();
+        let (Some(device), Some(mount_point), mut rest) =
+            (fields.get(2), fields.get(4), after.split(' '))
+        else {
+            continue;
+        };
+        let (Some(fstype), Some(source)) = (rest.next(), rest.next()) else {
+            continue;
+        };
+        out.push(MountEntry {
+            device: (*device).to_owned(),
+            mount_point: PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(
+                mount_point,
+            ))),
+            fstype: String::from_utf8_lossy(&unescape_mountinfo(fstype)).into_owned(),
+            source: String::from_utf8_lossy(&unescape_mountinfo(source)).into_owned(),
+        });
+    }
+    Ok(out)
 }
 
 /// A filesystem mounted at or below `dir` (in this mount namespace), as its mount point.

@@ -10,6 +10,8 @@
 //! where an interrupted operation stopped.
 
 mod busy;
+pub mod command;
+pub mod mount;
 mod name;
 pub mod pooldir;
 pub mod tree;
@@ -17,7 +19,7 @@ pub mod tree;
 use std::fmt;
 use std::os::fd::OwnedFd;
 
-pub use busy::{find_holder, holder_of_mount_below};
+pub use busy::{find_holder, find_holder_on_device, holder_of_mount_below, mounts, MountEntry};
 pub use name::{NameError, VolumeName};
 
 /// Which of a volume's slots an operation addresses.
@@ -91,13 +93,31 @@ pub enum SizeModel {
     Allocated,
 }
 
+/// How a rebuild with `snapshots: keep` keeps a volume's snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepSnapshots {
+    /// It cannot: the snapshots die with the volume (or there are none).
+    No,
+    /// Snapshots outlive the volume they were taken of (btrfs): the usual atomic rebuild
+    /// keeps them, and the driver keeps listing them as the volume's.
+    Independent,
+    /// Snapshots live inside the volume (zfs): the volume is refilled in place, guarded by a
+    /// snapshot of its own that a failure or crash rolls back to ([`Driver::set_guard`]).
+    Refill,
+}
+
 /// What a driver can do; the core and the conformance suite read it instead of guessing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     /// The backend has snapshots of volumes at all.
     pub snapshots: bool,
-    /// A rebuild can leave existing snapshots intact and restorable.
-    pub keep_snapshots: bool,
+    /// Whether and how a rebuild leaves existing snapshots intact and restorable.
+    pub keep_snapshots: KeepSnapshots,
+    /// The size limit counts the space the volume's snapshots hold (a zfs `quota`).
+    pub size_counts_snapshots: bool,
+    /// An exhausted limit shows as ENOSPC rather than EDQUOT (xfs project quotas); the core
+    /// tells the two apart by the pool's own free space.
+    pub limit_reads_as_full: bool,
     pub size_model: SizeModel,
     /// A volume's size or quota can be made smaller.
     pub shrink: bool,
@@ -128,6 +148,9 @@ pub struct PoolSpace {
     /// Inodes that can still be created, where the filesystem has a fixed number of them
     /// (`None` for filesystems that allocate inodes dynamically, like btrfs).
     pub inodes_available: Option<u64>,
+    /// For pools that overcommit (LVM thin): the sum of the sizes already promised to
+    /// volumes, which may exceed `total`.
+    pub provisioned: Option<u64>,
 }
 
 /// The root directory of a volume, opened (and mounted, for block-backed drivers) for filling.
@@ -192,6 +215,9 @@ pub enum ErrorKind {
     },
     /// The volume has snapshots and the step would destroy them.
     HasSnapshots(Vec<String>),
+    /// Other volumes were cloned from the volume's snapshots; it cannot be destroyed before
+    /// they are promoted or destroyed.
+    HasClones(Vec<String>),
     NoSpace,
     QuotaExceeded,
     /// The backend cannot do this at all (not a transient failure).
@@ -258,6 +284,16 @@ pub trait Driver {
     /// with the identity recorded in the journal to see whether a swap happened.
     fn identity(&self, slot: Slot<'_>) -> Result<Option<String>>;
 
+    /// The identities of the volume's three slots, `[live, new, old]`. Drivers whose every
+    /// look costs a program run answer with one.
+    fn identities(&self, volume: &VolumeName) -> Result<[Option<String>; 3]> {
+        Ok([
+            self.identity(Slot::live(volume))?,
+            self.identity(Slot::new(volume))?,
+            self.identity(Slot::old(volume))?,
+        ])
+    }
+
     /// Creates an empty volume in `slot` (which must be empty), sized when the driver has
     /// sizes. Fails with `AlreadyExists` if the slot is taken.
     fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()>;
@@ -279,7 +315,8 @@ pub trait Driver {
 
     fn usage(&self, slot: Slot<'_>) -> Result<Usage>;
 
-    /// Sets the quota or device size of the volume in `slot`.
+    /// Sets the quota or device size of the volume in `slot`. For a driver that refills
+    /// ([`KeepSnapshots::Refill`]), `0` removes the limit (restoring a volume that had none).
     fn set_size(&self, slot: Slot<'_>, bytes: u64) -> Result<()>;
 
     fn pool_space(&self) -> Result<PoolSpace>;
@@ -289,6 +326,52 @@ pub trait Driver {
 
     /// Names a process or mount that keeps the volume in `slot` busy, if any.
     fn busy(&self, slot: Slot<'_>) -> Result<Option<String>>;
+
+    /// Conditions of the pool the caller should know about (code, message), reported as
+    /// warnings at the start of every request: a quota the config asks for but the
+    /// filesystem cannot enforce.
+    fn warnings(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    /// Volumes cloned from the snapshots of the volume in `slot`: while there are any, it
+    /// cannot be destroyed.
+    fn clones(&self, _slot: Slot<'_>) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// [`KeepSnapshots::Refill`]: takes the guard snapshot of the volume in `slot`, the state
+    /// a failed or interrupted refill returns to. Taking it again when it exists is an error.
+    fn set_guard(&self, _slot: Slot<'_>) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this driver has no guard snapshots",
+        ))
+    }
+
+    /// Whether the volume in `slot` has a guard snapshot.
+    fn has_guard(&self, _slot: Slot<'_>) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Returns the volume in `slot` to its guard snapshot and removes the guard; without a
+    /// guard it does nothing.
+    fn roll_back_to_guard(&self, _slot: Slot<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Removes the guard snapshot (the refill succeeded); without a guard it does nothing.
+    fn drop_guard(&self, _slot: Slot<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Opens the guard snapshot's root read-only (to copy `preserve` paths from).
+    fn open_guard(&self, _slot: Slot<'_>) -> Result<Mounted> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this driver has no guard snapshots",
+        ))
+    }
 
     /// Flushes the volume in `slot` to stable storage. `root` is its open root directory.
     fn sync(&self, _slot: Slot<'_>, root: std::os::fd::BorrowedFd<'_>) -> Result<()> {

@@ -196,3 +196,29 @@ pub fn usage(root: BorrowedFd<'_>) -> Result<(u64, u64)> {
     }
     Ok((bytes, inodes))
 }
+
+/// Removes everything inside the directory `root` (which stays, with its own metadata), with
+/// [`remove_tree`]'s rules: nothing followed, no other mount entered.
+pub fn empty(root: BorrowedFd<'_>, shown: &str) -> Result<()> {
+    let fail = |e: Errno| Error::errno(format!("emptying {shown}"), e);
+    let fd = rustix::fs::openat(
+        root,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(fail)?;
+    let mut names = Vec::new();
+    let mut dir = Dir::new(fd).map_err(fail)?;
+    while let Some(entry) = dir.read() {
+        let entry = entry.map_err(fail)?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    for name in names {
+        remove_tree(root, &name, shown)?;
+    }
+    Ok(())
+}

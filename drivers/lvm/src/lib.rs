@@ -1,0 +1,708 @@
+//! The `lvm` driver: each volume is a logical volume in the pool's volume group, thick or (with
+//! `thin_pool`) thin, holding an ext4 or xfs filesystem that reimage makes.
+//!
+//! It drives the `lvm` command (`lvs`/`vgs` JSON reports, `lvcreate`, `lvrename`, ...)
+//! through [`reimage_driver::command`]: argument vectors, `LC_ALL=C`, a cleared environment.
+//! udev is used as on any host (LVM waits for it); running without udev is a matter of the
+//! host's `lvm.conf`, not of this driver.
+//!
+//! - Names: an LV is named `v+NAME` (live), `n+NAME` (being built), `o+NAME` (old content),
+//!   with every `_` of the volume name written `+`. Volume names never contain `+`, so no two
+//!   volumes and no volume and temporary LV can share an LV name, and no LV name can contain
+//!   the substrings LVM reserves (`_tdata`, `_rimage`, ...) or start with `snapshot`.
+//! - Size: the LV's size is the volume's (rounded up to whole extents; xfs needs 300 MiB at
+//!   least). Growing is `lvextend` then `resize2fs` or `xfs_growfs` on the mounted
+//!   filesystem; shrinking is ext4 only, offline (`e2fsck`, `resize2fs`, `lvreduce`).
+//! - Space: a thick pool's free extents (the whole size is taken at creation); a thin pool's
+//!   free data, with the sum of the thin volumes' sizes reported as `provisioned` so that
+//!   overcommit shows.
+//! - Snapshots: LVs whose origin is the volume's LV. Thin snapshots outlive their origin, so
+//!   `keep` works for thin pools: when an old LV is removed its snapshots get the tag
+//!   `reimage.of=NAME` and are still listed as the volume's. Thick snapshots die with their
+//!   origin, so `keep` is refused there.
+
+mod report;
+
+use std::cell::RefCell;
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+
+use reimage_driver::command::{self, Failure};
+use reimage_driver::{
+    mount, mounts, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace,
+    Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
+};
+use report::{Lv, LV_FIELDS, VG_FIELDS};
+
+/// The smallest filesystem mkfs.xfs makes.
+const XFS_MIN: u64 = 300 << 20;
+/// The smallest ext4 the driver makes: room for its journal and metadata beside the content.
+const EXT4_MIN: u64 = 16 << 20;
+/// The tag that ties a thin snapshot to its volume after the LV it was taken of is gone.
+const LINEAGE_TAG: &str = "reimage.of=";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fs {
+    Ext4,
+    Xfs,
+}
+
+impl Fs {
+    pub fn parse(name: &str) -> Option<Fs> {
+        match name {
+            "ext4" => Some(Fs::Ext4),
+            "xfs" => Some(Fs::Xfs),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Fs::Ext4 => "ext4",
+            Fs::Xfs => "xfs",
+        }
+    }
+}
+
+pub struct LvmDriver {
+    vg: String,
+    thin_pool: Option<String>,
+    fs: Fs,
+    mount_dir: PathBuf,
+    /// The volume group's LVs as last listed, dropped by every change this driver makes:
+    /// one request reads the list many times, and every `lvm` run costs a device scan.
+    listed: RefCell<Option<Vec<Lv>>>,
+}
+
+/// What a failed LVM or mkfs command means, from its message (LC_ALL=C).
+fn classify(failure: &Failure) -> ErrorKind {
+    let text = failure.stderr.as_str();
+    if text.contains("not found") || text.contains("Failed to find") {
+        ErrorKind::NotFound
+    } else if text.contains("already exists") {
+        ErrorKind::AlreadyExists
+    } else if text.contains("in use") || text.contains("is open") {
+        ErrorKind::Busy { holder: None }
+    } else if text.contains("nsufficient") || text.contains("No space") {
+        ErrorKind::NoSpace
+    } else {
+        ErrorKind::Failed
+    }
+}
+
+fn run<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> Result<String> {
+    command::run(program, args).map_err(|f| Error::new(classify(&f), f.to_string()))
+}
+
+fn lvm<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<String> {
+    run("lvm", args)
+}
+
+/// The forced check resize2fs wants before it touches an unmounted ext4. Exit status 1 means
+/// it fixed something, which is fine here; a mounted filesystem makes it refuse.
+fn fsck(dev: &str) -> Result<()> {
+    match command::run("e2fsck", ["-f", "-p", dev]) {
+        Ok(_) => Ok(()),
+        Err(f) if f.status == Some(1) => Ok(()),
+        Err(f) => Err(Error::new(ErrorKind::Failed, f.to_string())),
+    }
+}
+
+impl LvmDriver {
+    /// A driver for the volumes in `vg` (in `thin_pool` if given), which must exist.
+    pub fn open(
+        vg: &str,
+        thin_pool: Option<&str>,
+        fs: Fs,
+        mount_dir: PathBuf,
+    ) -> Result<LvmDriver> {
+        let driver = LvmDriver {
+            vg: vg.to_owned(),
+            thin_pool: thin_pool.map(str::to_owned),
+            fs,
+            mount_dir,
+            listed: RefCell::new(None),
+        };
+        driver.lvs().map_err(|e| {
+            Error::new(
+                e.kind,
+                format!("the pool's volume group {vg} cannot be used: {}; create it (vgcreate) or fix `vg` in the config", e.message),
+            )
+        })?;
+        if let Some(pool) = thin_pool {
+            let found = driver
+                .lvs()?
+                .into_iter()
+                .any(|lv| lv.lv_name == pool && lv.lv_attr.starts_with('t'));
+            if !found {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("the thin pool {vg}/{pool} does not exist; create it (lvcreate --type thin-pool) or fix `thin_pool` in the config"),
+                ));
+            }
+        }
+        Ok(driver)
+    }
+
+    fn lv_name(slot: Slot<'_>) -> String {
+        let prefix = match slot.kind {
+            SlotKind::Live => "v+",
+            SlotKind::New => "n+",
+            SlotKind::Old => "o+",
+        };
+        format!("{prefix}{}", slot.volume.as_str().replace('_', "+"))
+    }
+
+    /// The volume and slot an LV name stands for, if it is one of ours.
+    fn slot_of(lv_name: &str) -> Option<(VolumeName, SlotKind)> {
+        let kind = match lv_name.get(..2)? {
+            "v+" => SlotKind::Live,
+            "n+" => SlotKind::New,
+            "o+" => SlotKind::Old,
+            _ => return None,
+        };
+        let volume = VolumeName::parse(&lv_name[2..].replace('+', "_")).ok()?;
+        Some((volume, kind))
+    }
+
+    fn path(&self, slot: Slot<'_>) -> String {
+        format!("{}/{}", self.vg, Self::lv_name(slot))
+    }
+
+    /// Runs an `lvm` command that changes the volume group.
+    fn change<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<String> {
+        self.listed.replace(None);
+        let out = lvm(args);
+        self.listed.replace(None);
+        out
+    }
+
+    /// Every LV of the volume group.
+    fn lvs(&self) -> Result<Vec<Lv>> {
+        if let Some(listed) = self.listed.borrow().as_ref() {
+            return Ok(listed.clone());
+        }
+        let listed = self.list()?;
+        self.listed.replace(Some(listed.clone()));
+        Ok(listed)
+    }
+
+    fn list(&self) -> Result<Vec<Lv>> {
+        let out = lvm(&[
+            "lvs",
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            LV_FIELDS,
+            "-S",
+            "lv_name!=\"\"",
+            &self.vg,
+        ])?;
+        report::parse_lvs(&out)
+    }
+
+    fn find(&self, slot: Slot<'_>) -> Result<Option<Lv>> {
+        let name = Self::lv_name(slot);
+        Ok(self.lvs()?.into_iter().find(|lv| lv.lv_name == name))
+    }
+
+    fn require(&self, slot: Slot<'_>) -> Result<Lv> {
+        self.find(slot)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} does not exist")))
+    }
+
+    fn vg_report(&self) -> Result<report::Vg> {
+        let out = lvm(&[
+            "vgs",
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            VG_FIELDS,
+            &self.vg,
+        ])?;
+        report::parse_vgs(&out)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume group {}", self.vg)))
+    }
+
+    fn mount_point(&self, slot: Slot<'_>) -> PathBuf {
+        self.mount_dir
+            .join(format!("lvm-{}", self.vg))
+            .join(Self::lv_name(slot))
+    }
+
+    /// Where the LV's device is mounted in this namespace.
+    fn mounted_at(&self, lv: &Lv) -> Result<Vec<PathBuf>> {
+        let Ok(meta) = std::fs::metadata(&lv.lv_dm_path) else {
+            return Ok(Vec::new());
+        };
+        if !meta.file_type().is_block_device() {
+            return Ok(Vec::new());
+        }
+        use std::os::unix::fs::MetadataExt;
+        let rdev = meta.rdev();
+        let wanted = format!("{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+        Ok(mounts()
+            .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?
+            .into_iter()
+            .filter(|m| m.device == wanted)
+            .map(|m| m.mount_point)
+            .collect())
+    }
+
+    /// Snapshots of `origin_lv`, and for a live slot also those tagged as the volume's, oldest
+    /// first.
+    fn snapshot_lvs(&self, all: &[Lv], slot: Slot<'_>) -> Vec<Lv> {
+        let name = Self::lv_name(slot);
+        let tag = format!("{LINEAGE_TAG}{}", slot.volume);
+        let mut found: Vec<Lv> = all
+            .iter()
+            .filter(|lv| {
+                // Tagged snapshots outlived an earlier LV of the volume: they belong to the
+                // live volume and go when it goes (through the old slot), never with a
+                // half-built new one.
+                lv.origin == name || (slot.kind != SlotKind::New && lv.tags().any(|t| t == tag))
+            })
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| a.lv_time.cmp(&b.lv_time));
+        found
+    }
+
+    fn remove(&self, lv_name: &str) -> Result<()> {
+        self.change(&["lvremove", "-q", "-y", &format!("{}/{lv_name}", self.vg)])
+            .map(drop)
+    }
+
+    /// The LV size for a volume of `bytes`: whole MiB (LVM rounds on to whole extents), and
+    /// what the filesystem needs at least.
+    fn lv_size(&self, bytes: u64) -> u64 {
+        let bytes = bytes.div_ceil(1 << 20).saturating_mul(1 << 20);
+        match self.fs {
+            Fs::Xfs => bytes.max(XFS_MIN),
+            Fs::Ext4 => bytes.max(EXT4_MIN),
+        }
+    }
+
+    fn mkfs(&self, device: &str) -> Result<()> {
+        match self.fs {
+            // No reserved blocks: reimage fills volumes without CAP_SYS_RESOURCE, and the
+            // volume is sized to its content. One inode per 8 KiB: root filesystems are many
+            // small files.
+            Fs::Ext4 => run(
+                "mkfs.ext4",
+                &[
+                    "-q",
+                    "-F",
+                    "-m",
+                    "0",
+                    "-i",
+                    "8192",
+                    "-E",
+                    "nodiscard",
+                    device,
+                ],
+            ),
+            Fs::Xfs => run("mkfs.xfs", &["-q", "-f", "-K", device]),
+        }
+        .map(drop)
+    }
+
+    /// Grows the filesystem of a (grown) LV to the LV's size: ext4 offline (growing a
+    /// mounted ext4 needs CAP_SYS_RESOURCE, which reimage gives up), xfs mounted (the only way
+    /// xfs grows).
+    fn grow_fs(&self, slot: Slot<'_>, lv: &Lv) -> Result<()> {
+        let dev = lv.lv_dm_path.as_str();
+        match self.fs {
+            Fs::Ext4 => {
+                fsck(dev)?;
+                run("resize2fs", &[dev]).map(drop)
+            }
+            Fs::Xfs => {
+                let mounted =
+                    mount::mount_for_filling(dev, self.fs.name(), self.mount_point(slot), false)?;
+                let grown = run("xfs_growfs", &[self.mount_point(slot).as_os_str()]);
+                let released = mounted.release();
+                grown.map(drop).and(released)
+            }
+        }
+    }
+
+    /// Removes the directories the slot was mounted on, left empty by a process that was
+    /// killed while it had the volume mounted (the kernel unmounted it, the directory stayed).
+    fn forget_mount_points(&self, slot: Slot<'_>) {
+        let dir = self.mount_point(slot);
+        let _ = std::fs::remove_dir(dir.with_extension("usage"));
+        let _ = std::fs::remove_dir(dir);
+    }
+
+    /// Shrinks an unmounted ext4 and then its LV to `bytes`.
+    fn shrink_ext4(&self, slot: Slot<'_>, lv: &Lv, bytes: u64) -> Result<()> {
+        let dev = lv.lv_dm_path.as_str();
+        fsck(dev)?;
+        run("resize2fs", &[dev, &format!("{}K", bytes / 1024)])?;
+        self.change(&[
+            "lvreduce",
+            "-q",
+            "-y",
+            "-f",
+            "-L",
+            &format!("{bytes}b"),
+            &self.path(slot),
+        ])
+        .map(drop)
+    }
+}
+
+impl Driver for LvmDriver {
+    fn name(&self) -> &'static str {
+        "lvm"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let thin = self.thin_pool.is_some();
+        Capabilities {
+            snapshots: true,
+            keep_snapshots: if thin {
+                KeepSnapshots::Independent
+            } else {
+                KeepSnapshots::No
+            },
+            size_counts_snapshots: false,
+            limit_reads_as_full: false,
+            size_model: if thin {
+                SizeModel::Quota
+            } else {
+                SizeModel::Allocated
+            },
+            shrink: self.fs == Fs::Ext4,
+            exchange: false,
+            // A read-only mount and statvfs, no walk.
+            cheap_usage: true,
+        }
+    }
+
+    fn identity(&self, slot: Slot<'_>) -> Result<Option<String>> {
+        Ok(self.find(slot)?.map(|lv| lv.lv_uuid))
+    }
+
+    fn identities(&self, volume: &VolumeName) -> Result<[Option<String>; 3]> {
+        let all = self.lvs()?;
+        Ok(SlotKind::ALL.map(|kind| {
+            let name = Self::lv_name(Slot { volume, kind });
+            all.iter()
+                .find(|lv| lv.lv_name == name)
+                .map(|lv| lv.lv_uuid.clone())
+        }))
+    }
+
+    fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()> {
+        let bytes = self.lv_size(size.unwrap_or(1 << 30));
+        let name = Self::lv_name(slot);
+        let size = format!("{bytes}b");
+        match &self.thin_pool {
+            Some(pool) => self.change(&[
+                "lvcreate",
+                "-q",
+                "-y",
+                "-n",
+                &name,
+                "-V",
+                &size,
+                "--thinpool",
+                pool,
+                &self.vg,
+            ]),
+            None => self.change(&[
+                "lvcreate",
+                "-q",
+                "-y",
+                "--wipesignatures",
+                "y",
+                "-n",
+                &name,
+                "-L",
+                &size,
+                &self.vg,
+            ]),
+        }?;
+        let made = self.require(slot).and_then(|lv| {
+            self.mkfs(&lv.lv_dm_path)?;
+            // A volume holds exactly its image: not mkfs.ext4's empty lost+found.
+            let root = mount::mount_for_filling(
+                &lv.lv_dm_path,
+                self.fs.name(),
+                self.mount_point(slot),
+                false,
+            )?;
+            match rustix::fs::unlinkat(root.root(), c"lost+found", rustix::fs::AtFlags::REMOVEDIR) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(Error::errno("removing lost+found", e)),
+            }
+            root.release()
+        });
+        if let Err(e) = made {
+            let _ = self.remove(&name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn destroy(&self, slot: Slot<'_>, with_snapshots: bool) -> Result<()> {
+        let all = self.lvs()?;
+        let name = Self::lv_name(slot);
+        let Some(lv) = all.iter().find(|lv| lv.lv_name == name) else {
+            return Ok(());
+        };
+        for dir in self.mounted_at(lv)? {
+            mount::unmount(&dir)?;
+        }
+        let snapshots = self.snapshot_lvs(&all, slot);
+        if with_snapshots {
+            for snap in &snapshots {
+                self.remove(&snap.lv_name)?;
+            }
+        } else if !snapshots.is_empty() {
+            if self.thin_pool.is_none() {
+                return Err(Error::new(
+                    ErrorKind::HasSnapshots(snapshots.iter().map(|s| s.lv_name.clone()).collect()),
+                    format!("{slot} has thick snapshots, which LVM removes with it"),
+                ));
+            }
+            // Thin snapshots stay; the tag keeps them the volume's.
+            let tag = format!("{LINEAGE_TAG}{}", slot.volume);
+            for snap in snapshots.iter().filter(|s| !s.tags().any(|t| t == tag)) {
+                self.change(&[
+                    "lvchange",
+                    "-q",
+                    "--addtag",
+                    &tag,
+                    &format!("{}/{}", self.vg, snap.lv_name),
+                ])?;
+            }
+        }
+        self.remove(&name)?;
+        self.forget_mount_points(slot);
+        Ok(())
+    }
+
+    fn snapshots(&self, slot: Slot<'_>) -> Result<Vec<String>> {
+        let all = self.lvs()?;
+        Ok(self
+            .snapshot_lvs(&all, slot)
+            .into_iter()
+            .map(|lv| lv.lv_name)
+            .collect())
+    }
+
+    fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
+        self.forget_mount_points(from);
+        self.change(&[
+            "lvrename",
+            "-q",
+            &self.vg,
+            &Self::lv_name(from),
+            &Self::lv_name(to),
+        ])
+        .map(drop)
+        .map_err(|e| match e.kind {
+            ErrorKind::AlreadyExists => {
+                Error::new(ErrorKind::AlreadyExists, format!("{to} already exists"))
+            }
+            _ => e,
+        })
+    }
+
+    fn exchange(&self, _a: Slot<'_>, _b: Slot<'_>) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "LVM cannot exchange two logical volumes atomically",
+        ))
+    }
+
+    fn usage(&self, slot: Slot<'_>) -> Result<Usage> {
+        let lv = self.require(slot)?;
+        let size = lv.size()?;
+        // What the filesystem holds, read from a read-only mount in reimage's own namespace.
+        let mounted = mount::mount_for_filling(
+            &lv.lv_dm_path,
+            self.fs.name(),
+            self.mount_point(slot).with_extension("usage"),
+            true,
+        )?;
+        let st = rustix::fs::fstatvfs(mounted.root())
+            .map_err(|e| Error::errno(format!("statvfs of {slot}"), e));
+        mounted.release()?;
+        let st = st?;
+        Ok(Usage {
+            size: Some(size),
+            used: (st.f_blocks - st.f_bfree) * st.f_frsize,
+            inodes: Some(st.f_files - st.f_ffree),
+        })
+    }
+
+    fn set_size(&self, slot: Slot<'_>, bytes: u64) -> Result<()> {
+        let lv = self.require(slot)?;
+        let current = lv.size()?;
+        let bytes = self.lv_size(bytes);
+        if bytes > current {
+            self.change(&[
+                "lvextend",
+                "-q",
+                "-L",
+                &format!("{bytes}b"),
+                &self.path(slot),
+            ])?;
+            return self.grow_fs(slot, &lv);
+        }
+        if bytes == current {
+            return Ok(());
+        }
+        match self.fs {
+            Fs::Xfs => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{slot} holds xfs, which cannot be shrunk (from {current} to {bytes} bytes)"
+                ),
+            )),
+            Fs::Ext4 => self.shrink_ext4(slot, &lv, bytes),
+        }
+    }
+
+    fn pool_space(&self) -> Result<PoolSpace> {
+        match &self.thin_pool {
+            None => {
+                let vg = self.vg_report()?;
+                Ok(PoolSpace {
+                    available: report::bytes("vg_free", &vg.vg_free)?,
+                    total: report::bytes("vg_size", &vg.vg_size)?,
+                    inodes_available: None,
+                    provisioned: None,
+                })
+            }
+            Some(pool) => {
+                let all = self.lvs()?;
+                let pool_lv = all.iter().find(|lv| &lv.lv_name == pool).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("the thin pool {}/{pool} is gone", self.vg),
+                    )
+                })?;
+                let total = pool_lv.size()?;
+                let used = report::percent("data_percent", &pool_lv.data_percent)?;
+                let available = (total as f64 * (1.0 - used / 100.0)).max(0.0) as u64;
+                let mut provisioned = 0u64;
+                for lv in all.iter().filter(|lv| &lv.pool_lv == pool) {
+                    provisioned = provisioned.saturating_add(lv.size()?);
+                }
+                Ok(PoolSpace {
+                    available,
+                    total,
+                    inodes_available: None,
+                    provisioned: Some(provisioned),
+                })
+            }
+        }
+    }
+
+    fn open_root(&self, slot: Slot<'_>) -> Result<Mounted> {
+        let lv = self.require(slot)?;
+        mount::mount_for_filling(
+            &lv.lv_dm_path,
+            self.fs.name(),
+            self.mount_point(slot),
+            false,
+        )
+    }
+
+    fn busy(&self, slot: Slot<'_>) -> Result<Option<String>> {
+        let Some(lv) = self.find(slot)? else {
+            return Ok(None);
+        };
+        if let Some(dir) = self.mounted_at(&lv)?.into_iter().next() {
+            let holder = device_of(&dir)
+                .and_then(reimage_driver::find_holder_on_device)
+                .map_err(|e| Error::io("scanning /proc", e))?
+                .map(|h| format!("{h}; mounted at {}", dir.display()));
+            return Ok(Some(
+                holder.unwrap_or_else(|| format!("mounted at {}", dir.display())),
+            ));
+        }
+        if lv.is_open() {
+            return Ok(Some(format!(
+                "{} is held open (by a virtual machine or another program)",
+                lv.lv_dm_path
+            )));
+        }
+        Ok(None)
+    }
+
+    fn forget(&self, volume: &VolumeName) -> Result<()> {
+        let tag = format!("{LINEAGE_TAG}{volume}");
+        for lv in self.lvs()?.iter().filter(|lv| lv.tags().any(|t| t == tag)) {
+            self.change(&[
+                "lvchange",
+                "-q",
+                "--deltag",
+                &tag,
+                &format!("{}/{}", self.vg, lv.lv_name),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
+        let mut found: Vec<(VolumeName, SlotKind)> = self
+            .lvs()?
+            .iter()
+            .filter_map(|lv| Self::slot_of(&lv.lv_name))
+            .filter(|(_, kind)| *kind != SlotKind::Live)
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lv_names_are_injective_and_never_reserved() {
+        let names = [
+            "c1",
+            "a_b",
+            "a+b",
+            "snapshot1",
+            "x_tdata",
+            "pvmove",
+            "A.b-c_",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for n in names {
+            let Ok(v) = VolumeName::parse(n) else {
+                continue;
+            };
+            for kind in SlotKind::ALL {
+                let lv = LvmDriver::lv_name(Slot { volume: &v, kind });
+                assert!(!lv.contains('_'), "{lv}");
+                assert!(!lv.starts_with("snapshot") && !lv.starts_with("pvmove"));
+                assert!(seen.insert(lv.clone()), "{lv} twice");
+                assert_eq!(LvmDriver::slot_of(&lv), Some((v.clone(), kind)));
+            }
+        }
+    }
+}
+
+/// The device number of the filesystem mounted at `dir`.
+fn device_of(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).map(|m| m.dev())
+}

@@ -1,0 +1,90 @@
+//! Running the guest tier: this test binary, inside the QEMU guest that `scripts/guest` boots
+//! from Debian's kernel (with the ZFS, device-mapper and quota support the host kernel lacks).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where the guest finds the large images made on the host before it boots.
+pub const FIXTURES_VAR: &str = "REIMAGE_GUEST_FIXTURES";
+
+pub fn bulky_name(files: usize) -> String {
+    format!("bulky-{files}.tar")
+}
+
+/// Makes the bulky images the cases use (64 and 96 files of 4 MiB of noise) once, on the
+/// host, where it takes a second rather than minutes.
+fn host_fixtures() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest-fixtures");
+    std::fs::create_dir_all(&dir).unwrap();
+    for files in [64, 96] {
+        let image = dir.join(bulky_name(files));
+        if !image.exists() {
+            make_bulky(&dir, &image, files);
+        }
+    }
+    dir
+}
+
+fn make_bulky(dir: &Path, image: &Path, files: usize) {
+    // Two tests may make it at once: each in its own place, then renamed.
+    let unique = format!("{}-{files}", std::process::id());
+    let src = dir.join(format!("src-{unique}"));
+    let tmp = dir.join(format!("tmp-{unique}.tar"));
+    reimage_fixtures::tree::bulky(&src, files, 4 << 20).unwrap();
+    reimage_fixtures::gnu_tar(
+        &src,
+        &tmp,
+        reimage_fixtures::TarFormat::Gnu,
+        reimage_fixtures::Compression::None,
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&src).unwrap();
+    std::fs::rename(&tmp, image).unwrap();
+}
+
+/// The tests' files (their pools' loop files too) go to an ext4 scratch disk: the guest's
+/// root is an overlay on tmpfs, which has no user xattrs (the test trees carry them) and
+/// only half the guest's memory.
+const SCRATCH: &str = "mkfs.ext4 -q /dev/vda
+mkdir -p /scratch
+mount /dev/vda /scratch
+export REIMAGE_TEST_DIR=/scratch
+";
+
+/// Runs the ignored tests matching `filters` of the current test binary inside the guest,
+/// after the shell command `banner` (which prints the backend's version into the log), and
+/// fails unless all of them pass. Tests run two at a time (the guest has two CPUs).
+pub fn run_cases(filters: &[&str], banner: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let fixtures = host_fixtures();
+    let script = format!(
+        "set -e\nmodprobe zfs 2>/dev/null || true\n{SCRATCH}export {FIXTURES_VAR}={}\n{banner}\n{} --ignored --test-threads 2 --show-output {}\n",
+        fixtures.display(),
+        exe.display(),
+        filters.join(" ")
+    );
+    let started = std::time::Instant::now();
+    let out = Command::new(format!("{root}/scripts/guest"))
+        .arg(&script)
+        .current_dir(root)
+        .env("GUEST_MEM", "4096")
+        .env("GUEST_DISK_GB", "24")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    eprintln!(
+        "guest tier {filters:?}: {} s in all",
+        started.elapsed().as_secs()
+    );
+    assert!(out.status.success(), "the guest tier failed (see above)");
+    assert!(
+        text.contains("test result: ok."),
+        "the guest ran no test harness: {text}"
+    );
+}
