@@ -70,6 +70,7 @@ pub fn run_cases(filters: &[&str], banner: &str) {
         .current_dir(root)
         .env("GUEST_MEM", "4096")
         .env("GUEST_DISK_GB", "24")
+        .env("GUEST_TIMEOUT", "2700")
         .output()
         .unwrap();
     let text = format!(
