@@ -670,6 +670,12 @@ impl Driver for LvmDriver {
     }
 }
 
+/// The device number of the filesystem mounted at `dir`.
+fn device_of(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).map(|m| m.dev())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,10 +705,4 @@ mod tests {
             }
         }
     }
-}
-
-/// The device number of the filesystem mounted at `dir`.
-fn device_of(dir: &std::path::Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).map(|m| m.dev())
 }
