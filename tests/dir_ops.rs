@@ -355,3 +355,30 @@ fn a_second_measure_of_the_same_image_comes_from_the_cache() {
     let third = env.run(&measure);
     assert_eq!(unit(&third), "bytes");
 }
+
+/// `quota = true` on a filesystem without project quotas (this host's kernel has none): every
+/// request says so with a warning, sizes are not enforced (and say so too), nothing fails.
+#[test]
+fn quota_without_project_quotas_is_a_warning() {
+    let env = Env::new("no-prjquota");
+    env.write_config(&format!("{}quota = true\n", env.default_config()));
+    let r = env.run(
+        &json!({"api": 1, "op": "create", "pool": "default", "volume": "q1",
+                            "source": {"empty": true}, "size": "64MiB"}),
+    );
+    r.ok();
+    let warnings = r.warnings();
+    assert!(warnings.contains(&"quota_unavailable"), "{warnings:?}");
+    assert!(warnings.contains(&"size_ignored"), "{warnings:?}");
+    let message = r
+        .events
+        .iter()
+        .find(|e| e["code"] == "quota_unavailable")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("prjquota"), "the fix is named: {message}");
+    let inspect = env.run(&json!({"api": 1, "op": "inspect", "pool": "default", "volume": "q1"}));
+    assert_eq!(inspect.ok()["volume"]["capabilities"]["size_limit"], "none");
+}

@@ -80,3 +80,32 @@ where
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_get_a_cleared_environment() {
+        std::env::set_var("REIMAGE_LEAK_CHECK", "leaked");
+        let out = run("env", std::iter::empty::<&str>()).unwrap();
+        let mut vars: Vec<&str> = out.lines().collect();
+        vars.sort();
+        assert_eq!(
+            vars,
+            [format!("LC_ALL=C").as_str(), &format!("PATH={PATH}")]
+        );
+    }
+
+    #[test]
+    fn a_failure_says_what_ran_and_why() {
+        let e = run("sh", ["-c", "echo partial; echo broken >&2; exit 3"]).unwrap_err();
+        assert_eq!(e.status, Some(3));
+        assert_eq!(e.stderr, "broken");
+        assert_eq!(e.stdout, "partial\n");
+        assert!(e.to_string().contains("`sh -c"), "{e}");
+        let missing = run("reimage-no-such-program", ["x"]).unwrap_err();
+        assert_eq!(missing.status, None);
+        assert!(missing.stderr.contains("is it installed"), "{missing}");
+    }
+}
