@@ -91,10 +91,8 @@ mod tests {
         let out = run("env", std::iter::empty::<&str>()).unwrap();
         let mut vars: Vec<&str> = out.lines().collect();
         vars.sort();
-        assert_eq!(
-            vars,
-            [format!("LC_ALL=C").as_str(), &format!("PATH={PATH}")]
-        );
+        let path = format!("PATH={PATH}");
+        assert_eq!(vars, ["LC_ALL=C", path.as_str()]);
     }
 
     #[test]
