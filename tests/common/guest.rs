@@ -11,35 +11,42 @@ pub fn bulky_name(files: usize) -> String {
     format!("bulky-{files}.tar")
 }
 
-/// Makes the bulky images the cases use (64 and 96 files of 4 MiB of noise) once, on the
-/// host, where it takes a second rather than minutes.
-fn host_fixtures() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest-fixtures");
-    std::fs::create_dir_all(&dir).unwrap();
-    for files in [64, 96] {
-        let image = dir.join(bulky_name(files));
-        if !image.exists() {
-            make_bulky(&dir, &image, files);
-        }
-    }
-    dir
+/// The bulky images the cases use (64 and 96 files of 4 MiB of noise), made on the host,
+/// where it takes seconds rather than minutes; removed when dropped.
+struct HostFixtures {
+    dir: PathBuf,
 }
 
-fn make_bulky(dir: &Path, image: &Path, files: usize) {
-    // Two tests may make it at once: each in its own place, then renamed.
-    let unique = format!("{}-{files}", std::process::id());
-    let src = dir.join(format!("src-{unique}"));
-    let tmp = dir.join(format!("tmp-{unique}.tar"));
+impl HostFixtures {
+    fn make() -> HostFixtures {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("guest-fixtures-{}", std::process::id()));
+        let fixtures = HostFixtures { dir };
+        std::fs::create_dir_all(&fixtures.dir).unwrap();
+        for files in [64, 96] {
+            make_bulky(&fixtures.dir, files);
+        }
+        fixtures
+    }
+}
+
+impl Drop for HostFixtures {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn make_bulky(dir: &Path, files: usize) {
+    let src = dir.join(format!("src-{files}"));
     reimage_fixtures::tree::bulky(&src, files, 4 << 20).unwrap();
     reimage_fixtures::gnu_tar(
         &src,
-        &tmp,
+        &dir.join(bulky_name(files)),
         reimage_fixtures::TarFormat::Gnu,
         reimage_fixtures::Compression::None,
     )
     .unwrap();
     std::fs::remove_dir_all(&src).unwrap();
-    std::fs::rename(&tmp, image).unwrap();
 }
 
 /// The tests' files (their pools' loop files too) go to an ext4 scratch disk: the guest's
@@ -57,10 +64,10 @@ export REIMAGE_TEST_DIR=/scratch
 pub fn run_cases(filters: &[&str], banner: &str) {
     let exe = std::env::current_exe().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
-    let fixtures = host_fixtures();
+    let fixtures = HostFixtures::make();
     let script = format!(
         "set -e\nmodprobe zfs 2>/dev/null || true\n{SCRATCH}export {FIXTURES_VAR}={}\n{banner}\n{} --ignored --test-threads 2 --show-output {}\n",
-        fixtures.display(),
+        fixtures.dir.display(),
         exe.display(),
         filters.join(" ")
     );
