@@ -78,12 +78,17 @@ fn quotactl_fd(
     if r == 0 {
         Ok(())
     } else {
-        Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        ))
+        Err(last_errno())
     }
+}
+
+/// The errno of the last failed system call made through libc.
+fn last_errno() -> Errno {
+    Errno::from_raw_os_error(
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
 }
 
 /// Why the filesystem under `fd` cannot enforce project quotas, or `None` when it can.
@@ -107,11 +112,7 @@ fn get_xattr(fd: BorrowedFd<'_>) -> std::result::Result<FsXattr, Errno> {
     if r == 0 {
         Ok(x)
     } else {
-        Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        ))
+        Err(last_errno())
     }
 }
 
@@ -129,11 +130,7 @@ fn set_project(fd: BorrowedFd<'_>, id: u32, inherit: bool) -> std::result::Resul
     if r == 0 {
         Ok(())
     } else {
-        Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        ))
+        Err(last_errno())
     }
 }
 
