@@ -41,6 +41,17 @@ pub fn find_holder_on_device(dev: u64) -> std::io::Result<Option<String>> {
     find_process(|link, _| fs::metadata(link).is_ok_and(|m| m.dev() == dev))
 }
 
+/// Who holds a volume that is a filesystem of its own, mounted at `dir`: the process using
+/// it if one is found (compared by device, see [`find_holder_on_device`]), and the mount.
+pub fn holder_of_mount(dir: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(dir)?.dev();
+    Ok(match find_holder_on_device(dev)? {
+        Some(process) => format!("{process}; mounted at {}", dir.display()),
+        None => format!("mounted at {}", dir.display()),
+    })
+}
+
 /// The first process whose cwd, root, executable or an open file satisfies `uses` (given
 /// the /proc link and its target).
 fn find_process(uses: impl Fn(&Path, &Path) -> bool) -> std::io::Result<Option<String>> {

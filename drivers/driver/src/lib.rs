@@ -19,7 +19,9 @@ pub mod tree;
 use std::fmt;
 use std::os::fd::OwnedFd;
 
-pub use busy::{find_holder, find_holder_on_device, holder_of_mount_below, mounts, MountEntry};
+pub use busy::{
+    find_holder, find_holder_on_device, holder_of_mount, holder_of_mount_below, mounts, MountEntry,
+};
 pub use name::{NameError, VolumeName};
 
 /// Which of a volume's slots an operation addresses.
@@ -71,6 +73,33 @@ impl<'a> Slot<'a> {
             kind: SlotKind::Old,
         }
     }
+}
+
+/// Prefixes of the temporary slots' names, for drivers that name slots in one namespace
+/// (directories, datasets). Volume names start with a letter or digit, so they never collide.
+const NEW_PREFIX: &str = ".reimage-new.";
+const OLD_PREFIX: &str = ".reimage-old.";
+
+impl Slot<'_> {
+    /// The slot's name beside the others: `VOLUME`, `.reimage-new.VOLUME`, `.reimage-old.VOLUME`.
+    pub fn physical_name(&self) -> String {
+        match self.kind {
+            SlotKind::Live => self.volume.as_str().to_owned(),
+            SlotKind::New => format!("{NEW_PREFIX}{}", self.volume),
+            SlotKind::Old => format!("{OLD_PREFIX}{}", self.volume),
+        }
+    }
+}
+
+/// The volume and kind of a temporary slot named by [`Slot::physical_name`]; `None` for a
+/// live volume's name or anything else.
+pub fn temporary_slot(name: &str) -> Option<(VolumeName, SlotKind)> {
+    [(NEW_PREFIX, SlotKind::New), (OLD_PREFIX, SlotKind::Old)]
+        .into_iter()
+        .find_map(|(prefix, kind)| {
+            let volume = VolumeName::parse(name.strip_prefix(prefix)?).ok()?;
+            Some((volume, kind))
+        })
 }
 
 impl fmt::Display for Slot<'_> {

@@ -17,9 +17,6 @@ use crate::{
     VolumeName,
 };
 
-const NEW_PREFIX: &str = ".reimage-new.";
-const OLD_PREFIX: &str = ".reimage-old.";
-
 pub struct PoolDir {
     pub path: PathBuf,
     pub fd: OwnedFd,
@@ -58,11 +55,7 @@ impl PoolDir {
     }
 
     pub fn physical(slot: Slot<'_>) -> String {
-        match slot.kind {
-            SlotKind::Live => slot.volume.as_str().to_owned(),
-            SlotKind::New => format!("{NEW_PREFIX}{}", slot.volume),
-            SlotKind::Old => format!("{OLD_PREFIX}{}", slot.volume),
-        }
+        slot.physical_name()
     }
 
     pub fn cname(slot: Slot<'_>) -> CString {
@@ -163,14 +156,7 @@ impl PoolDir {
             let entry =
                 entry.map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
             let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            for (prefix, kind) in [(NEW_PREFIX, SlotKind::New), (OLD_PREFIX, SlotKind::Old)] {
-                if let Some(volume) = name.strip_prefix(prefix) {
-                    if let Ok(volume) = VolumeName::parse(volume) {
-                        found.push((volume, kind));
-                    }
-                }
-            }
+            found.extend(name.to_str().and_then(crate::temporary_slot));
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)

@@ -627,13 +627,9 @@ impl Driver for LvmDriver {
             return Ok(None);
         };
         if let Some(dir) = self.mounted_at(&lv)?.into_iter().next() {
-            let holder = device_of(&dir)
-                .and_then(reimage_driver::find_holder_on_device)
-                .map_err(|e| Error::io("scanning /proc", e))?
-                .map(|h| format!("{h}; mounted at {}", dir.display()));
-            return Ok(Some(
-                holder.unwrap_or_else(|| format!("mounted at {}", dir.display())),
-            ));
+            return reimage_driver::holder_of_mount(&dir)
+                .map(Some)
+                .map_err(|e| Error::io("scanning /proc", e));
         }
         if lv.is_open() {
             return Ok(Some(format!(
@@ -668,12 +664,6 @@ impl Driver for LvmDriver {
         found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)
     }
-}
-
-/// The device number of the filesystem mounted at `dir`.
-fn device_of(dir: &std::path::Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).map(|m| m.dev())
 }
 
 #[cfg(test)]

@@ -28,8 +28,6 @@ use reimage_driver::{
     Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 
-const NEW_PREFIX: &str = ".reimage-new.";
-const OLD_PREFIX: &str = ".reimage-old.";
 /// The snapshot a refill can roll back to; not listed among the volume's snapshots.
 const GUARD: &str = "reimage-guard";
 /// The smallest limit the driver sets. ZFS reserves worst-case space for every transaction
@@ -153,11 +151,7 @@ impl ZfsDriver {
     }
 
     fn leaf(slot: Slot<'_>) -> String {
-        match slot.kind {
-            SlotKind::Live => slot.volume.as_str().to_owned(),
-            SlotKind::New => format!("{NEW_PREFIX}{}", slot.volume),
-            SlotKind::Old => format!("{OLD_PREFIX}{}", slot.volume),
-        }
+        slot.physical_name()
     }
 
     fn dataset(&self, slot: Slot<'_>) -> String {
@@ -495,13 +489,9 @@ impl Driver for ZfsDriver {
         let Some(dir) = self.mounted_at(slot)?.into_iter().next() else {
             return Ok(None);
         };
-        let holder = device_of(&dir)
-            .and_then(reimage_driver::find_holder_on_device)
-            .map_err(|e| Error::io("scanning /proc", e))?
-            .map(|h| format!("{h}; mounted at {}", dir.display()));
-        Ok(Some(holder.unwrap_or_else(|| {
-            format!("mounted at {}", dir.display())
-        })))
+        reimage_driver::holder_of_mount(&dir)
+            .map(Some)
+            .map_err(|e| Error::io("scanning /proc", e))
     }
 
     fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
@@ -517,19 +507,12 @@ impl Driver for ZfsDriver {
             "name",
             &self.parent,
         ])?;
-        let mut found = Vec::new();
-        for name in out.lines() {
-            let Some(leaf) = name.strip_prefix(&format!("{}/", self.parent)) else {
-                continue;
-            };
-            for (prefix, kind) in [(NEW_PREFIX, SlotKind::New), (OLD_PREFIX, SlotKind::Old)] {
-                if let Some(volume) = leaf.strip_prefix(prefix) {
-                    if let Ok(volume) = VolumeName::parse(volume) {
-                        found.push((volume, kind));
-                    }
-                }
-            }
-        }
+        let parent = format!("{}/", self.parent);
+        let mut found: Vec<(VolumeName, SlotKind)> = out
+            .lines()
+            .filter_map(|name| name.strip_prefix(&parent))
+            .filter_map(reimage_driver::temporary_slot)
+            .collect();
         found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)
     }
@@ -575,10 +558,4 @@ impl Driver for ZfsDriver {
             true,
         )
     }
-}
-
-/// The device number of the filesystem mounted at `dir`.
-fn device_of(dir: &std::path::Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).map(|m| m.dev())
 }
