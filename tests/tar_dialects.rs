@@ -53,31 +53,11 @@ fn bsdtar_manifest(env: &Env, image: &Path) -> reimage_fixtures::Manifest {
     reimage_fixtures::manifest(&dest).unwrap()
 }
 
-fn sparse_tree(root: &Path) {
-    std::fs::create_dir_all(root).unwrap();
-    let write_at = |name: &str, size: u64, chunks: &[(u64, usize)]| {
-        let f = std::fs::File::create(root.join(name)).unwrap();
-        f.set_len(size).unwrap();
-        for (i, &(at, len)) in chunks.iter().enumerate() {
-            std::os::unix::fs::FileExt::write_all_at(&f, &noise(len, i as u64 + 1), at).unwrap();
-        }
-    };
-    write_at("middle", 10 << 20, &[(5 << 20, 10_000)]);
-    write_at("edges", 8 << 20, &[(0, 4096), ((8 << 20) - 3000, 3000)]);
-    write_at("holes-only", 3 << 20, &[]);
-    let many: Vec<(u64, usize)> = (0..200).map(|i| (i * 65536, 100)).collect();
-    write_at("many", 200 * 65536, &many);
-    write_at("tail-hole", 1 << 20, &[(0, 5000)]);
-    for name in ["middle", "edges", "holes-only", "many", "tail-hole"] {
-        set_mtime(&root.join(name), 1_600_000_000, 0).unwrap();
-    }
-}
-
 #[test]
 fn gnu_sparse_in_every_format() {
     let env = Env::new("sparse");
     let src = env.dir.join("src");
-    sparse_tree(&src);
+    reimage_fixtures::tree::sparse(&src).unwrap();
     let mut stored = None;
     for (name, args) in [
         ("old-gnu", vec!["--format=gnu", "--sparse"]),

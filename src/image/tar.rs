@@ -3,9 +3,25 @@
 //!
 //! It decides once, here, what every header means; measure and unpack both read archives
 //! through it, so they can never disagree about an entry (the class of bug behind
-//! CVE-2025-62518). Precedence is fixed: a PAX record beats a GNU long name or link, which
-//! beats the header field. Every malformed header is `image_invalid` naming its offset, and
-//! every variable-size header is bounded.
+//! CVE-2025-62518). Every malformed header is `image_invalid` naming its offset, and every
+//! variable-size header is bounded.
+//!
+//! The rule against parser differentials: an archive that GNU tar and bsdtar read the same way
+//! is read that way; a construction they resolve differently is refused with `unsafe_image`
+//! naming it, since it could show a reviewer one tree and install another. Measured with GNU
+//! tar 1.34 and bsdtar 3.6 (`tests/differential.rs` checks every corpus archive against both):
+//! - only the last PAX extended header before a member counts, and the last GNU long name or
+//!   link; a PAX `path`/`linkpath` beats a GNU long name/link that comes *after* it, while a
+//!   long name followed by a PAX path is read two ways (refused);
+//! - global headers: GNU tar applies their records to the following members, bsdtar ignores
+//!   them, so one that sets anything a member is made of, followed by a member, is refused;
+//!   the rest (`comment`, as `git archive` writes) is ignored, also right before the end;
+//! - members that carry no data (directories, symlinks, hardlinks, devices, fifos) never
+//!   consume data by their header's size field; a PAX `size` on them is read two ways
+//!   (refused);
+//! - PAX numbers are plain decimal (no sign, space or exponent) and in range; anything else
+//!   is refused, as is an empty PAX path, a `LIBARCHIVE.xattr` without its `SCHILY.xattr`
+//!   twin, and device numbers in PAX records that differ from the header's.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, ErrorKind};
@@ -13,6 +29,10 @@ use std::io::{BufRead, ErrorKind};
 use crate::error::{Code, Error, Result};
 
 const BLOCK: u64 = 512;
+
+/// The largest size a member may claim: GNU tar's `off_t` range. Larger sizes are refused,
+/// which also keeps every size-plus-padding sum below `u64::MAX`.
+const MAX_SIZE: u64 = i64::MAX as u64;
 
 /// Bounds on what one archive may ask for.
 #[derive(Clone, Copy, Debug)]
@@ -113,7 +133,9 @@ pub struct TarReader<R> {
     /// Content bytes of the current entry not yet read, and the padding after them.
     remaining: u64,
     padding: u64,
-    globals: BTreeMap<String, Vec<u8>>,
+    /// The first record of the last global header that GNU tar would apply to the members
+    /// after it (and bsdtar would not), with the header's offset.
+    global_override: Option<(String, u64)>,
     ended: bool,
 }
 
@@ -125,6 +147,31 @@ struct Pending {
     pax: BTreeMap<String, Vec<u8>>,
     /// PAX sparse 0.0 repeats its offset and numbytes records: kept in order here.
     sparse_00: Vec<(String, Vec<u8>)>,
+    /// A construction GNU tar and bsdtar read differently, seen among these headers.
+    ambiguous: Option<String>,
+}
+
+/// Refuses a construction that tools read two ways, naming it.
+fn ambiguous(offset: u64, construction: impl std::fmt::Display) -> Error {
+    Error::new(
+        Code::UnsafeImage,
+        format!(
+            "tar header at offset {offset}: {construction}; GNU tar and bsdtar read this two ways, so it is refused"
+        ),
+    )
+    .with("offset", offset)
+}
+
+/// Whether GNU tar applies a global header's `key` to the members after it: anything that a
+/// member is made of. `comment`, `charset`, times that are not restored and unknown vendor
+/// keys change nothing.
+fn applies_to_members(key: &str) -> bool {
+    matches!(
+        key,
+        "path" | "linkpath" | "size" | "uid" | "gid" | "uname" | "gname" | "mtime"
+    ) || ["GNU.sparse.", "SCHILY.", "LIBARCHIVE.", "RHT."]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
 }
 
 fn invalid(offset: u64, message: impl std::fmt::Display) -> Error {
@@ -156,7 +203,7 @@ impl<R: BufRead> TarReader<R> {
             offset: 0,
             remaining: 0,
             padding: 0,
-            globals: BTreeMap::new(),
+            global_override: None,
             ended: false,
         }
     }
@@ -263,10 +310,15 @@ impl<R: BufRead> TarReader<R> {
         if self.ended {
             return Ok(None);
         }
-        self.skip(self.remaining + self.padding)?;
+        let rest = self
+            .remaining
+            .checked_add(self.padding)
+            .ok_or_else(|| Error::internal("member size overflow"))?;
+        self.skip(rest)?;
         self.remaining = 0;
         self.padding = 0;
         let mut pending = Pending::default();
+        // The first header of this member's group (an L, K or x header, or the member's own).
         let mut first_header: Option<u64> = None;
         loop {
             let at = self.offset;
@@ -283,6 +335,8 @@ impl<R: BufRead> TarReader<R> {
             }
             self.read_exact(&mut block)?;
             if block.iter().all(|&b| b == 0) {
+                // A global header or volume label right before the end (an empty `git
+                // archive`) describes no member; a long name or PAX header does.
                 if first_header.is_some() {
                     return Err(invalid(
                         at,
@@ -292,7 +346,6 @@ impl<R: BufRead> TarReader<R> {
                 self.ended = true;
                 return Ok(None);
             }
-            first_header.get_or_insert(at);
             let stored =
                 parse_octal(&block[148..156]).map_err(|_| invalid(at, "unreadable checksum"))?;
             if !checksum_matches(&block, stored) {
@@ -303,6 +356,9 @@ impl<R: BufRead> TarReader<R> {
             }
             let size = header_size(&block, at)?;
             let typeflag = block[156];
+            if !matches!(typeflag, b'g' | b'V') {
+                first_header.get_or_insert(at);
+            }
             match typeflag {
                 b'L' => {
                     let body = self.read_body(size, at, "GNU long name")?;
@@ -314,22 +370,35 @@ impl<R: BufRead> TarReader<R> {
                 }
                 b'x' | b'X' => {
                     let body = self.read_body(size, at, "PAX header")?;
+                    // Only the last extended header before a member counts (GNU tar and
+                    // bsdtar alike): an earlier one is forgotten whole.
+                    pending.pax.clear();
+                    pending.sparse_00.clear();
+                    pending.ambiguous = None;
                     for (key, value) in parse_pax(&body, at, self.limits.max_pax_records)? {
                         if key == "GNU.sparse.offset" || key == "GNU.sparse.numbytes" {
                             pending.sparse_00.push((key.clone(), value.clone()));
                         }
                         pending.pax.insert(key, value);
                     }
+                    // GNU tar lets a PAX path beat an earlier GNU long name; bsdtar keeps the
+                    // long name.
+                    if pending.long_name.is_some() && pending.pax.contains_key("path") {
+                        pending.ambiguous =
+                            Some("a GNU long name followed by a PAX path".to_owned());
+                    }
+                    if pending.long_link.is_some() && pending.pax.contains_key("linkpath") {
+                        pending.ambiguous =
+                            Some("a GNU long link followed by a PAX linkpath".to_owned());
+                    }
                 }
                 b'g' => {
                     let body = self.read_body(size, at, "PAX global header")?;
-                    for (key, value) in parse_pax(&body, at, self.limits.max_pax_records)? {
-                        if value.is_empty() {
-                            self.globals.remove(&key);
-                        } else {
-                            self.globals.insert(key, value);
-                        }
-                    }
+                    // GNU tar replaces its whole global set at each global header.
+                    self.global_override = parse_pax(&body, at, self.limits.max_pax_records)?
+                        .into_iter()
+                        .find(|(key, _)| applies_to_members(key))
+                        .map(|(key, _)| (key, at));
                 }
                 b'V' => {
                     // A volume label names the archive, not a member.
@@ -359,14 +428,22 @@ impl<R: BufRead> TarReader<R> {
         pending: Pending,
         at: u64,
     ) -> Result<Entry> {
+        if let Some((key, global_at)) = &self.global_override {
+            return Err(ambiguous(
+                at,
+                format!("the PAX global header at offset {global_at} sets {key:?} for the members after it"),
+            ));
+        }
+        if let Some(construction) = &pending.ambiguous {
+            return Err(ambiguous(at, construction));
+        }
         let ustar_posix = &block[257..263] == b"ustar\0";
-        let record = |key: &str| -> Option<&Vec<u8>> {
-            match pending.pax.get(key) {
-                Some(v) if v.is_empty() => None,
-                Some(v) => Some(v),
-                None => self.globals.get(key),
+        for key in ["path", "linkpath"] {
+            if pending.pax.get(key).is_some_and(|v| v.is_empty()) {
+                return Err(ambiguous(at, format!("an empty PAX {key}")));
             }
-        };
+        }
+        let record = |key: &str| -> Option<&Vec<u8>> { pending.pax.get(key) };
         let path = if let Some(p) = record("path") {
             p.clone()
         } else if let Some(p) = pending.long_name.clone() {
@@ -411,8 +488,7 @@ impl<R: BufRead> TarReader<R> {
         };
         let number = |key: &str, field: std::ops::Range<usize>, what: &str| -> Result<i128> {
             match record(key) {
-                Some(text) => parse_decimal(text)
-                    .ok_or_else(|| invalid(at, format!("PAX {key} is not a number"))),
+                Some(text) => pax_number(text, key, at),
                 None => parse_number(&block[field])
                     .map_err(|_| invalid(at, format!("unreadable {what}"))),
             }
@@ -428,9 +504,7 @@ impl<R: BufRead> TarReader<R> {
         let mode = parse_number(&block[100..108]).map_err(|_| invalid(at, "unreadable mode"))?;
         let mode = (mode & 0o7777) as u32;
         let mtime = match record("mtime") {
-            Some(text) => {
-                parse_pax_time(text).ok_or_else(|| invalid(at, "PAX mtime is not a time"))?
-            }
+            Some(text) => pax_time(text, at)?,
             None => {
                 let secs =
                     parse_number(&block[136..148]).map_err(|_| invalid(at, "unreadable mtime"))?;
@@ -441,25 +515,53 @@ impl<R: BufRead> TarReader<R> {
             }
         };
         let size = match record("size") {
-            Some(text) => parse_decimal(text)
-                .and_then(|v| u64::try_from(v).ok())
-                .ok_or_else(|| invalid(at, "PAX size is not a size"))?,
+            Some(text) => {
+                let size = pax_number(text, "size", at)?;
+                u64::try_from(size)
+                    .ok()
+                    .filter(|&s| s <= MAX_SIZE)
+                    .ok_or_else(|| {
+                        ambiguous(at, format!("a PAX size of {size}, beyond any file's size"))
+                    })?
+            }
             None => header_size,
         };
+        // Only regular files (and GNU dump directories, whose listing both tools skip) carry
+        // data: the others never consume any by their header's size field. A PAX size on them
+        // is data to bsdtar and nothing to GNU tar.
+        let carries_data = kind == Kind::File || typeflag == b'D';
+        if !carries_data && size != 0 && record("size").is_some() {
+            return Err(ambiguous(
+                at,
+                format!("a PAX size of {size} on a {}", kind.as_str()),
+            ));
+        }
+        let size = if carries_data { size } else { 0 };
         let device = |key: &str, field: std::ops::Range<usize>| -> Result<u32> {
             let v = number(key, field, "device number")?;
             u32::try_from(v).map_err(|_| invalid(at, "device number out of range"))
         };
         let (dev_major, dev_minor) = if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
-            (
-                device("SCHILY.devmajor", 329..337)?,
-                device("SCHILY.devminor", 337..345)?,
-            )
+            // GNU tar 1.34 ignores these records and bsdtar uses them: they must agree with
+            // the header's fields.
+            let major = device("SCHILY.devmajor", 329..337)?;
+            let minor = device("SCHILY.devminor", 337..345)?;
+            let field = |range: std::ops::Range<usize>| parse_number(&block[range]).ok();
+            if (record("SCHILY.devmajor").is_some() && field(329..337) != Some(i128::from(major)))
+                || (record("SCHILY.devminor").is_some()
+                    && field(337..345) != Some(i128::from(minor)))
+            {
+                return Err(ambiguous(
+                    at,
+                    "PAX device numbers that differ from the header's",
+                ));
+            }
+            (major, minor)
         } else {
             (0, 0)
         };
         let mut xattrs = BTreeMap::new();
-        for (key, value) in self.globals.iter().chain(pending.pax.iter()) {
+        for (key, value) in pending.pax.iter() {
             if let Some(name) = key.strip_prefix("LIBARCHIVE.xattr.") {
                 let name = percent_decode(name.as_bytes())
                     .ok_or_else(|| invalid(at, format!("bad xattr name in {key}")))?;
@@ -470,10 +572,19 @@ impl<R: BufRead> TarReader<R> {
         }
         // SCHILY records are written by GNU tar and bsdtar alike; they win over the
         // LIBARCHIVE copy of the same attribute.
-        for (key, value) in self.globals.iter().chain(pending.pax.iter()) {
+        let mut schily = 0;
+        for (key, value) in pending.pax.iter() {
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
                 xattrs.insert(name.as_bytes().to_vec(), value.clone());
+                schily += 1;
             }
+        }
+        // bsdtar writes every xattr both ways; GNU tar reads only the SCHILY records.
+        if xattrs.len() != schily {
+            return Err(ambiguous(
+                at,
+                "a LIBARCHIVE.xattr record without its SCHILY.xattr twin",
+            ));
         }
         // What the sparse formats and ACLs need, taken now: reading a sparse map below
         // needs the reader itself.
@@ -518,6 +629,12 @@ impl<R: BufRead> TarReader<R> {
             (size, 0)
         } else {
             (0, size)
+        };
+        // What the header's own size field claims beyond that is not data (see above).
+        let header_padding = if carries_data || record("size").is_some() {
+            padding_of(size)
+        } else {
+            0
         };
         let mut real_size = content;
         let mut sparse = None;
@@ -601,10 +718,10 @@ impl<R: BufRead> TarReader<R> {
                 real_size = content;
             }
         }
-        // Content follows regular files only. Other members may still claim a size (a
-        // hardlink "with data", CVE-2016-5418): those bytes are skipped, never written.
+        // Content follows regular files only; a dump directory's listing is skipped, never
+        // written.
         self.remaining = content;
-        self.padding = skipped + padding_of(size);
+        self.padding = skipped + header_padding;
         Ok(Entry {
             path,
             kind,
@@ -630,7 +747,14 @@ fn padding_of(size: u64) -> u64 {
 
 fn header_size(block: &[u8; 512], at: u64) -> Result<u64> {
     let size = parse_number(&block[124..136]).map_err(|_| invalid(at, "unreadable size"))?;
-    u64::try_from(size).map_err(|_| invalid(at, format!("negative size {size}")))
+    let size = u64::try_from(size).map_err(|_| invalid(at, format!("negative size {size}")))?;
+    if size > MAX_SIZE {
+        return Err(invalid(
+            at,
+            format!("a size of {size} bytes is out of range"),
+        ));
+    }
+    Ok(size)
 }
 
 /// A NUL-terminated header field.
@@ -696,12 +820,41 @@ fn parse_pax(body: &[u8], at: u64, max_records: usize) -> Result<Vec<(String, Ve
     Ok(into)
 }
 
+/// Plain decimal digits, at most 30 of them (no sign, space or exponent).
 fn parse_decimal(text: &[u8]) -> Option<i128> {
-    let s = std::str::from_utf8(text).ok()?;
-    if s.is_empty() || s.len() > 30 {
+    if text.is_empty() || text.len() > 30 || !text.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    s.parse().ok()
+    std::str::from_utf8(text).ok()?.parse().ok()
+}
+
+/// A PAX numeric record. GNU tar ignores a malformed or out-of-range one (keeping the header's
+/// field) where bsdtar reads a prefix of it or nothing: either way, two readings.
+fn pax_number(text: &[u8], key: &str, at: u64) -> Result<i128> {
+    let value = parse_decimal(text)
+        .ok_or_else(|| ambiguous(at, format!("a malformed PAX number {key}={}", shown(text))))?;
+    let in_range = match key {
+        "uid" | "gid" => value <= i128::from(u32::MAX),
+        _ => value <= i128::from(i64::MAX),
+    };
+    if !in_range {
+        return Err(ambiguous(at, format!("PAX {key}={value} is out of range")));
+    }
+    Ok(value)
+}
+
+/// A PAX time. GNU tar rounds a negative time with a fraction down and bsdtar toward zero, so
+/// one is refused.
+fn pax_time(text: &[u8], at: u64) -> Result<(i64, u32)> {
+    let time = parse_pax_time(text)
+        .ok_or_else(|| invalid(at, format!("PAX mtime {} is not a time", shown(text))))?;
+    if time.0 < 0 && text.contains(&b'.') {
+        return Err(ambiguous(
+            at,
+            format!("a negative PAX mtime with a fraction ({})", shown(text)),
+        ));
+    }
+    Ok(time)
 }
 
 /// A PAX time: `[-]seconds[.fraction]`, kept to the nanosecond.
@@ -716,6 +869,9 @@ fn parse_pax_time(text: &[u8]) -> Option<(i64, u32)> {
         || !whole.bytes().all(|b| b.is_ascii_digit())
         || !frac.bytes().all(|b| b.is_ascii_digit())
     {
+        return None;
+    }
+    if whole.len() > 19 {
         return None;
     }
     let secs: i64 = whole.parse().ok()?;
