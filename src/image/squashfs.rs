@@ -277,7 +277,7 @@ fn read_metadata_block(file: &File, codec: Codec, at: u64, end: u64) -> Result<(
         .map_err(|e| invalid(format!("read: {e}")))?;
     let word = u16::from_le_bytes(head);
     let size = u64::from(word & 0x7fff);
-    if size == 0 || at + 2 + size > end {
+    if size == 0 || at.checked_add(2 + size).is_none_or(|e| e > end) {
         return Err(invalid(format!("metadata block at {at} has a bad size")));
     }
     let mut raw = vec![0u8; size as usize];
@@ -581,7 +581,7 @@ impl Squashfs {
             let ids = read_lookup_table(
                 &file,
                 codec,
-                sb.xattr_id_table + 16,
+                sb.xattr_id_table.saturating_add(16),
                 u64::from(count),
                 16,
                 end,

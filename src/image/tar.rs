@@ -988,6 +988,82 @@ mod tests {
         }
     }
 
+    fn entries(archive: &[u8]) -> Result<Vec<Entry>> {
+        let mut reader = TarReader::new(archive);
+        let mut out = Vec::new();
+        while let Some(e) = reader.next_entry()? {
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    fn block(name: &[u8], typeflag: u8, size: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 512];
+        b[..name.len()].copy_from_slice(name);
+        b[100..108].copy_from_slice(b"0000644\0");
+        b[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        b[156] = typeflag;
+        b[257..265].copy_from_slice(b"ustar\x0000");
+        b[148..156].copy_from_slice(b"        ");
+        let sum: u32 = b.iter().map(|&x| u32::from(x)).sum();
+        b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        b
+    }
+
+    fn pax(typeflag: u8, records: &[u8]) -> Vec<u8> {
+        let mut out = block(b"pax", typeflag, records.len() as u64);
+        out.extend_from_slice(records);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    #[test]
+    fn an_empty_git_archive_is_read() {
+        // `git archive` of an empty tree: a global header with the commit id, then the end.
+        let mut archive = pax(
+            b'g',
+            b"52 comment=0123456789abcdef0123456789abcdef01234567\n",
+        );
+        archive.extend_from_slice(&[0u8; 1024]);
+        assert!(entries(&archive).unwrap().is_empty());
+        let mut archive = block(b"label", b'V', 0);
+        archive.extend_from_slice(&[0u8; 1024]);
+        assert!(entries(&archive).unwrap().is_empty());
+    }
+
+    #[test]
+    fn ambiguities_are_unsafe() {
+        let mut archive = pax(b'g', b"12 uid=4242\n");
+        archive.extend(block(b"f", b'0', 0));
+        archive.extend_from_slice(&[0u8; 1024]);
+        let e = entries(&archive).unwrap_err();
+        assert_eq!(e.code, Code::UnsafeImage);
+        assert!(e.message.contains("global header"), "{}", e.message);
+        let mut archive = pax(b'x', b"12 size=512\n");
+        archive.extend(block(b"d/", b'5', 0));
+        archive.extend_from_slice(&[0u8; 1024]);
+        let e = entries(&archive).unwrap_err();
+        assert_eq!(e.code, Code::UnsafeImage);
+        assert!(
+            e.message.contains("PAX size of 512 on a directory"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn header_sizes_of_dataless_members_are_not_data() {
+        let mut archive = block(b"d/", b'5', 512);
+        archive.extend(block(b"next", b'0', 0));
+        archive.extend_from_slice(&[0u8; 1024]);
+        let names: Vec<Vec<u8>> = entries(&archive)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        assert_eq!(names, vec![b"d/".to_vec(), b"next".to_vec()]);
+    }
+
     #[test]
     fn base64_and_percent() {
         assert_eq!(base64_decode(b"aGVsbG8="), Some(b"hello".to_vec()));

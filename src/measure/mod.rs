@@ -38,28 +38,31 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Counts one entry. Sizes come from the image, so the sums saturate: an image that
+    /// claims more than 2^64 bytes is simply too big for any pool.
     fn add(&mut self, e: &Entry) {
         self.entries += 1;
         let xattr_bytes: usize = e.xattrs.iter().map(|(n, v)| n.len() + v.len() + 16).sum();
-        match e.kind {
+        let blocks = |len: u64| len.div_ceil(BLOCK).saturating_mul(BLOCK);
+        let allocated = match e.kind {
             Kind::Hardlink => return,
             Kind::File => {
-                self.unpacked_bytes += e.data_size();
-                self.allocated_bytes += match &e.sparse {
+                self.unpacked_bytes = self.unpacked_bytes.saturating_add(e.data_size());
+                match &e.sparse {
                     Some(map) => map
                         .iter()
-                        .map(|&(_, len)| len.div_ceil(BLOCK) * BLOCK)
-                        .sum(),
-                    None => e.size.div_ceil(BLOCK) * BLOCK,
-                };
+                        .fold(0u64, |sum, &(_, len)| sum.saturating_add(blocks(len))),
+                    None => blocks(e.size),
+                }
             }
-            Kind::Dir => self.allocated_bytes += BLOCK,
-            Kind::Symlink if e.link.len() > FAST_SYMLINK_MAX => self.allocated_bytes += BLOCK,
-            _ => {}
-        }
+            Kind::Dir => BLOCK,
+            Kind::Symlink if e.link.len() > FAST_SYMLINK_MAX => BLOCK,
+            _ => 0,
+        };
+        self.allocated_bytes = self.allocated_bytes.saturating_add(allocated);
         self.inodes += 1;
         if xattr_bytes > INLINE_XATTR_BYTES {
-            self.allocated_bytes += BLOCK;
+            self.allocated_bytes = self.allocated_bytes.saturating_add(BLOCK);
         }
     }
 }
