@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
+use reimage_driver::walk::{open_dir, DirStack};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Code, Error, Result};
@@ -85,8 +86,9 @@ fn meta_of(st: &Stat, xattrs: Vec<(CString, Vec<u8>)>) -> Meta {
     }
 }
 
-/// Deeper trees are refused rather than recursed into (the old volume is untrusted).
-const MAX_DEPTH: usize = 1024;
+/// Below this depth, error messages name a copied entry by the preserved path, `…` and its
+/// own name: a full path per level would cost memory quadratic in the depth.
+const SHOWN_DEPTH: usize = 64;
 
 struct Copier {
     /// (dev, ino) of a copied file with several links → its fd in the new volume, for linkat.
@@ -95,32 +97,90 @@ struct Copier {
     dev: u64,
 }
 
+/// A directory copied but not finished: its listing is still being copied, and its own
+/// metadata (times last) is applied when that is done.
+struct OpenDir {
+    meta: Meta,
+    shown: RelPath,
+}
+
 impl Copier {
-    /// Copies `name` in `src_dir` to `name` in `dst_dir` (which must not exist), recursively.
+    /// Copies `name` in `src_dir` to `name` in `dst_dir` (which must not exist), with
+    /// everything below it. The walk holds a bounded number of directories open in each
+    /// volume ([`reimage_driver::walk::DirStack`]), whatever the depth.
     fn copy(
         &mut self,
         src_dir: BorrowedFd<'_>,
         dst_dir: BorrowedFd<'_>,
         name: &CStr,
         shown: &RelPath,
-        depth: usize,
     ) -> Result<()> {
-        if depth > MAX_DEPTH {
-            return Err(Error::new(
-                Code::InvalidRequest,
-                format!(
-                    "preserving {}: the tree is deeper than {MAX_DEPTH} levels",
-                    shown.shown()
-                ),
-            ));
+        let Some((src_fd, dst_fd, meta)) = self.copy_entry(src_dir, dst_dir, name, shown)? else {
+            return Ok(());
+        };
+        let walk_fail = |e: Errno| fail(shown, "walk", e);
+        let mut src = DirStack::new(src_fd).map_err(walk_fail)?;
+        let mut dst = DirStack::new(dst_fd).map_err(walk_fail)?;
+        let mut open = vec![OpenDir {
+            meta,
+            shown: shown.clone(),
+        }];
+        loop {
+            match src.next_entry() {
+                Some(entry) => {
+                    let child = entry.map_err(walk_fail)?.name;
+                    let parent_shown = open.last().map_or(shown, |o| &o.shown);
+                    let child_shown = if open.len() < SHOWN_DEPTH {
+                        parent_shown.join(child.to_bytes())
+                    } else {
+                        shown.join(b"\xe2\x80\xa6").join(child.to_bytes())
+                    };
+                    let entered = self.copy_entry(
+                        src.fd().map_err(walk_fail)?,
+                        dst.fd().map_err(walk_fail)?,
+                        &child,
+                        &child_shown,
+                    )?;
+                    if let Some((s, d, meta)) = entered {
+                        src.push(s, &child).map_err(walk_fail)?;
+                        dst.push(d, &child).map_err(walk_fail)?;
+                        open.push(OpenDir {
+                            meta,
+                            shown: child_shown,
+                        });
+                    }
+                }
+                None => {
+                    let Some(done) = open.pop() else { break };
+                    apply_meta_fd(dst.fd().map_err(walk_fail)?, &done.meta, None)
+                        .map_err(|e| fail(&done.shown, "set metadata", e))?;
+                    src.pop().map_err(walk_fail)?;
+                    if dst.pop().map_err(walk_fail)?.is_none() {
+                        break;
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Copies one entry. For a directory, creates it empty and returns the open source and
+    /// copy and the source's metadata, for [`Copier::copy`] to fill and finish.
+    fn copy_entry(
+        &mut self,
+        src_dir: BorrowedFd<'_>,
+        dst_dir: BorrowedFd<'_>,
+        name: &CStr,
+        shown: &RelPath,
+    ) -> Result<Option<(OwnedFd, OwnedFd, Meta)>> {
         let st = rustix::fs::statat(src_dir, name, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| fail(shown, "stat", e))?;
         let kind = FileType::from_raw_mode(st.st_mode);
         if kind != FileType::Directory && st.st_nlink > 1 {
             if let Some(first) = self.links.get(&(st.st_dev as u64, st.st_ino as u64)) {
-                return rustix::fs::linkat(first, c"", dst_dir, name, AtFlags::EMPTY_PATH)
-                    .map_err(|e| fail(shown, "link", e));
+                rustix::fs::linkat(first, c"", dst_dir, name, AtFlags::EMPTY_PATH)
+                    .map_err(|e| fail(shown, "link", e))?;
+                return Ok(None);
             }
         }
         match kind {
@@ -134,41 +194,16 @@ impl Copier {
                         ),
                     ));
                 }
-                let src = rustix::fs::openat(
-                    src_dir,
-                    name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| fail(shown, "open", e))?;
+                let src = open_dir(src_dir, name).map_err(|e| fail(shown, "open", e))?;
                 rustix::fs::mkdirat(dst_dir, name, Mode::from_raw_mode(0o700))
                     .map_err(|e| fail(shown, "mkdir", e))?;
-                let dst = rustix::fs::openat(
-                    dst_dir,
-                    name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| fail(shown, "open", e))?;
-                let dup =
-                    rustix::io::fcntl_dupfd_cloexec(&src, 0).map_err(|e| fail(shown, "dup", e))?;
-                let mut entries = Dir::new(dup).map_err(|e| fail(shown, "read directory", e))?;
-                while let Some(entry) = entries.read() {
-                    let entry = entry.map_err(|e| fail(shown, "read directory", e))?;
-                    let child = entry.file_name();
-                    if child.to_bytes() == b"." || child.to_bytes() == b".." {
-                        continue;
-                    }
-                    let child_shown = shown.join(child.to_bytes());
-                    self.copy(src.as_fd(), dst.as_fd(), child, &child_shown, depth + 1)?;
-                }
+                let dst = open_dir(dst_dir, name).map_err(|e| fail(shown, "open", e))?;
                 let meta = meta_of(
                     &st,
                     xattrs(Some(src.as_fd()), src_dir, name)
                         .map_err(|e| fail(shown, "xattrs", e))?,
                 );
-                apply_meta_fd(dst.as_fd(), &meta, None)
-                    .map_err(|e| fail(shown, "set metadata", e))?;
+                return Ok(Some((src, dst, meta)));
             }
             FileType::RegularFile => {
                 let src = rustix::fs::openat(
@@ -238,7 +273,7 @@ impl Copier {
             // Sockets belong to running programs; there is nothing to keep.
             _ => {}
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -300,7 +335,7 @@ pub fn preserve(
                 crate::unpack::fs::RemoveError::Errno(e) => fail(path, "replace", e),
                 crate::unpack::fs::RemoveError::Tree(e) => Error::from(e),
             })?;
-        copier.copy(src_parent.as_fd(), dst_parent.as_fd(), &name, path, 0)?;
+        copier.copy(src_parent.as_fd(), dst_parent.as_fd(), &name, path)?;
     }
     Ok(copier.bytes)
 }

@@ -52,6 +52,18 @@ pub fn reduce() -> Vec<String> {
             std::io::Error::last_os_error()
         ));
     }
+    // Walks hold a bounded number of directories open, but many writers and a deep preserve
+    // use more than the usual soft limit of 1024 would leave to spare.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Nofile, raised) {
+            notes.push(format!("could not raise the open-file limit: {e}"));
+        }
+    }
     if let Err(e) = rustix::thread::set_no_new_privs(true) {
         notes.push(format!("could not set no_new_privs: {e}"));
     }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{assert_same, gnu_manifest, rich_image, sh, Backend, Env};
@@ -729,6 +729,113 @@ fn hostile_names_are_refused(backend: Backend) {
     assert_eq!(before, (env.manifest_of("c1"), untouched(&env)));
 }
 
+/// Levels of the deep tree: more than PATH_MAX allows to name, far more than the open-file
+/// limit the case runs under.
+const DEEP: usize = 4200;
+
+/// Makes `DEEP` nested directories `d` below `root/name`, with a file at the bottom, by
+/// descriptors (a path that deep cannot be named).
+fn make_deep_tree(root: &Path, name: &str) {
+    use std::ffi::CString;
+    let c = |s: &str| CString::new(s).unwrap();
+    // SAFETY: plain syscalls on descriptors this function owns.
+    unsafe {
+        let mut fd = libc::open(
+            c(root.to_str().unwrap()).as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        assert!(fd >= 0);
+        for level in 0..=DEEP {
+            let dir = if level == 0 { c(name) } else { c("d") };
+            assert_eq!(libc::mkdirat(fd, dir.as_ptr(), 0o755), 0, "level {level}");
+            let next = libc::openat(fd, dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            assert!(next >= 0);
+            libc::close(fd);
+            fd = next;
+        }
+        let file = libc::openat(
+            fd,
+            c("bottom").as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o644,
+        );
+        assert!(file >= 0);
+        assert_eq!(libc::write(file, b"deep".as_ptr().cast(), 4), 4);
+        libc::close(file);
+        libc::close(fd);
+    }
+}
+
+/// The depth of the chain of `d` directories below `root/name`, and whether its bottom file
+/// is there.
+fn deep_tree_depth(root: &Path, name: &str) -> (usize, bool) {
+    use std::ffi::CString;
+    let c = |s: &str| CString::new(s).unwrap();
+    // SAFETY: as above.
+    unsafe {
+        let mut fd = libc::open(
+            c(root.join(name).to_str().unwrap()).as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        assert!(fd >= 0, "{name} is missing");
+        let mut depth = 0;
+        loop {
+            let next = libc::openat(fd, c("d").as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            if next < 0 {
+                break;
+            }
+            libc::close(fd);
+            fd = next;
+            depth += 1;
+        }
+        let bottom = libc::faccessat(fd, c("bottom").as_ptr(), libc::F_OK, 0) == 0;
+        libc::close(fd);
+        (depth, bottom)
+    }
+}
+
+/// A tree deeper than any path can name and than the open-file limit (64 here) is inspected,
+/// preserved, rebuilt away and deleted: every walk holds a bounded number of directories open.
+fn deep_trees_under_a_low_open_file_limit(backend: Backend) {
+    if !backend.path_based() {
+        return not_applicable(
+            "deep_trees_under_a_low_open_file_limit",
+            backend,
+            "the backend removes and measures its volumes itself, without walking them",
+        );
+    }
+    let (env, a, b) = populated("deep", backend);
+    // Room for 8,400 directories' metadata where the volume has a size limit.
+    env.run(&req("resize", "c1", json!({"size": "200MiB"})))
+        .ok();
+    make_deep_tree(&env.volume("c1"), "deep");
+    make_deep_tree(&env.volume("c1"), "gone");
+    const NOFILE: u64 = 64;
+    let inspect = env.run_limited(&req("inspect", "c1", json!({})), NOFILE);
+    assert!(inspect.ok()["volume"]["exists"] == true);
+    env.run_limited(
+        &req(
+            "rebuild",
+            "c1",
+            json!({"source": {"image": b}, "preserve": ["/deep"]}),
+        ),
+        NOFILE,
+    )
+    .ok();
+    assert_eq!(deep_tree_depth(&env.volume("c1"), "deep"), (DEEP, true));
+    assert!(!env.volume("c1").join("gone").exists());
+    env.run_limited(
+        &req("rebuild", "c1", json!({"source": {"image": a}})),
+        NOFILE,
+    )
+    .ok();
+    make_deep_tree(&env.volume("c1"), "deep");
+    env.run_limited(&req("delete", "c1", json!({})), NOFILE)
+        .ok();
+    assert!(!env.exists("c1"));
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
 macro_rules! conformance {
     ($backend:ident = $value:expr; #[$attr:meta]; $($case:ident),* $(,)?) => {
         mod $backend {
@@ -766,6 +873,7 @@ macro_rules! all_cases {
             an_exhausted_quota_is_quota_exceeded,
             busy_volumes_name_their_holder,
             hostile_names_are_refused,
+            deep_trees_under_a_low_open_file_limit,
         );
     };
 }

@@ -43,6 +43,12 @@ impl Backend {
             Backend::DirQuota { .. } => "dir",
         }
     }
+
+    /// Whether volumes are directories at a path on the host (dir, btrfs), rather than
+    /// datasets or block devices mounted only while reimage fills them.
+    pub fn path_based(self) -> bool {
+        !matches!(self, Backend::Zfs { .. } | Backend::Lvm { .. })
+    }
 }
 
 /// Runs a command the test needs to succeed; returns its stdout.
@@ -364,6 +370,39 @@ impl Env {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(request.to_string().as_bytes());
+        let out = child.wait_with_output().unwrap();
+        Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
+    }
+
+    /// Runs a request with the open-file limit (soft and hard) at `nofile`.
+    pub fn run_limited(&self, request: &Value, nofile: u64) -> Run {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg(self.backend.driver())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
         let _ = child
             .stdin
             .take()

@@ -9,11 +9,12 @@
 //! go through `quotactl_fd(2)`, which needs no device path.
 
 use std::collections::HashSet;
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::ffi::CStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
+use reimage_driver::walk::DirStack;
 use reimage_driver::{Error, ErrorKind, Result};
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 /// `struct fsxattr` of linux/fs.h.
@@ -164,48 +165,35 @@ pub fn assign(root: BorrowedFd<'_>) -> Result<u32> {
     let root_mnt = mount_id(root, c"").map_err(fail)?;
     set_project(root, id, true).map_err(fail)?;
     let mut seen = HashSet::new();
-    let mut stack: Vec<OwnedFd> = vec![reopen(root).map_err(fail)?];
-    while let Some(dir_fd) = stack.pop() {
-        let mut names = Vec::new();
-        let mut dir = Dir::read_from(&dir_fd).map_err(fail)?;
-        while let Some(entry) = dir.read() {
-            let entry = entry.map_err(fail)?;
-            let name = entry.file_name();
-            if name.to_bytes() != b"." && name.to_bytes() != b".." {
-                names.push(name.to_owned());
+    // A bounded walk: the tree may be deeper than the open-file limit.
+    let mut stack = DirStack::new(reopen(root).map_err(fail)?).map_err(fail)?;
+    loop {
+        let Some(entry) = stack.next_entry() else {
+            if stack.pop().map_err(fail)?.is_none() {
+                break;
             }
-        }
-        for name in names {
-            let st = rustix::fs::statat(&dir_fd, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(fail)?;
-            match FileType::from_raw_mode(st.st_mode) {
-                FileType::Directory => {
-                    if mount_id(dir_fd.as_fd_borrowed(), &name).map_err(fail)? != root_mnt {
-                        continue;
-                    }
-                    let fd = open_nofollow(&dir_fd, &name, true).map_err(fail)?;
-                    set_project(fd.as_fd_borrowed(), id, true).map_err(fail)?;
-                    stack.push(fd);
+            continue;
+        };
+        let name = entry.map_err(fail)?.name;
+        let dir = stack.fd().map_err(fail)?;
+        let st = rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(fail)?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                if mount_id(dir, &name).map_err(fail)? != root_mnt {
+                    continue;
                 }
-                FileType::RegularFile if seen.insert(st.st_ino) => {
-                    let fd = open_nofollow(&dir_fd, &name, false).map_err(fail)?;
-                    set_project(fd.as_fd_borrowed(), id, false).map_err(fail)?;
-                }
-                _ => {}
+                let fd = open_nofollow(dir, &name, true).map_err(fail)?;
+                set_project(fd.as_fd(), id, true).map_err(fail)?;
+                stack.push(fd, &name).map_err(fail)?;
             }
+            FileType::RegularFile if seen.insert(st.st_ino) => {
+                let fd = open_nofollow(dir, &name, false).map_err(fail)?;
+                set_project(fd.as_fd(), id, false).map_err(fail)?;
+            }
+            _ => {}
         }
     }
     Ok(id)
-}
-
-trait Borrow {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-
-impl Borrow for OwnedFd {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.as_fd()
-    }
 }
 
 fn reopen(fd: BorrowedFd<'_>) -> std::result::Result<OwnedFd, Errno> {
@@ -218,8 +206,8 @@ fn reopen(fd: BorrowedFd<'_>) -> std::result::Result<OwnedFd, Errno> {
 }
 
 fn open_nofollow(
-    dir: &OwnedFd,
-    name: &CString,
+    dir: BorrowedFd<'_>,
+    name: &CStr,
     directory: bool,
 ) -> std::result::Result<OwnedFd, Errno> {
     let mut flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;

@@ -15,6 +15,7 @@ pub mod mount;
 mod name;
 pub mod pooldir;
 pub mod tree;
+pub mod walk;
 
 use std::fmt;
 use std::os::fd::OwnedFd;

@@ -1,15 +1,17 @@
 //! fd-relative operations on whole directory trees: removal and usage accounting.
 //!
-//! Both walk with an explicit stack (a hostile tree may be deeper than any thread stack),
-//! open every directory with `O_NOFOLLOW` relative to its parent's fd (a symlink is never
+//! Both walk with an explicit, bounded stack ([`DirStack`]: a hostile tree may be
+//! deeper than any thread stack or open-file limit), open every directory with `O_NOFOLLOW` relative to its parent's fd (a symlink is never
 //! followed), and refuse to cross into another mount: removing a tree must never reach into
 //! a filesystem that somebody mounted inside it.
 
 use std::collections::HashSet;
-use std::ffi::{CStr, CString};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::ffi::CStr;
+use std::os::fd::BorrowedFd;
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, StatxFlags};
+
+use crate::walk::{open_dir as open_subdir, DirStack};
 use rustix::io::Errno;
 
 use crate::{Error, ErrorKind, Result};
@@ -22,15 +24,6 @@ fn mount_id(dirfd: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<u64> {
         StatxFlags::MNT_ID,
     )?;
     Ok(st.stx_mnt_id)
-}
-
-fn open_subdir(dirfd: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<OwnedFd> {
-    rustix::fs::openat(
-        dirfd,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
 }
 
 const FS_IMMUTABLE_FL: u32 = 0x10;
@@ -83,7 +76,8 @@ fn unlink_entry(dirfd: BorrowedFd<'_>, name: &CStr, flags: AtFlags) -> rustix::i
 }
 
 /// Removes `name` in `parent` and everything below it. A missing entry is not an error.
-/// `shown` names the tree in error messages.
+/// `shown` names the tree in error messages. Holds at most [`crate::walk::MAX_OPEN`] directories
+/// open, whatever the depth.
 pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<()> {
     let fail = |what: &str, e: Errno| Error::errno(format!("removing {shown}: {what}"), e);
     let top = match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -95,20 +89,14 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<(
         return unlink_entry(parent, name, AtFlags::empty()).map_err(|e| fail("unlink", e));
     }
     let root_mnt = mount_id(parent, name).map_err(|e| fail("statx", e))?;
-
-    // Each frame: the directory being emptied, and its name in the frame below.
-    let mut stack: Vec<(Dir, CString)> = Vec::new();
     let fd = open_subdir(parent, name).map_err(|e| fail("open", e))?;
-    stack.push((Dir::new(fd).map_err(|e| fail("read", e))?, name.to_owned()));
-    while let Some((dir, _)) = stack.last_mut() {
-        match dir.read() {
+    let mut stack = DirStack::new(fd).map_err(|e| fail("read", e))?;
+    loop {
+        match stack.next_entry() {
             Some(Ok(entry)) => {
-                let child = entry.file_name().to_owned();
-                if child.as_bytes() == b"." || child.as_bytes() == b".." {
-                    continue;
-                }
-                let dirfd = dir.fd().map_err(|e| fail("fd", e))?;
-                let is_dir = match entry.file_type() {
+                let dirfd = stack.fd().map_err(|e| fail("fd", e))?;
+                let child = entry.name;
+                let is_dir = match entry.kind {
                     FileType::Directory => true,
                     FileType::Unknown => {
                         rustix::fs::statat(dirfd, &child, AtFlags::SYMLINK_NOFOLLOW)
@@ -131,26 +119,25 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<(
                     ));
                 }
                 let fd = open_subdir(dirfd, &child).map_err(|e| fail("open", e))?;
-                stack.push((Dir::new(fd).map_err(|e| fail("read", e))?, child));
+                stack.push(fd, &child).map_err(|e| fail("read", e))?;
             }
             Some(Err(e)) => return Err(fail("read directory", e)),
-            None => {
-                let Some((_, emptied)) = stack.pop() else {
-                    break;
-                };
-                let below = match stack.last() {
-                    Some((dir, _)) => dir.fd().map_err(|e| fail("fd", e))?,
-                    None => parent,
-                };
-                unlink_entry(below, &emptied, AtFlags::REMOVEDIR).map_err(|e| fail("rmdir", e))?;
-            }
+            None => match stack.pop().map_err(|e| fail("reopen a directory", e))? {
+                Some(emptied) => {
+                    let below = stack.fd().map_err(|e| fail("fd", e))?;
+                    unlink_entry(below, &emptied, AtFlags::REMOVEDIR)
+                        .map_err(|e| fail("rmdir", e))?;
+                }
+                None => break,
+            },
         }
     }
-    Ok(())
+    drop(stack);
+    unlink_entry(parent, name, AtFlags::REMOVEDIR).map_err(|e| fail("rmdir", e))
 }
 
 /// Bytes allocated (`st_blocks`) and inodes in the tree below `root`, hardlinks counted once.
-/// Does not descend into other mounts.
+/// Does not descend into other mounts; holds at most [`crate::walk::MAX_OPEN`] directories open.
 pub fn usage(root: BorrowedFd<'_>) -> Result<(u64, u64)> {
     let fail = |e: Errno| Error::errno("measuring volume usage", e);
     let root_mnt = mount_id(root, c"").map_err(fail)?;
@@ -159,15 +146,12 @@ pub fn usage(root: BorrowedFd<'_>) -> Result<(u64, u64)> {
     let mut inodes = 1u64;
     let mut seen_links: HashSet<(u64, u64)> = HashSet::new();
     let dup = rustix::io::fcntl_dupfd_cloexec(root, 0).map_err(fail)?;
-    let mut stack: Vec<Dir> = vec![Dir::new(dup).map_err(fail)?];
-    while let Some(dir) = stack.last_mut() {
-        match dir.read() {
+    let mut stack = DirStack::new(dup).map_err(fail)?;
+    loop {
+        match stack.next_entry() {
             Some(Ok(entry)) => {
-                let name = entry.file_name().to_owned();
-                if name.as_bytes() == b"." || name.as_bytes() == b".." {
-                    continue;
-                }
-                let dirfd = dir.fd().map_err(fail)?;
+                let dirfd = stack.fd().map_err(fail)?;
+                let name = entry.name;
                 let st = match rustix::fs::statat(dirfd, &name, AtFlags::SYMLINK_NOFOLLOW) {
                     Ok(st) => st,
                     Err(Errno::NOENT) => continue,
@@ -185,12 +169,14 @@ pub fn usage(root: BorrowedFd<'_>) -> Result<(u64, u64)> {
                 if kind == FileType::Directory && mount_id(dirfd, &name).map_err(fail)? == root_mnt
                 {
                     let fd = open_subdir(dirfd, &name).map_err(fail)?;
-                    stack.push(Dir::new(fd).map_err(fail)?);
+                    stack.push(fd, &name).map_err(fail)?;
                 }
             }
             Some(Err(e)) => return Err(fail(e)),
             None => {
-                stack.pop();
+                if stack.pop().map_err(fail)?.is_none() {
+                    break;
+                }
             }
         }
     }
