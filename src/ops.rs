@@ -21,7 +21,7 @@ use crate::lock::VolumeLock;
 use crate::measure::{cache, measure_squashfs, measure_tar, Measurement};
 use crate::plan::{plan_fill, Need, Plan};
 use crate::protocol::events::{Events, Phase as EventPhase};
-use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source};
+use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source, UnsupportedMetadata};
 use crate::recover::{recover_orphans, recover_volume, Outcome};
 use crate::unpack::idmap::IdMap;
 use crate::unpack::path::{normalize, RelPath};
@@ -222,6 +222,7 @@ fn unpack_into(
     content: &Content,
     idmap: &IdMap,
     skip: &[RelPath],
+    metadata: UnsupportedMetadata,
 ) -> Result<()> {
     let Content::Image {
         file, measurement, ..
@@ -248,6 +249,7 @@ fn unpack_into(
         idmap: idmap.clone(),
         skip: skip.to_vec(),
         expected_bytes: Some(measurement.tally.unpacked_bytes),
+        unsupported_metadata: metadata,
     };
     let total = measurement.tally.unpacked_bytes;
     events.progress(EventPhase::Unpack, 0, total, "bytes");
@@ -696,8 +698,15 @@ fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<Map<Stri
         vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
         let events = &mut *vop.events;
         timings.time("unpack", || {
-            unpack_into(events, &root, &content, &idmap, &[])
-                .map_err(|e| with_fill_numbers(driver, e, &root, &content, plan.target_size))
+            unpack_into(
+                events,
+                &root,
+                &content,
+                &idmap,
+                &[],
+                fill.unsupported_metadata,
+            )
+            .map_err(|e| with_fill_numbers(driver, e, &root, &content, plan.target_size))
         })?;
         fault::point("create:unpacked")?;
         seal(driver, vop.events, root, Slot::new(volume), &mut timings)
@@ -815,6 +824,7 @@ fn rebuild(
             &current,
             &idmap,
             &keep,
+            fill.unsupported_metadata,
             &mut timings,
         )?;
         return fill_result(driver, volume, &content, &timings);
@@ -836,15 +846,23 @@ fn rebuild(
                 vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
                 let events = &mut *vop.events;
                 timings.time("unpack", || {
-                    unpack_into(events, &root, &content, &idmap, &[]).map_err(|e| {
-                        with_fill_numbers(driver, e, &root, &content, plan.target_size)
-                    })
+                    unpack_into(
+                        events,
+                        &root,
+                        &content,
+                        &idmap,
+                        &[],
+                        fill.unsupported_metadata,
+                    )
+                    .map_err(|e| with_fill_numbers(driver, e, &root, &content, plan.target_size))
                 })?;
                 fault::point("rebuild:unpacked")?;
                 if !keep.is_empty() {
                     let old = driver.open_root(live)?;
                     let events = &mut *vop.events;
-                    timings.time("preserve", || copy_preserved(events, &old, &root, &keep))?;
+                    timings.time("preserve", || {
+                        copy_preserved(events, &old, &root, &keep, fill.unsupported_metadata)
+                    })?;
                     old.release()?;
                 }
                 let id = seal(driver, vop.events, root, Slot::new(volume), &mut timings)?;
@@ -878,7 +896,9 @@ fn rebuild(
                 if !keep.is_empty() {
                     let old = driver.open_root(Slot::old(volume))?;
                     let events = &mut *vop.events;
-                    timings.time("preserve", || copy_preserved(events, &old, &root, &keep))?;
+                    timings.time("preserve", || {
+                        copy_preserved(events, &old, &root, &keep, fill.unsupported_metadata)
+                    })?;
                     old.release()?;
                 }
                 cancelled_check()?;
@@ -896,9 +916,15 @@ fn rebuild(
                 })?;
                 let events = &mut *vop.events;
                 timings.time("unpack", || {
-                    unpack_into(events, &root, &content, &idmap, &keep).map_err(|e| {
-                        with_fill_numbers(driver, e, &root, &content, plan.target_size)
-                    })
+                    unpack_into(
+                        events,
+                        &root,
+                        &content,
+                        &idmap,
+                        &keep,
+                        fill.unsupported_metadata,
+                    )
+                    .map_err(|e| with_fill_numbers(driver, e, &root, &content, plan.target_size))
                 })?;
                 fault::point("inplace:unpacked")?;
                 seal(driver, vop.events, root, Slot::new(volume), &mut timings)
@@ -948,6 +974,7 @@ fn refill_in_place(
     current: &Usage,
     idmap: &IdMap,
     keep: &[RelPath],
+    metadata: UnsupportedMetadata,
     timings: &mut Timings,
 ) -> Result<()> {
     let (driver, volume) = (vop.driver, vop.volume);
@@ -985,14 +1012,16 @@ fn refill_in_place(
         vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
         let events = &mut *vop.events;
         timings.time("unpack", || {
-            unpack_into(events, &root, content, idmap, &[])
+            unpack_into(events, &root, content, idmap, &[], metadata)
                 .map_err(|e| with_fill_numbers(driver, e, &root, content, plan.target_size))
         })?;
         fault::point("refill:unpacked")?;
         if !keep.is_empty() {
             let old = driver.open_guard(live)?;
             let events = &mut *vop.events;
-            timings.time("preserve", || copy_preserved(events, &old, &root, keep))?;
+            timings.time("preserve", || {
+                copy_preserved(events, &old, &root, keep, metadata)
+            })?;
             old.release()?;
         }
         seal(driver, vop.events, root, live, timings)?;
@@ -1027,12 +1056,31 @@ fn copy_preserved(
     old: &Mounted,
     new: &Mounted,
     keep: &[RelPath],
+    metadata: UnsupportedMetadata,
 ) -> Result<()> {
     events.progress(EventPhase::Preserve, 0, keep.len() as u64, "paths");
     let mut missing = Vec::new();
-    preserve::preserve(old.root(), new.root(), keep, &mut |p| {
-        missing.push(p.shown())
-    })?;
+    preserve::preserve(
+        old.root(),
+        new.root(),
+        keep,
+        &mut |p| missing.push(p.shown()),
+        &mut |path, failure| match metadata {
+            UnsupportedMetadata::Fail => Err(unpack::unsupported_metadata(path, failure)),
+            UnsupportedMetadata::Warn => {
+                events.warning(
+                    "xattr_failed",
+                    &format!(
+                        "could not set xattr {} on {}: {}",
+                        failure.name,
+                        path.shown(),
+                        std::io::Error::from(failure.errno)
+                    ),
+                );
+                Ok(())
+            }
+        },
+    )?;
     for p in missing {
         events.warning(
             "preserve_missing",

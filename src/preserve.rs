@@ -14,7 +14,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{Code, Error, Result};
-use crate::unpack::fs::{apply_meta_at, apply_meta_fd, cstring, Meta, Tree, RESOLVE};
+use crate::unpack::fs::{apply_meta_at, apply_meta_fd, cstring, Meta, Tree, XattrFailure, RESOLVE};
 use crate::unpack::path::RelPath;
 
 fn fail(path: &RelPath, what: &str, e: Errno) -> Error {
@@ -90,11 +90,15 @@ fn meta_of(st: &Stat, xattrs: Vec<(CString, Vec<u8>)>) -> Meta {
 /// own name: a full path per level would cost memory quadratic in the depth.
 const SHOWN_DEPTH: usize = 64;
 
-struct Copier {
+/// What to do with an xattr the new volume's filesystem refused: fail, or go on.
+pub type OnRefused<'a> = &'a mut dyn FnMut(&RelPath, &XattrFailure) -> Result<()>;
+
+struct Copier<'a> {
     /// (dev, ino) of a copied file with several links → its fd in the new volume, for linkat.
     links: HashMap<(u64, u64), OwnedFd>,
     bytes: u64,
     dev: u64,
+    refused: OnRefused<'a>,
 }
 
 /// A directory copied but not finished: its listing is still being copied, and its own
@@ -104,7 +108,14 @@ struct OpenDir {
     shown: RelPath,
 }
 
-impl Copier {
+impl Copier<'_> {
+    fn report(&mut self, shown: &RelPath, failures: Vec<XattrFailure>) -> Result<()> {
+        for f in &failures {
+            (self.refused)(shown, f)?;
+        }
+        Ok(())
+    }
+
     /// Copies `name` in `src_dir` to `name` in `dst_dir` (which must not exist), with
     /// everything below it. The walk holds a bounded number of directories open in each
     /// volume ([`reimage_driver::walk::DirStack`]), whatever the depth.
@@ -152,8 +163,9 @@ impl Copier {
                 }
                 None => {
                     let Some(done) = open.pop() else { break };
-                    apply_meta_fd(dst.fd().map_err(walk_fail)?, &done.meta, None)
+                    let refused = apply_meta_fd(dst.fd().map_err(walk_fail)?, &done.meta, None)
                         .map_err(|e| fail(&done.shown, "set metadata", e))?;
+                    self.report(&done.shown, refused)?;
                     src.pop().map_err(walk_fail)?;
                     if dst.pop().map_err(walk_fail)?.is_none() {
                         break;
@@ -234,8 +246,9 @@ impl Copier {
                     xattrs(Some(from.as_fd()), src_dir, name)
                         .map_err(|e| fail(shown, "xattrs", e))?,
                 );
-                apply_meta_fd(to.as_fd(), &meta, None)
+                let refused = apply_meta_fd(to.as_fd(), &meta, None)
                     .map_err(|e| fail(shown, "set metadata", e))?;
+                self.report(shown, refused)?;
                 if st.st_nlink > 1 {
                     let keep = rustix::fs::openat(
                         dst_dir,
@@ -257,8 +270,9 @@ impl Copier {
                     &st,
                     xattrs(None, src_dir, name).map_err(|e| fail(shown, "xattrs", e))?,
                 );
-                apply_meta_at(dst_dir, name, &meta, true)
+                let refused = apply_meta_at(dst_dir, name, &meta, true)
                     .map_err(|e| fail(shown, "set metadata", e))?;
+                self.report(shown, refused)?;
             }
             FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
                 rustix::fs::mknodat(dst_dir, name, kind, Mode::from_raw_mode(0o600), st.st_rdev)
@@ -267,8 +281,9 @@ impl Copier {
                     &st,
                     xattrs(None, src_dir, name).map_err(|e| fail(shown, "xattrs", e))?,
                 );
-                apply_meta_at(dst_dir, name, &meta, false)
+                let refused = apply_meta_at(dst_dir, name, &meta, false)
                     .map_err(|e| fail(shown, "set metadata", e))?;
+                self.report(shown, refused)?;
             }
             // Sockets belong to running programs; there is nothing to keep.
             _ => {}
@@ -285,6 +300,7 @@ pub fn preserve(
     new_root: BorrowedFd<'_>,
     paths: &[RelPath],
     missing: &mut dyn FnMut(&RelPath),
+    refused: OnRefused<'_>,
 ) -> Result<u64> {
     let dev = rustix::fs::fstat(old_root)
         .map_err(|e| fail(&RelPath::root(), "stat", e))?
@@ -293,6 +309,7 @@ pub fn preserve(
         links: HashMap::new(),
         bytes: 0,
         dev,
+        refused,
     };
     let mut new_tree = Tree::new(new_root, (0, 0));
     for path in paths {

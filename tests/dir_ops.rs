@@ -382,3 +382,48 @@ fn quota_without_project_quotas_is_a_warning() {
     let inspect = env.run(&json!({"api": 1, "op": "inspect", "pool": "default", "volume": "q1"}));
     assert_eq!(inspect.ok()["volume"]["capabilities"]["size_limit"], "none");
 }
+
+/// A metadata item the volume's file system refuses (here an xattr in a namespace Linux file
+/// systems do not hold, as an ACL is refused on zfs with `acltype=off`) is never dropped
+/// silently: the request fails with `unsupported`, naming the path and the attribute, and
+/// nothing is left; with `"unsupported_metadata": "warn"` the volume is built without it and
+/// the refusal is a warning.
+#[test]
+fn metadata_the_filesystem_refuses_fails_unless_warned() {
+    let env = Env::new("refused-xattr");
+    let image = env.image("os2.tar");
+    let archive = reimage_fixtures::rawtar::RawTar::new()
+        .file(b"plain", b"x")
+        .pax(b'x', &[("SCHILY.xattr.os2.comment", b"from OS/2")])
+        .file(b"f", b"y")
+        .finish();
+    std::fs::write(&image, archive).unwrap();
+    let create = |extra: serde_json::Value| {
+        let mut request = json!({"api": 1, "op": "create", "pool": "default", "volume": "c1",
+                                 "source": {"image": image}});
+        if let (Some(r), Some(e)) = (request.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        env.run(&request)
+    };
+    let r = create(json!({}));
+    let e = r.failed("unsupported", 1);
+    assert!(
+        e["message"].as_str().unwrap().contains("os2.comment"),
+        "{e}"
+    );
+    assert_eq!(e["details"]["path"], "/f", "{e}");
+    assert_eq!(e["details"]["attribute"], "os2.comment", "{e}");
+    assert!(!env.exists("c1"));
+    assert!(env.leftovers().is_empty());
+    let r = create(json!({"unsupported_metadata": "warn"}));
+    r.ok();
+    assert_eq!(r.warnings(), vec!["xattr_failed"]);
+    let r = env.run(
+        &json!({"api": 1, "op": "rebuild", "pool": "default", "volume": "c1",
+                            "source": {"image": image}}),
+    );
+    r.failed("unsupported", 1);
+    assert!(env.exists("c1"));
+    assert!(env.leftovers().is_empty());
+}

@@ -11,6 +11,8 @@ use reimage_driver::VolumeName;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+pub use crate::unpack::UnsupportedMetadata;
+
 use super::size::Size;
 use crate::error::{Code, Error, Result};
 
@@ -71,6 +73,7 @@ pub struct Fill {
     pub size_policy: SizePolicy,
     pub idmap: Vec<IdRange>,
     pub dry_run: bool,
+    pub unsupported_metadata: UnsupportedMetadata,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -203,6 +206,7 @@ struct WireCreate {
     size_policy: Option<SizePolicy>,
     idmap: Option<Vec<IdRange>>,
     dry_run: Option<bool>,
+    unsupported_metadata: Option<UnsupportedMetadata>,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +224,7 @@ struct WireRebuild {
     size_policy: Option<SizePolicy>,
     idmap: Option<Vec<IdRange>>,
     dry_run: Option<bool>,
+    unsupported_metadata: Option<UnsupportedMetadata>,
     snapshots: Option<SnapshotPolicy>,
     mode: Option<Mode>,
     preserve: Option<Vec<String>>,
@@ -438,6 +443,7 @@ fn fill(
     wire_policy: Option<SizePolicy>,
     wire_idmap: Option<Vec<IdRange>>,
     dry_run: Option<bool>,
+    unsupported_metadata: Option<UnsupportedMetadata>,
 ) -> Result<Fill> {
     let size = size(wire_size, "size")?;
     let size_policy = wire_policy.unwrap_or(SizePolicy::Grow);
@@ -451,6 +457,7 @@ fn fill(
         size_policy,
         idmap: idmap(wire_idmap)?,
         dry_run: dry_run.unwrap_or(false),
+        unsupported_metadata: unsupported_metadata.unwrap_or_default(),
     })
 }
 
@@ -511,6 +518,7 @@ pub fn parse(text: &str) -> Result<Op> {
                     w.size_policy,
                     w.idmap,
                     w.dry_run,
+                    w.unsupported_metadata,
                 )?,
             }
         }
@@ -526,6 +534,7 @@ pub fn parse(text: &str) -> Result<Op> {
                     w.size_policy,
                     w.idmap,
                     w.dry_run,
+                    w.unsupported_metadata,
                 )?,
                 snapshots: w.snapshots.unwrap_or(SnapshotPolicy::Refuse),
                 mode: w.mode.unwrap_or(Mode::Atomic),

@@ -49,6 +49,20 @@ pub struct Options {
     pub skip: Vec<RelPath>,
     /// Content bytes the measure pass counted; writing more means the image changed.
     pub expected_bytes: Option<u64>,
+    /// Whether an xattr the filesystem refuses fails the unpack or is a warning.
+    pub unsupported_metadata: UnsupportedMetadata,
+}
+
+/// What to do with an image's metadata item (an ACL, a file capability, any xattr) that the
+/// volume's filesystem refuses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnsupportedMetadata {
+    /// The request fails with `unsupported`, naming the path and the attribute (the default).
+    #[default]
+    Fail,
+    /// The volume is built without it, with an `xattr_failed` warning per item.
+    Warn,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -100,6 +114,21 @@ fn fs_error(entry: &RelPath, what: &str, e: Errno) -> Error {
         ),
     )
     .with("entry", entry.shown())
+}
+
+/// An image's metadata item the volume's filesystem refused, as the request's error.
+pub fn unsupported_metadata(path: &RelPath, failure: &XattrFailure) -> Error {
+    Error::new(
+        Code::Unsupported,
+        format!(
+            "cannot set {} on {}: {}; the volume's filesystem does not hold it. Fix the pool (for zfs: acltype=posixacl, xattr=sa) or send \"unsupported_metadata\": \"warn\" to build the volume without it",
+            failure.name,
+            path.shown(),
+            std::io::Error::from(failure.errno)
+        ),
+    )
+    .with("path", path.shown())
+    .with("attribute", failure.name.clone())
 }
 
 fn unsafe_entry(entry: &RelPath, why: &str) -> Error {
@@ -289,8 +318,13 @@ impl Unpacker<'_, '_> {
         })
     }
 
-    fn report_xattr_failures(&mut self, path: &RelPath, failures: Vec<XattrFailure>) {
+    /// Fails on the first xattr the filesystem refused, or (`unsupported_metadata: warn`)
+    /// warns about it.
+    fn report_xattr_failures(&mut self, path: &RelPath, failures: Vec<XattrFailure>) -> Result<()> {
         for f in failures {
+            if self.options.unsupported_metadata == UnsupportedMetadata::Fail {
+                return Err(unsupported_metadata(path, &f));
+            }
             self.xattr_failures += 1;
             if self.xattr_failures <= SHOWN_XATTR_FAILURES {
                 let message = format!(
@@ -302,6 +336,7 @@ impl Unpacker<'_, '_> {
                 self.observer.warning("xattr_failed", &message);
             }
         }
+        Ok(())
     }
 
     fn remove_existing(
@@ -437,7 +472,7 @@ impl Unpacker<'_, '_> {
         if size == 0 {
             let failures = fs::apply_meta_fd(file.as_fd(), &meta, Some(born))
                 .map_err(|e| fs_error(path, "set metadata", e))?;
-            self.report_xattr_failures(path, failures);
+            self.report_xattr_failures(path, failures)?;
             return Ok(());
         }
         let data_size = entry.data_size();
@@ -473,7 +508,7 @@ impl Unpacker<'_, '_> {
         if pieces == 0 {
             let failures = fs::apply_meta_fd(file.as_fd(), &meta, Some(born))
                 .map_err(|e| fs_error(path, "set metadata", e))?;
-            self.report_xattr_failures(path, failures);
+            self.report_xattr_failures(path, failures)?;
             return Ok(());
         }
         let pending = Arc::new(PendingFile {
@@ -536,7 +571,7 @@ impl Unpacker<'_, '_> {
         })?;
         let failures = fs::apply_meta_at(parent, name, &meta, true)
             .map_err(|e| fs_error(path, "set metadata", e))?;
-        self.report_xattr_failures(path, failures);
+        self.report_xattr_failures(path, failures)?;
         Ok(())
     }
 
@@ -612,7 +647,7 @@ impl Unpacker<'_, '_> {
         })?;
         let failures = fs::apply_meta_at(parent, name, &meta, false)
             .map_err(|e| fs_error(path, "set metadata", e))?;
-        self.report_xattr_failures(path, failures);
+        self.report_xattr_failures(path, failures)?;
         Ok(())
     }
 
@@ -623,7 +658,7 @@ impl Unpacker<'_, '_> {
             .take()
             .ok_or_else(|| Error::internal("the writers are already finished"))?;
         for (path, failure) in writers.finish()? {
-            self.report_xattr_failures(&path, vec![failure]);
+            self.report_xattr_failures(&path, vec![failure])?;
         }
         let mut dirs: Vec<(RelPath, Meta)> =
             std::mem::take(&mut self.deferred).into_iter().collect();
@@ -636,7 +671,7 @@ impl Unpacker<'_, '_> {
             };
             let failures = fs::apply_meta_fd(fd.as_fd(), &meta, None)
                 .map_err(|e| fs_error(&path, "set metadata", e))?;
-            self.report_xattr_failures(&path, failures);
+            self.report_xattr_failures(&path, failures)?;
         }
         if self.xattr_failures > SHOWN_XATTR_FAILURES {
             let message = format!(

@@ -30,6 +30,11 @@ use reimage_driver::{
 
 /// The snapshot a refill can roll back to; not listed among the volume's snapshots.
 const GUARD: &str = "reimage-guard";
+
+/// Properties of every volume dataset, whatever its parent has: POSIX ACLs (`acltype=off`,
+/// OpenZFS's default on Linux, would drop every ACL of an image) and xattrs stored in the
+/// inode (`xattr=sa`, as LXD and Incus set them too).
+const VOLUME_PROPERTIES: [&str; 2] = ["acltype=posixacl", "xattr=sa"];
 /// The smallest limit the driver sets. ZFS reserves worst-case space for every transaction
 /// (many times what it writes), and within a few MiB of a quota each write waits for a
 /// transaction group to sync: unpacking a 4 MiB tree under a 16 MiB refquota took 12 times
@@ -304,6 +309,10 @@ impl Driver for ZfsDriver {
     fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()> {
         let dataset = self.dataset(slot);
         let mut args = vec!["create".to_owned(), "-o".into(), "mountpoint=legacy".into()];
+        for property in VOLUME_PROPERTIES {
+            args.push("-o".into());
+            args.push(property.into());
+        }
         if let Some(bytes) = size {
             args.push("-o".into());
             args.push(format!("{}={}", self.quota.name(), bytes.max(MIN_QUOTA)));
@@ -518,6 +527,12 @@ impl Driver for ZfsDriver {
     }
 
     fn set_guard(&self, slot: Slot<'_>) -> Result<()> {
+        // The refilled content needs what a new dataset gets (one made before may lack it).
+        let dataset = self.dataset(slot);
+        let mut args = vec!["set"];
+        args.extend(VOLUME_PROPERTIES);
+        args.push(&dataset);
+        zfs(&args)?;
         zfs(&["snapshot", &self.guard(slot)]).map(drop)
     }
 
