@@ -822,9 +822,8 @@ fn rebuild(
             &content,
             &plan,
             &current,
-            &idmap,
+            fill,
             &keep,
-            fill.unsupported_metadata,
             &mut timings,
         )?;
         return fill_result(driver, volume, &content, &timings);
@@ -972,11 +971,12 @@ fn refill_in_place(
     content: &Content,
     plan: &Plan,
     current: &Usage,
-    idmap: &IdMap,
+    fill: &Fill,
     keep: &[RelPath],
-    metadata: UnsupportedMetadata,
     timings: &mut Timings,
 ) -> Result<()> {
+    let idmap = &IdMap::new(fill.idmap.clone());
+    let metadata = fill.unsupported_metadata;
     let (driver, volume) = (vop.driver, vop.volume);
     let live = Slot::live(volume);
     let op = IntentOp::RebuildRefill;

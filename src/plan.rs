@@ -162,6 +162,7 @@ mod tests {
             size_policy: policy,
             idmap: vec![],
             dry_run: false,
+            unsupported_metadata: Default::default(),
         }
     }
 
