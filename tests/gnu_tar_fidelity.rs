@@ -60,7 +60,7 @@ fn every_compressor_real_tools_write() {
         out
     };
     let images = [
-        ("compress", tool("rich.tar.Z", "compress -c")),
+        ("compress", tool("rich.tar.Z", "compress -c -f")),
         ("lzip", tool("rich.tar.lz", "lzip -c")),
         ("lzma", tool("rich.tar.lzma", "xz --format=lzma -c")),
         ("lzo", tool("rich.tar.lzo", "lzop -c")),
