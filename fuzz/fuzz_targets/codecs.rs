@@ -9,7 +9,7 @@ fn drain(mut r: impl Read) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0usize;
     while let Ok(n) = r.read(&mut buf) {
-        if n == 0 || total > 256 << 20 {
+        if n == 0 || total > 1 << 20 {
             break;
         }
         total += n;
