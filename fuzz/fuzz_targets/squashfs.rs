@@ -2,7 +2,7 @@
 //! panic, a loop or an unbounded allocation.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use reimage::unpack::pipeline::PieceData;
+use reimage::image::archive::PieceData;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(fd) = rustix::fs::memfd_create("squashfs", rustix::fs::MemfdFlags::CLOEXEC) else { return };

@@ -4,6 +4,7 @@
 //! in-process: reimage never runs an external program on an untrusted image.
 
 pub mod acl;
+pub mod archive;
 pub mod entry;
 pub mod lzo;
 pub mod lzop;

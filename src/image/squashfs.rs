@@ -18,9 +18,9 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::archive::PieceData;
 use super::entry::{Entry, Kind};
 use crate::error::{Code, Error, Result};
-use crate::unpack::pipeline::PieceData;
 
 const MAGIC: u32 = 0x7371_7368;
 const METADATA_SIZE: usize = 8192;

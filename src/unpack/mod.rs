@@ -13,7 +13,6 @@ pub mod pipeline;
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::io::BufRead;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -22,11 +21,13 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::error::{Code, Error, Result};
-use crate::image::tar::{Entry, Kind, TarReader};
+use crate::image::tar::{Entry, Kind};
 use fs::{Born, Meta, RemoveError, Tree, XattrFailure};
 use idmap::IdMap;
 use path::{normalize, RelPath};
-use pipeline::{PendingFile, PieceData, Writers, CHUNK};
+use pipeline::{PendingFile, Writers};
+
+pub use crate::image::archive::{Archive, PieceData};
 
 /// What the unpacker reports while it works, and how it learns that it should stop.
 pub trait Observer {
@@ -150,68 +151,6 @@ fn current_umask() -> u32 {
     let old = rustix::process::umask(Mode::from_raw_mode(0o022));
     rustix::process::umask(old);
     old.bits()
-}
-
-/// A source of entries in the order they are to be applied: the tar reader, or the squashfs
-/// reader's walk of its directory tree.
-pub trait Archive {
-    fn next_entry(&mut self) -> Result<Option<Entry>>;
-    /// The size of the pieces a file's content is handed over in.
-    fn piece_size(&self) -> usize;
-    /// `len` bytes of the current entry's content at `offset`; pieces are asked for in order.
-    /// `buffer` is an empty buffer to fill if the bytes are read now.
-    fn piece(&mut self, offset: u64, len: usize, buffer: Vec<u8>) -> Result<PieceData>;
-    /// Called after the last entry.
-    fn finish(&mut self) -> Result<()>;
-}
-
-impl<R: BufRead> Archive for TarReader<R> {
-    fn next_entry(&mut self) -> Result<Option<Entry>> {
-        TarReader::next_entry(self)
-    }
-
-    fn piece_size(&self) -> usize {
-        CHUNK
-    }
-
-    fn piece(&mut self, _offset: u64, len: usize, mut buffer: Vec<u8>) -> Result<PieceData> {
-        while buffer.len() < len {
-            let data = self.data()?;
-            if data.is_empty() {
-                return Err(Error::new(
-                    Code::ImageInvalid,
-                    "an entry's content ends early",
-                ));
-            }
-            let take = data.len().min(len - buffer.len());
-            buffer.extend_from_slice(&data[..take]);
-            self.consume(take);
-        }
-        Ok(PieceData::Bytes(buffer))
-    }
-
-    /// Drains the stream so that the decompressor verifies its checksum.
-    fn finish(&mut self) -> Result<()> {
-        TarReader::finish(self)
-    }
-}
-
-impl Archive for crate::image::squashfs::Squashfs {
-    fn next_entry(&mut self) -> Result<Option<Entry>> {
-        crate::image::squashfs::Squashfs::next_entry(self)
-    }
-
-    fn piece_size(&self) -> usize {
-        self.block_size()
-    }
-
-    fn piece(&mut self, offset: u64, len: usize, _buffer: Vec<u8>) -> Result<PieceData> {
-        crate::image::squashfs::Squashfs::piece(self, offset, len)
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        Ok(())
-    }
 }
 
 /// Unpacks every entry of `archive` below `root`. On error the tree is left half-written: the

@@ -25,6 +25,7 @@ use rustix::io::Errno;
 use super::fs::{apply_meta_fd, Born, Meta, XattrFailure};
 use super::path::RelPath;
 use crate::error::{Code, Error, Result};
+use crate::image::archive::PieceData;
 
 /// File content handed to a writer at a time (a multiple of the 4 KiB hole granularity).
 pub const CHUNK: usize = 1 << 20;
@@ -44,19 +45,12 @@ pub struct PendingFile {
     pub remaining: AtomicUsize,
 }
 
-/// Content for one offset of a file: bytes already read, or a deferred step that produces
-/// them on a writer thread (reading and decompressing a squashfs block in parallel).
-pub enum PieceData {
-    Bytes(Vec<u8>),
-    Deferred(Box<dyn FnOnce() -> Result<Vec<u8>> + Send>),
-}
-
-impl PieceData {
-    fn len_hint(&self) -> usize {
-        match self {
-            PieceData::Bytes(b) => b.len(),
-            PieceData::Deferred(_) => CHUNK / 4,
-        }
+/// The bytes a piece is expected to hold, for batching (a deferred squashfs block is
+/// usually compressed to about a quarter).
+fn len_hint(data: &PieceData) -> usize {
+    match data {
+        PieceData::Bytes(b) => b.len(),
+        PieceData::Deferred(_) => CHUNK / 4,
     }
 }
 
@@ -274,7 +268,7 @@ impl Writers {
     /// it holds a chunk's worth of bytes or `BATCH_PIECES` pieces (waiting while the queue is
     /// full).
     pub fn submit(&mut self, file: Arc<PendingFile>, offset: u64, data: PieceData) -> Result<()> {
-        self.batch_bytes += data.len_hint();
+        self.batch_bytes += len_hint(&data);
         self.batch.push(Piece { file, offset, data });
         if self.batch_bytes >= CHUNK || self.batch.len() >= BATCH_PIECES {
             self.flush()?;
