@@ -1,12 +1,8 @@
 //! What the unpacker reads an image through, whatever its format: entries in the order they
 //! are to be applied, and each file's content in pieces.
 
-use std::io::BufRead;
-
 use super::entry::Entry;
-use super::squashfs::Squashfs;
-use super::tar::TarReader;
-use crate::error::{Code, Error, Result};
+use crate::error::Result;
 
 /// The size of the pieces a tar member's content is handed over in.
 pub const TAR_PIECE: usize = 1 << 20;
@@ -29,53 +25,4 @@ pub trait Archive {
     fn piece(&mut self, offset: u64, len: usize, buffer: Vec<u8>) -> Result<PieceData>;
     /// Called after the last entry.
     fn finish(&mut self) -> Result<()>;
-}
-
-impl<R: BufRead> Archive for TarReader<R> {
-    fn next_entry(&mut self) -> Result<Option<Entry>> {
-        TarReader::next_entry(self)
-    }
-
-    fn piece_size(&self) -> usize {
-        TAR_PIECE
-    }
-
-    fn piece(&mut self, _offset: u64, len: usize, mut buffer: Vec<u8>) -> Result<PieceData> {
-        while buffer.len() < len {
-            let data = self.data()?;
-            if data.is_empty() {
-                return Err(Error::new(
-                    Code::ImageInvalid,
-                    "an entry's content ends early",
-                ));
-            }
-            let take = data.len().min(len - buffer.len());
-            buffer.extend_from_slice(&data[..take]);
-            self.consume(take);
-        }
-        Ok(PieceData::Bytes(buffer))
-    }
-
-    /// Drains the stream so that the decompressor verifies its checksum.
-    fn finish(&mut self) -> Result<()> {
-        TarReader::finish(self)
-    }
-}
-
-impl Archive for Squashfs {
-    fn next_entry(&mut self) -> Result<Option<Entry>> {
-        Squashfs::next_entry(self)
-    }
-
-    fn piece_size(&self) -> usize {
-        self.block_size()
-    }
-
-    fn piece(&mut self, offset: u64, len: usize, _buffer: Vec<u8>) -> Result<PieceData> {
-        Squashfs::piece(self, offset, len)
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        Ok(())
-    }
 }

@@ -18,7 +18,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::archive::PieceData;
+use super::archive::{Archive, PieceData};
 use super::entry::{Entry, Kind};
 use crate::error::{Code, Error, Result};
 
@@ -1012,5 +1012,22 @@ impl Squashfs {
                 .map(<[u8]>::to_vec)
                 .ok_or_else(|| invalid(format!("a file's tail lies outside fragment {fragment}")))
         })))
+    }
+}
+impl Archive for Squashfs {
+    fn next_entry(&mut self) -> Result<Option<Entry>> {
+        Squashfs::next_entry(self)
+    }
+
+    fn piece_size(&self) -> usize {
+        self.block_size()
+    }
+
+    fn piece(&mut self, offset: u64, len: usize, _buffer: Vec<u8>) -> Result<PieceData> {
+        Squashfs::piece(self, offset, len)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
     }
 }

@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, ErrorKind};
 
+use super::archive::{Archive, PieceData};
 use crate::error::{Code, Error, Result};
 
 const BLOCK: u64 = 512;
@@ -738,6 +739,37 @@ impl<R: BufRead> TarReader<R> {
             notes,
             offset: at,
         })
+    }
+}
+
+impl<R: BufRead> Archive for TarReader<R> {
+    fn next_entry(&mut self) -> Result<Option<Entry>> {
+        TarReader::next_entry(self)
+    }
+
+    fn piece_size(&self) -> usize {
+        super::archive::TAR_PIECE
+    }
+
+    fn piece(&mut self, _offset: u64, len: usize, mut buffer: Vec<u8>) -> Result<PieceData> {
+        while buffer.len() < len {
+            let data = self.data()?;
+            if data.is_empty() {
+                return Err(Error::new(
+                    Code::ImageInvalid,
+                    "an entry's content ends early",
+                ));
+            }
+            let take = data.len().min(len - buffer.len());
+            buffer.extend_from_slice(&data[..take]);
+            self.consume(take);
+        }
+        Ok(PieceData::Bytes(buffer))
+    }
+
+    /// Drains the stream so that the decompressor verifies its checksum.
+    fn finish(&mut self) -> Result<()> {
+        TarReader::finish(self)
     }
 }
 

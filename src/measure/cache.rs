@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Measurement, Tally};
 use crate::image::{Compression, Format};
-use crate::protocol::request::IdRange;
+use crate::unpack::idmap::IdRange;
 use crate::unpack::path::{normalize, RelPath};
 
 const MAX_RECORDS: usize = 64;

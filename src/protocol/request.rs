@@ -11,6 +11,7 @@ use reimage_driver::VolumeName;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+pub use crate::unpack::idmap::IdRange;
 pub use crate::unpack::UnsupportedMetadata;
 
 use super::size::Size;
@@ -53,16 +54,6 @@ pub enum Source {
         rootfs_prefix: Option<String>,
     },
     Empty,
-}
-
-/// One range of an id mapping: container ids `container..container+count` become host ids
-/// `host..host+count`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdRange {
-    pub host: u32,
-    pub container: u32,
-    pub count: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -2,7 +2,15 @@
 //! and the root id of file capabilities (v2 capabilities become v3 with the mapped root id, as
 //! the kernel itself does when a namespaced root writes them).
 
-use crate::protocol::request::IdRange;
+/// One range of an id mapping: container ids `container..container+count` become host ids
+/// `host..host+count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdRange {
+    pub host: u32,
+    pub container: u32,
+    pub count: u32,
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IdMap {

@@ -1,0 +1,59 @@
+//! `delete`: a volume and, as asked, its snapshots.
+
+use super::*;
+
+pub(super) fn delete(
+    mut ctx: Ctx<'_>,
+    volume: &VolumeName,
+    snapshots: SnapshotPolicy,
+) -> Result<Map<String, Value>> {
+    let mut vop = lock_volume(&mut ctx, volume)?;
+    let driver = vop.driver;
+    vop.recover_first()?;
+    let live = Slot::live(volume);
+    if driver.identity(live)?.is_none() {
+        return Err(Error::new(
+            Code::NotFound,
+            format!("volume {volume} does not exist"),
+        ));
+    }
+    vop.check_not_busy(live)?;
+    let existing = driver.snapshots(live)?;
+    if !existing.is_empty() && snapshots == SnapshotPolicy::Refuse {
+        return Err(Error::new(
+            Code::VolumeHasSnapshots,
+            format!(
+                "volume {volume} has snapshots ({}); pass \"snapshots\": \"delete\"",
+                existing.join(", ")
+            ),
+        )
+        .with("snapshots", existing));
+    }
+    let with_snapshots = snapshots == SnapshotPolicy::Delete;
+    if with_snapshots {
+        refuse_clones(driver, volume)?;
+    }
+    vop.intent(IntentOp::Delete, Phase::Deleting, with_snapshots)?;
+    vop.events.progress(EventPhase::Cleanup, 0, 1, "steps");
+    let deleted = (|| -> Result<()> {
+        fault::point("delete:journaled")?;
+        driver.rename(live, Slot::old(volume))?;
+        fault::point("delete:detached")?;
+        driver.destroy(Slot::old(volume), with_snapshots)?;
+        fault::point("delete:destroyed")
+    })();
+    if let Err(e) = deleted {
+        // Finish what can be finished: a volume moved aside is deleted, one still under its
+        // name stays.
+        return Err(vop.recover_after(e, IntentOp::Delete, Phase::Deleting, with_snapshots));
+    }
+    vop.journal.clear(volume)?;
+    driver.forget(volume)?;
+    vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+    let mut out = Map::new();
+    out.insert(
+        "volume".into(),
+        json!({"name": volume.as_str(), "exists": false}),
+    );
+    Ok(out)
+}

@@ -1,0 +1,262 @@
+//! The steps that fill a volume, shared by create, rebuild and refill: measure and plan,
+//! unpack with the plan's numbers, copy preserved paths, seal; and the results they report.
+
+use super::*;
+
+/// Measures the fill's content and plans its size and space against the pool (the steps
+/// create and rebuild share before anything changes); warns when `size` cannot be enforced.
+pub(super) fn measure_and_plan(
+    config: &Config,
+    vop: &mut VolumeOp<'_>,
+    fill: &Fill,
+    idmap: &IdMap,
+    current: Option<&reimage_driver::Usage>,
+    mode: Mode,
+    timings: &mut Timings,
+) -> Result<(Content, Plan)> {
+    let content = open_and_measure(config, vop.events, &fill.source, idmap, timings)?;
+    let tally = content.measurement().tally;
+    let need = Need {
+        bytes: tally.allocated_bytes,
+        inodes: tally.inodes,
+    };
+    let driver = vop.driver;
+    let plan = plan_fill(
+        driver.capabilities().size_model,
+        fill,
+        need,
+        current,
+        mode,
+        driver.pool_space()?,
+    )?;
+    if let (Some((provisioned, total)), Some(size)) = (plan.provisioned, plan.target_size) {
+        // The old volume's promise goes away in a rebuild; it is still counted here, as it
+        // stands until the swap.
+        if provisioned.saturating_add(size) > total {
+            vop.events.warning(
+                "overcommitted",
+                &format!(
+                    "the pool's volumes are promised {} bytes with this one, more than the {total} the pool has; writes fail when it fills up",
+                    provisioned.saturating_add(size)
+                ),
+            );
+        }
+    }
+    if plan.size_ignored {
+        vop.events.warning(
+            "size_ignored",
+            &format!(
+                "the {} driver cannot limit a volume's size on this pool; `size` is not enforced",
+                driver.name()
+            ),
+        );
+    }
+    Ok((content, plan))
+}
+
+/// Unpacks `content` into the open root of the volume being built.
+pub(super) fn unpack_into(
+    events: &mut Events,
+    root: &Mounted,
+    content: &Content,
+    idmap: &IdMap,
+    skip: &[RelPath],
+    metadata: UnsupportedMetadata,
+) -> Result<()> {
+    let Content::Image {
+        file, measurement, ..
+    } = content
+    else {
+        if !idmap.is_identity() {
+            let owner = idmap.map(0).unwrap_or(0);
+            rustix::fs::fchown(
+                root.root(),
+                Some(rustix::fs::Uid::from_raw(owner)),
+                Some(rustix::fs::Gid::from_raw(owner)),
+            )
+            .map_err(|e| {
+                Error::new(
+                    Code::DriverError,
+                    format!("chown of the new volume's root: {e}"),
+                )
+            })?;
+        }
+        return Ok(());
+    };
+    let options = unpack::Options {
+        prefix: measurement.rootfs_prefix.clone(),
+        idmap: idmap.clone(),
+        skip: skip.to_vec(),
+        expected_bytes: Some(measurement.tally.unpacked_bytes),
+        unsupported_metadata: metadata,
+    };
+    let total = measurement.tally.unpacked_bytes;
+    events.progress(EventPhase::Unpack, 0, total, "bytes");
+    match measurement.format {
+        Format::Tar => {
+            let (stream, _) = image::open_stream(file, measurement.compression)?;
+            let mut reader = image::tar::TarReader::new(stream);
+            let mut observer = UnpackObserver { events, total };
+            unpack::unpack(&mut reader, root.root(), &options, &mut observer)?;
+        }
+        Format::Squashfs => {
+            let mut image = image::squashfs::Squashfs::open(file)?;
+            let mut observer = UnpackObserver { events, total };
+            unpack::unpack(&mut image, root.root(), &options, &mut observer)?;
+            for socket in &image.skipped_sockets {
+                events.warning("socket_skipped", &format!("{socket} is a socket; sockets belong to running programs and are not unpacked"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A full volume, with the numbers that explain it: its size, what measure expected, and
+/// what the filesystem had left in bytes and inodes when it refused.
+pub(super) fn with_fill_numbers(
+    driver: &dyn Driver,
+    err: Error,
+    root: &Mounted,
+    content: &Content,
+    size: Option<u64>,
+) -> Error {
+    if !matches!(err.code, Code::InsufficientSpace | Code::QuotaExceeded) {
+        return err;
+    }
+    let mut err = err;
+    if err.code == Code::InsufficientSpace && driver.capabilities().limit_reads_as_full {
+        // The volume is full but the pool is not: that is the volume's limit.
+        if driver.pool_space().is_ok_and(|s| s.available > 1 << 20) {
+            err.code = Code::QuotaExceeded;
+            err.message = format!(
+                "{} — the volume's quota is exhausted (this filesystem reports it as a full disk)",
+                err.message
+            );
+        }
+    }
+    let mut err = err
+        .with("volume_size", size)
+        .with("measured", content.measurement().tally.allocated_bytes);
+    if let Ok(st) = rustix::fs::fstatvfs(root.root()) {
+        err = err
+            .with("free_bytes", st.f_bavail.saturating_mul(st.f_frsize))
+            .with("free_inodes", st.f_favail);
+    }
+    err
+}
+
+pub(super) fn copy_preserved(
+    events: &mut Events,
+    old: &Mounted,
+    new: &Mounted,
+    keep: &[RelPath],
+    metadata: UnsupportedMetadata,
+) -> Result<()> {
+    events.progress(EventPhase::Preserve, 0, keep.len() as u64, "paths");
+    let mut missing = Vec::new();
+    preserve::preserve(
+        old.root(),
+        new.root(),
+        keep,
+        &mut |p| missing.push(p.shown()),
+        &mut |path, failure| match metadata {
+            UnsupportedMetadata::Fail => Err(unpack::unsupported_metadata(path, failure)),
+            UnsupportedMetadata::Warn => {
+                events.warning(
+                    "xattr_failed",
+                    &format!(
+                        "could not set xattr {} on {}: {}",
+                        failure.name,
+                        path.shown(),
+                        std::io::Error::from(failure.errno)
+                    ),
+                );
+                Ok(())
+            }
+        },
+    )?;
+    for p in missing {
+        events.warning(
+            "preserve_missing",
+            &format!("{p} does not exist in the old volume; nothing to preserve"),
+        );
+    }
+    events.progress(
+        EventPhase::Preserve,
+        keep.len() as u64,
+        keep.len() as u64,
+        "paths",
+    );
+    Ok(())
+}
+
+/// Syncs and closes the volume being built in `slot`, and returns its identity.
+pub(super) fn seal(
+    driver: &dyn Driver,
+    events: &mut Events,
+    root: Mounted,
+    slot: Slot<'_>,
+    timings: &mut Timings,
+) -> Result<String> {
+    events.progress(EventPhase::Sync, 0, 1, "steps");
+    timings.time("sync", || driver.sync(slot, root.root()))?;
+    root.release()?;
+    events.progress(EventPhase::Sync, 1, 1, "steps");
+    cancelled_check()?;
+    driver
+        .identity(slot)?
+        .ok_or_else(|| Error::internal(format!("{slot} vanished before it was committed")))
+}
+
+pub(super) fn fill_result(
+    driver: &dyn Driver,
+    volume: &VolumeName,
+    content: &Content,
+    timings: &Timings,
+) -> Result<Map<String, Value>> {
+    let mut out = Map::new();
+    out.insert("volume".into(), volume_json_with(driver, volume, false)?);
+    out.insert("image".into(), content.to_json());
+    out.insert("timings_ms".into(), timings.to_json());
+    Ok(out)
+}
+
+pub(super) fn dry_run_result(
+    plan: &Plan,
+    content: &Content,
+    steps: &[&str],
+    pending: bool,
+) -> Map<String, Value> {
+    let mut out = Map::new();
+    out.insert("dry_run".into(), true.into());
+    let mut p = plan.to_json(steps);
+    p["pending_recovery"] = pending.into();
+    out.insert("plan".into(), p);
+    out.insert("image".into(), content.to_json());
+    out
+}
+
+/// The volume as results describe it. `with_usage` false leaves `used` and `inodes` null for
+/// drivers that would have to walk the whole tree to know them.
+pub(super) fn volume_json(driver: &dyn Driver, volume: &VolumeName) -> Result<Value> {
+    volume_json_with(driver, volume, true)
+}
+
+pub(super) fn volume_json_with(
+    driver: &dyn Driver,
+    volume: &VolumeName,
+    with_usage: bool,
+) -> Result<Value> {
+    let usage = (with_usage || driver.capabilities().cheap_usage)
+        .then(|| driver.usage(Slot::live(volume)))
+        .transpose()?;
+    let snapshots = driver.snapshots(Slot::live(volume))?;
+    Ok(json!({
+        "name": volume.as_str(),
+        "exists": true,
+        "size": usage.as_ref().and_then(|u| u.size),
+        "used": usage.as_ref().map(|u| u.used),
+        "inodes": usage.as_ref().and_then(|u| u.inodes),
+        "snapshots": snapshots,
+    }))
+}

@@ -1,0 +1,126 @@
+//! The operations: each takes a parsed request, plans it (measure, size, space) before it
+//! changes anything, then carries the plan out step by step, journaling before every
+//! destructive step and rolling back on failure.
+//!
+//! Flow, with no step going back to an earlier one: lock → recover what a crash left →
+//! check → measure → plan → (dry run stops here) → build in a temporary slot → commit under
+//! the volume's name → clean up → result.
+
+mod content;
+mod create;
+mod delete;
+mod fill;
+mod inspect;
+mod measure;
+mod rebuild;
+mod recover;
+mod refill;
+mod resize;
+mod timings;
+mod volume_op;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use reimage_driver::{tree, Driver, KeepSnapshots, Mounted, Slot, SlotKind, Usage, VolumeName};
+use serde_json::{json, Map, Value};
+
+use crate::config::{Config, Pool};
+use crate::error::{Code, Error, Result};
+use crate::image::{self, Format};
+use crate::journal::{Intent, IntentOp, Journal, Phase};
+use crate::lock::VolumeLock;
+use crate::measure::{cache, measure_squashfs, measure_tar, Measurement};
+use crate::plan::{plan_fill, Need, Plan};
+use crate::protocol::events::{Events, Phase as EventPhase};
+use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source, UnsupportedMetadata};
+use crate::recover::{recover_orphans, recover_volume, Outcome};
+use crate::unpack::idmap::IdMap;
+use crate::unpack::path::{normalize, RelPath};
+use crate::unpack::{self, Observer};
+use crate::{fault, preserve, signals};
+
+use content::*;
+use create::*;
+use delete::*;
+use fill::*;
+use inspect::*;
+use measure::*;
+use rebuild::*;
+use recover::*;
+use refill::*;
+use resize::*;
+use timings::*;
+use volume_op::*;
+
+/// Everything an operation works with.
+pub struct Ctx<'a> {
+    pub config: &'a Config,
+    pub pool: Option<&'a Pool>,
+    pub driver: Option<&'a dyn Driver>,
+    pub events: &'a mut Events,
+}
+
+pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
+    if let Some(driver) = ctx.driver {
+        for (code, message) in driver.warnings() {
+            ctx.events.warning(code, &message);
+        }
+    }
+    match op {
+        Op::Measure { source } => measure(ctx, source),
+        Op::Recover { volume, .. } => recover(ctx, volume.as_ref()),
+        Op::Inspect { volume, .. } => inspect(ctx, volume),
+        Op::Create { volume, fill, .. } => create(ctx, volume, fill),
+        Op::Rebuild {
+            volume,
+            fill,
+            snapshots,
+            mode,
+            preserve,
+            ..
+        } => rebuild(ctx, volume, fill, *snapshots, *mode, preserve),
+        Op::Delete {
+            volume, snapshots, ..
+        } => delete(ctx, volume, *snapshots),
+        Op::Resize { volume, size, .. } => resize(ctx, volume, *size),
+    }
+}
+
+fn needs<'a>(ctx: &Ctx<'a>) -> Result<(&'a Pool, &'a dyn Driver)> {
+    match (ctx.pool, ctx.driver) {
+        (Some(p), Some(d)) => Ok((p, d)),
+        _ => Err(Error::internal("this op needs a pool")),
+    }
+}
+
+fn lock_volume<'a>(ctx: &'a mut Ctx<'_>, volume: &'a VolumeName) -> Result<VolumeOp<'a>> {
+    let (pool, driver) = needs(ctx)?;
+    let lock = VolumeLock::acquire(&ctx.config.state_dir, &pool.name, volume.as_str())?;
+    Ok(VolumeOp {
+        driver,
+        journal: Journal::new(&ctx.config.state_dir, &pool.name),
+        volume,
+        events: ctx.events,
+        _lock: lock,
+    })
+}
+
+fn cancelled_check() -> Result<()> {
+    if signals::cancelled() {
+        return Err(Error::new(
+            Code::Interrupted,
+            "interrupted by a signal; nothing was changed",
+        ));
+    }
+    Ok(())
+}
+
+/// `err`, saying that recovery failed too and is left to `recover`.
+fn recovery_pending(err: Error, again: &Error) -> Error {
+    err.with(
+        "recovery",
+        format!("pending: {}; run recover", again.message),
+    )
+}

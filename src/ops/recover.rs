@@ -1,0 +1,38 @@
+//! `recover`: finishes or rolls back what interrupted requests left, for a pool or a volume.
+
+use super::*;
+
+pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map<String, Value>> {
+    let (pool, driver) = needs(&ctx)?;
+    let journal = Journal::new(&ctx.config.state_dir, &pool.name);
+    let mut volumes: Vec<VolumeName> = match only {
+        Some(v) => vec![v.clone()],
+        None => {
+            let mut v = journal.volumes()?;
+            v.extend(driver.leftovers()?.into_iter().map(|(name, _)| name));
+            v
+        }
+    };
+    volumes.sort();
+    volumes.dedup();
+    let mut recovered = Vec::new();
+    for volume in &volumes {
+        let mut vop = match lock_volume(&mut ctx, volume) {
+            Ok(v) => v,
+            Err(e) if e.code == Code::Locked => {
+                ctx.events.warning(
+                    "locked",
+                    &format!("volume {volume} is in use by a running request; skipped"),
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(outcome) = vop.recover_first()? {
+            recovered.push(outcome.to_json());
+        }
+    }
+    let mut out = Map::new();
+    out.insert("recovered".into(), Value::Array(recovered));
+    Ok(out)
+}

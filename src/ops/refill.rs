@@ -1,0 +1,94 @@
+//! A rebuild that keeps snapshots living inside the volume: refilled in place under a guard
+//! snapshot.
+
+use super::*;
+
+/// A rebuild that keeps snapshots living inside the volume ([`KeepSnapshots::Refill`]): the
+/// volume is emptied and refilled where it is, after a guard snapshot of its old content was
+/// taken. Any failure before the new content is synced, and any crash (through `recover`),
+/// rolls the volume back to the guard, and its size back to what it was; success drops the
+/// guard. Existing snapshots are never touched.
+pub(super) fn refill_in_place(
+    vop: &mut VolumeOp<'_>,
+    content: &Content,
+    plan: &Plan,
+    current: &Usage,
+    fill: &Fill,
+    keep: &[RelPath],
+    timings: &mut Timings,
+) -> Result<()> {
+    let idmap = &IdMap::new(fill.idmap.clone());
+    let metadata = fill.unsupported_metadata;
+    let (driver, volume) = (vop.driver, vop.volume);
+    let live = Slot::live(volume);
+    let op = IntentOp::RebuildRefill;
+    let counts_snapshots = driver.capabilities().size_counts_snapshots;
+    let refilling = Phase::Refilling {
+        size_before: current.size,
+    };
+    vop.intent(op, refilling.clone(), false)?;
+    let built = (|| -> Result<()> {
+        fault::point("refill:journaled")?;
+        vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+        driver.set_guard(live)?;
+        fault::point("refill:guarded")?;
+        if let Some(target) = plan.target_size {
+            // A limit that counts snapshots must also hold the old content the guard keeps.
+            let during = if counts_snapshots {
+                target.saturating_add(current.used)
+            } else {
+                target
+            };
+            if Some(during) != current.size {
+                driver.set_size(live, during)?;
+            }
+        }
+        if let Some(bytes) = fault::quota_override() {
+            driver.set_size(live, bytes)?;
+        }
+        let root = driver.open_root(live)?;
+        timings.time("prepare", || {
+            tree::empty(root.root(), &live.to_string()).map_err(Error::from)
+        })?;
+        fault::point("refill:emptied")?;
+        vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
+        let events = &mut *vop.events;
+        timings.time("unpack", || {
+            unpack_into(events, &root, content, idmap, &[], metadata)
+                .map_err(|e| with_fill_numbers(driver, e, &root, content, plan.target_size))
+        })?;
+        fault::point("refill:unpacked")?;
+        if !keep.is_empty() {
+            let old = driver.open_guard(live)?;
+            let events = &mut *vop.events;
+            timings.time("preserve", || {
+                copy_preserved(events, &old, &root, keep, metadata)
+            })?;
+            old.release()?;
+        }
+        seal(driver, vop.events, root, live, timings)?;
+        fault::point("refill:synced")
+    })();
+    if let Err(e) = built {
+        return Err(vop.recover_after(e, op, refilling, false));
+    }
+    vop.intent(op, Phase::Refilled, false)?;
+    fault::point("refill:committed")?;
+    let cleaned = timings.time("cleanup", || -> Result<()> {
+        driver.drop_guard(live)?;
+        if let (true, Some(target)) = (counts_snapshots, plan.target_size) {
+            let used = driver.usage(live)?.used;
+            driver.set_size(live, target.max(used))?;
+        }
+        Ok(())
+    });
+    match cleaned {
+        Ok(()) => vop.journal.clear(volume)?,
+        Err(e) => vop.events.warning(
+            "cleanup_pending",
+            &format!("the volume holds the new content but its guard snapshot could not be removed yet ({}); the next request or `recover` removes it", e.message),
+        ),
+    }
+    vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! `resize`: a volume's size limit, grown or (where the driver can) shrunk.
+
+use super::*;
+
+pub(super) fn resize(
+    mut ctx: Ctx<'_>,
+    volume: &VolumeName,
+    size: u64,
+) -> Result<Map<String, Value>> {
+    let mut vop = lock_volume(&mut ctx, volume)?;
+    let driver = vop.driver;
+    vop.recover_first()?;
+    let live = Slot::live(volume);
+    if driver.identity(live)?.is_none() {
+        return Err(Error::new(
+            Code::NotFound,
+            format!("volume {volume} does not exist"),
+        ));
+    }
+    let caps = driver.capabilities();
+    let usage = driver.usage(live)?;
+    match caps.size_model {
+        reimage_driver::SizeModel::Unlimited => {
+            vop.events.warning(
+                "size_ignored",
+                &format!(
+                    "the {} driver cannot limit a volume's size on this pool; nothing to resize",
+                    driver.name()
+                ),
+            );
+        }
+        model => {
+            let current = usage.size.unwrap_or(0);
+            if size < current && !caps.shrink {
+                return Err(Error::new(
+                    Code::Unsupported,
+                    format!(
+                        "the {} driver cannot shrink volume {volume} ({current} → {size} bytes)",
+                        driver.name()
+                    ),
+                ));
+            }
+            if size < usage.used {
+                return Err(Error::new(
+                    Code::InsufficientSpace,
+                    format!(
+                        "volume {volume} uses {} bytes, more than the requested size {size}",
+                        usage.used
+                    ),
+                )
+                .with("used", usage.used)
+                .with("size", size));
+            }
+            if model == reimage_driver::SizeModel::Allocated && size > current {
+                let available = driver.pool_space()?.available;
+                if size - current > available {
+                    return Err(Error::new(
+                        Code::InsufficientSpace,
+                        format!("growing {volume} by {} bytes needs more than the pool's {available} free", size - current),
+                    )
+                    .with("needed", size - current)
+                    .with("available", available));
+                }
+            }
+            driver.set_size(live, size)?;
+        }
+    }
+    let mut out = Map::new();
+    out.insert("volume".into(), volume_json(driver, volume)?);
+    Ok(out)
+}

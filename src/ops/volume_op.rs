@@ -1,0 +1,159 @@
+//! One volume's operation context: its driver, journal and lock, and the journaled steps
+//! every operation shares (intents, recovery after a failed step, the commit that swaps a
+//! complete new volume in).
+
+use super::*;
+
+/// One volume's operation context: driver, journal and the held lock.
+pub(super) struct VolumeOp<'a> {
+    pub(super) driver: &'a dyn Driver,
+    pub(super) journal: Journal,
+    pub(super) volume: &'a VolumeName,
+    pub(super) events: &'a mut Events,
+    pub(super) _lock: VolumeLock,
+}
+
+impl VolumeOp<'_> {
+    pub(super) fn intent(&self, op: IntentOp, phase: Phase, with_snapshots: bool) -> Result<()> {
+        self.journal.write(
+            self.volume,
+            &Intent {
+                op,
+                phase,
+                with_snapshots,
+                pid: std::process::id(),
+            },
+        )
+    }
+
+    /// Finishes or rolls back what an earlier, interrupted request left for this volume.
+    pub(super) fn recover_first(&mut self) -> Result<Option<Outcome>> {
+        let outcome = match self.journal.read(self.volume)? {
+            Some(intent) => Some(recover_volume(
+                self.driver,
+                &self.journal,
+                self.volume,
+                &intent,
+            )?),
+            None => recover_orphans(self.driver, self.volume)?,
+        };
+        if let Some(o) = &outcome {
+            self.events.warning("recovered", &o.describe());
+        }
+        Ok(outcome)
+    }
+
+    /// Finishes or rolls back from `phase` at once, as `recover` would after a crash there.
+    pub(super) fn try_recover(
+        &self,
+        op: IntentOp,
+        phase: Phase,
+        with_snapshots: bool,
+    ) -> Result<()> {
+        let intent = Intent {
+            op,
+            phase,
+            with_snapshots,
+            pid: std::process::id(),
+        };
+        recover_volume(self.driver, &self.journal, self.volume, &intent).map(|_| ())
+    }
+
+    /// After a failed step: recovers from `phase` and returns `err`, noting when even that
+    /// failed (the journal then stays for `recover`).
+    pub(super) fn recover_after(
+        &self,
+        err: Error,
+        op: IntentOp,
+        phase: Phase,
+        with_snapshots: bool,
+    ) -> Error {
+        match self.try_recover(op, phase, with_snapshots) {
+            Ok(()) => err,
+            Err(again) => recovery_pending(err, &again),
+        }
+    }
+
+    /// Destroys the `New` slot after a failure and clears the journal; if that fails too the
+    /// journal stays so that the next request finishes the job, and the error says so.
+    pub(super) fn roll_back_new(&mut self, err: Error) -> Error {
+        let undone = self
+            .driver
+            .destroy(Slot::new(self.volume), false)
+            .map_err(Error::from)
+            .and_then(|()| self.journal.clear(self.volume));
+        match undone {
+            Ok(()) => err,
+            Err(e) => recovery_pending(err, &e).context("rolled back only partly"),
+        }
+    }
+
+    pub(super) fn check_not_busy(&self, slot: Slot<'_>) -> Result<()> {
+        if let Some(holder) = self.driver.busy(slot)? {
+            return Err(Error::new(
+                Code::VolumeBusy,
+                format!("{slot} is in use ({holder}); stop what uses it first"),
+            )
+            .with("holder", holder));
+        }
+        Ok(())
+    }
+
+    /// Commits the complete new volume (identity `new_id`) under the volume's name.
+    pub(super) fn commit(
+        &mut self,
+        op: IntentOp,
+        new_id: String,
+        with_snapshots: bool,
+        timings: &mut Timings,
+    ) -> Result<()> {
+        self.intent(
+            op,
+            Phase::Committing {
+                new_id: new_id.clone(),
+            },
+            with_snapshots,
+        )?;
+        fault::point("commit:journaled")?;
+        let (driver, volume) = (self.driver, self.volume);
+        let swapped = timings.time("swap", || -> Result<()> {
+            let live_exists = driver.identity(Slot::live(volume))?.is_some();
+            if !live_exists {
+                driver.rename(Slot::new(volume), Slot::live(volume))?;
+            } else if driver.capabilities().exchange {
+                driver.exchange(Slot::live(volume), Slot::new(volume))?;
+            } else {
+                driver.rename(Slot::live(volume), Slot::old(volume))?;
+                driver.rename(Slot::new(volume), Slot::live(volume))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = swapped {
+            // The new volume is complete: finishing the swap is the recovery.
+            return self
+                .try_recover(op, Phase::Committing { new_id }, with_snapshots)
+                .map_err(|again| recovery_pending(e, &again));
+        }
+        fault::point("commit:swapped")?;
+        self.events.progress(EventPhase::Swap, 1, 1, "steps");
+        let cleaned = timings.time("cleanup", || -> Result<()> {
+            let [_, new, old] = driver.identities(volume)?;
+            for (kind, id) in [(SlotKind::New, new), (SlotKind::Old, old)] {
+                if id.is_some_and(|id| id != new_id) {
+                    driver.destroy(Slot { volume, kind }, with_snapshots)?;
+                }
+            }
+            Ok(())
+        });
+        let cleaned = cleaned.and_then(|()| fault::point("commit:cleaned"));
+        match cleaned {
+            Ok(()) => self.journal.clear(volume)?,
+            Err(e) => self.events.warning(
+                "cleanup_pending",
+                &format!("the new volume is in place but the old content could not be removed yet ({}); the next request or `recover` removes it", e.message),
+            ),
+        }
+        self.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+        Ok(())
+    }
+}
