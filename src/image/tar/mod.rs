@@ -26,10 +26,14 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, ErrorKind};
 
+mod header;
+
+use header::{Header, SparseExtension, EXT_SPARSE_PAIRS, GNU_SPARSE_PAIRS};
+
 use super::archive::{Archive, PieceData};
 use crate::error::{Code, Error, Result};
 
-const BLOCK: u64 = 512;
+const BLOCK: u64 = header::BLOCK as u64;
 
 /// The largest size a member may claim: GNU tar's `off_t` range. Larger sizes are refused,
 /// which also keeps every size-plus-padding sum below `u64::MAX`.
@@ -60,24 +64,14 @@ pub fn looks_like_tar(block: &[u8]) -> bool {
     if block.len() < BLOCK as usize {
         return false;
     }
-    if &block[257..262] == b"ustar" {
+    let h = Header(block);
+    if h.is_ustar() {
         return true;
     }
-    let Ok(stored) = parse_octal(&block[148..156]) else {
+    let Ok(stored) = parse_octal(h.checksum()) else {
         return false;
     };
-    checksum_matches(block, stored) && block[0] != 0
-}
-
-fn checksum_matches(block: &[u8], stored: u64) -> bool {
-    let mut unsigned: u64 = 0;
-    let mut signed: i64 = 0;
-    for (i, &b) in block[..BLOCK as usize].iter().enumerate() {
-        let b = if (148..156).contains(&i) { b' ' } else { b };
-        unsigned += u64::from(b);
-        signed += i64::from(b as i8);
-    }
-    stored == unsigned || stored as i64 == signed
+    h.checksum_matches(stored) && h.name()[0] != 0
 }
 
 fn parse_octal(field: &[u8]) -> std::result::Result<u64, ()> {
@@ -347,16 +341,17 @@ impl<R: BufRead> TarReader<R> {
                 self.ended = true;
                 return Ok(None);
             }
+            let h = Header(&block);
             let stored =
-                parse_octal(&block[148..156]).map_err(|_| invalid(at, "unreadable checksum"))?;
-            if !checksum_matches(&block, stored) {
+                parse_octal(h.checksum()).map_err(|_| invalid(at, "unreadable checksum"))?;
+            if !h.checksum_matches(stored) {
                 return Err(invalid(
                     at,
                     "checksum mismatch (corrupt or not a tar archive)",
                 ));
             }
             let size = header_size(&block, at)?;
-            let typeflag = block[156];
+            let typeflag = h.typeflag();
             if !matches!(typeflag, b'g' | b'V') {
                 first_header.get_or_insert(at);
             }
@@ -438,7 +433,7 @@ impl<R: BufRead> TarReader<R> {
         if let Some(construction) = &pending.ambiguous {
             return Err(ambiguous(at, construction));
         }
-        let ustar_posix = &block[257..263] == b"ustar\0";
+        let h = Header(block);
         for key in ["path", "linkpath"] {
             if pending.pax.get(key).is_some_and(|v| v.is_empty()) {
                 return Err(ambiguous(at, format!("an empty PAX {key}")));
@@ -450,9 +445,9 @@ impl<R: BufRead> TarReader<R> {
         } else if let Some(p) = pending.long_name.clone() {
             p
         } else {
-            let name = field_str(&block[0..100]);
-            if ustar_posix && block[345] != 0 {
-                let mut full = field_str(&block[345..500]).to_vec();
+            let name = field_str(h.name());
+            if h.is_posix_ustar() && h.prefix()[0] != 0 {
+                let mut full = field_str(h.prefix()).to_vec();
                 full.push(b'/');
                 full.extend_from_slice(name);
                 full
@@ -465,7 +460,7 @@ impl<R: BufRead> TarReader<R> {
         } else if let Some(l) = pending.long_link.clone() {
             l
         } else {
-            field_str(&block[157..257]).to_vec()
+            field_str(h.linkname()).to_vec()
         };
         let kind = match typeflag {
             b'0' | 0 | b'7' if path.ends_with(b"/") => Kind::Dir,
@@ -487,11 +482,10 @@ impl<R: BufRead> TarReader<R> {
                 ))
             }
         };
-        let number = |key: &str, field: std::ops::Range<usize>, what: &str| -> Result<i128> {
+        let number = |key: &str, field: &[u8], what: &str| -> Result<i128> {
             match record(key) {
                 Some(text) => pax_number(text, key, at),
-                None => parse_number(&block[field])
-                    .map_err(|_| invalid(at, format!("unreadable {what}"))),
+                None => parse_number(field).map_err(|_| invalid(at, format!("unreadable {what}"))),
             }
         };
         let id = |value: i128, what: &str| -> Result<u32> {
@@ -500,15 +494,14 @@ impl<R: BufRead> TarReader<R> {
                 .filter(|&v| v != u32::MAX)
                 .ok_or_else(|| invalid(at, format!("{what} {value} is not a valid id")))
         };
-        let uid = id(number("uid", 108..116, "uid")?, "uid")?;
-        let gid = id(number("gid", 116..124, "gid")?, "gid")?;
-        let mode = parse_number(&block[100..108]).map_err(|_| invalid(at, "unreadable mode"))?;
+        let uid = id(number("uid", h.uid(), "uid")?, "uid")?;
+        let gid = id(number("gid", h.gid(), "gid")?, "gid")?;
+        let mode = parse_number(h.mode()).map_err(|_| invalid(at, "unreadable mode"))?;
         let mode = (mode & 0o7777) as u32;
         let mtime = match record("mtime") {
             Some(text) => pax_time(text, at)?,
             None => {
-                let secs =
-                    parse_number(&block[136..148]).map_err(|_| invalid(at, "unreadable mtime"))?;
+                let secs = parse_number(h.mtime()).map_err(|_| invalid(at, "unreadable mtime"))?;
                 (
                     i64::try_from(secs).map_err(|_| invalid(at, "mtime out of range"))?,
                     0,
@@ -538,19 +531,20 @@ impl<R: BufRead> TarReader<R> {
             ));
         }
         let size = if carries_data { size } else { 0 };
-        let device = |key: &str, field: std::ops::Range<usize>| -> Result<u32> {
+        let device = |key: &str, field: &[u8]| -> Result<u32> {
             let v = number(key, field, "device number")?;
             u32::try_from(v).map_err(|_| invalid(at, "device number out of range"))
         };
         let (dev_major, dev_minor) = if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
             // GNU tar 1.34 ignores these records and bsdtar uses them: they must agree with
             // the header's fields.
-            let major = device("SCHILY.devmajor", 329..337)?;
-            let minor = device("SCHILY.devminor", 337..345)?;
-            let field = |range: std::ops::Range<usize>| parse_number(&block[range]).ok();
-            if (record("SCHILY.devmajor").is_some() && field(329..337) != Some(i128::from(major)))
+            let major = device("SCHILY.devmajor", h.devmajor())?;
+            let minor = device("SCHILY.devminor", h.devminor())?;
+            let field = |field: &[u8]| parse_number(field).ok();
+            if (record("SCHILY.devmajor").is_some()
+                && field(h.devmajor()) != Some(i128::from(major)))
                 || (record("SCHILY.devminor").is_some()
-                    && field(337..345) != Some(i128::from(minor)))
+                    && field(h.devminor()) != Some(i128::from(minor)))
             {
                 return Err(ambiguous(
                     at,
@@ -650,24 +644,29 @@ impl<R: BufRead> TarReader<R> {
                 (b'S', _) => {
                     let number =
                         |f: &[u8]| parse_number(f).ok().and_then(|v| u64::try_from(v).ok());
-                    let mut map =
-                        super::sparse::parse_gnu_entries(&block[386..482], 4, at, number)?;
-                    real_size = number(&block[483..495])
+                    let mut map = super::sparse::parse_gnu_entries(
+                        h.gnu_sparse(),
+                        GNU_SPARSE_PAIRS,
+                        at,
+                        number,
+                    )?;
+                    real_size = number(h.gnu_real_size())
                         .ok_or_else(|| invalid(at, "unreadable sparse real size"))?;
-                    let mut extended = block[482] != 0;
+                    let mut extended = h.gnu_is_extended();
                     while extended {
-                        let mut ext = [0u8; BLOCK as usize];
-                        self.read_exact(&mut ext)?;
+                        let mut block = [0u8; BLOCK as usize];
+                        self.read_exact(&mut block)?;
+                        let ext = SparseExtension(&block);
                         map.extend(super::sparse::parse_gnu_entries(
-                            &ext[..504],
-                            21,
+                            ext.pairs(),
+                            EXT_SPARSE_PAIRS,
                             at,
                             number,
                         )?);
                         if map.len() > super::sparse::MAX_SEGMENTS {
                             return Err(invalid(at, "too many sparse segments"));
                         }
-                        extended = ext[504] != 0;
+                        extended = ext.is_extended();
                     }
                     Some(map)
                 }
@@ -778,7 +777,7 @@ fn padding_of(size: u64) -> u64 {
 }
 
 fn header_size(block: &[u8; 512], at: u64) -> Result<u64> {
-    let size = parse_number(&block[124..136]).map_err(|_| invalid(at, "unreadable size"))?;
+    let size = parse_number(Header(block).size()).map_err(|_| invalid(at, "unreadable size"))?;
     let size = u64::try_from(size).map_err(|_| invalid(at, format!("negative size {size}")))?;
     if size > MAX_SIZE {
         return Err(invalid(
