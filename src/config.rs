@@ -13,6 +13,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use reimage_driver::VolumeName;
+use reimage_driver_lvm::Fs;
+use reimage_driver_zfs::QuotaProperty;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use serde::Deserialize;
 
@@ -20,6 +22,9 @@ use crate::error::{Code, Error, Result};
 
 pub const DEFAULT_CONFIG: &str = "/etc/reimage/config.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/reimage";
+/// Where block- and dataset-backed volumes are mounted while reimage fills them, unless the
+/// pool's `mount_dir` says otherwise.
+pub const DEFAULT_MOUNT_DIR: &str = "/run/reimage/mnt";
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,21 +56,46 @@ impl DriverKind {
     }
 }
 
-/// One pool as the config defines it; which fields are set depends on the driver.
+/// One pool as the config defines it, validated once: its name and its driver's section.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pool {
     pub name: String,
-    pub driver: DriverKind,
-    pub path: Option<PathBuf>,
-    pub dataset: Option<String>,
-    pub vg: Option<String>,
-    pub thin_pool: Option<String>,
-    pub fs: Option<String>,
-    pub mount_dir: Option<PathBuf>,
-    pub quota: bool,
-    /// zfs: the property that limits a volume, `refquota` (the default: snapshots do not eat
-    /// the volume's space) or `quota` (snapshots count).
-    pub quota_property: Option<String>,
+    pub spec: PoolSpec,
+}
+
+/// A pool's driver and everything that driver needs, each field checked when the config
+/// was loaded. A new driver is one more variant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PoolSpec {
+    /// Each volume a directory in `path`; `quota`: a project quota per volume.
+    Dir { path: PathBuf, quota: bool },
+    /// Each volume a subvolume in `path`; `quota`: qgroup limits.
+    Btrfs { path: PathBuf, quota: bool },
+    /// Each volume a dataset below `dataset`, limited by `quota_property`, mounted in
+    /// `mount_dir` while it is filled.
+    Zfs {
+        dataset: String,
+        quota_property: QuotaProperty,
+        mount_dir: PathBuf,
+    },
+    /// Each volume an LV in `vg` (thin in `thin_pool` when set) holding `fs`.
+    Lvm {
+        vg: String,
+        thin_pool: Option<String>,
+        fs: Fs,
+        mount_dir: PathBuf,
+    },
+}
+
+impl Pool {
+    pub fn driver(&self) -> DriverKind {
+        match self.spec {
+            PoolSpec::Dir { .. } => DriverKind::Dir,
+            PoolSpec::Btrfs { .. } => DriverKind::Btrfs,
+            PoolSpec::Zfs { .. } => DriverKind::Zfs,
+            PoolSpec::Lvm { .. } => DriverKind::Lvm,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -107,58 +137,6 @@ struct WirePool {
 
 fn invalid(message: impl Into<String>) -> Error {
     Error::new(Code::ConfigInvalid, message)
-}
-
-/// The longest parent dataset name: a zfs name has at most 255 bytes, and reimage adds
-/// `/.reimage-new.` (14), a volume name (64) and `@reimage-guard` (14).
-const MAX_PARENT_DATASET: usize = 255 - 14 - 64 - 14;
-
-/// A zfs dataset name as the config may give it: components of letters, digits and `_-:.`,
-/// joined by `/`, starting with a letter (as pool names do), no empty component, no `.`/`..`.
-fn check_dataset_name(pool: &str, dataset: &str) -> Result<()> {
-    let bad = |why: &str| {
-        Err(invalid(format!(
-            "pools.{pool}.dataset {dataset:?} {why} (e.g. \"tank/reimage\")"
-        )))
-    };
-    if dataset.len() > MAX_PARENT_DATASET {
-        return bad(&format!("is longer than {MAX_PARENT_DATASET} bytes"));
-    }
-    if !dataset.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        return bad("must start with a letter");
-    }
-    for component in dataset.split('/') {
-        if component.is_empty() || component == "." || component == ".." {
-            return bad("has an empty, '.' or '..' component");
-        }
-        if let Some(c) = component
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')))
-        {
-            return bad(&format!("contains {c:?}"));
-        }
-    }
-    Ok(())
-}
-
-/// A volume group or LV name as LVM allows it: letters, digits and `+_.-`, not starting
-/// with `-`, not `.` or `..`, at most 127 bytes.
-fn check_lvm_name(pool: &str, what: &str, value: &str) -> Result<()> {
-    let ok = !value.is_empty()
-        && value.len() <= 127
-        && !value.starts_with('-')
-        && value != "."
-        && value != ".."
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "pools.{pool}.{what} {value:?} is not an LVM name (letters, digits, '+_.-', not starting with '-')"
-        )))
-    }
 }
 
 /// `true` when `mode` lets someone other than the owner change the directory's entries.
@@ -279,91 +257,122 @@ impl Config {
                 p.driver
             ))
         })?;
-        let field = |set: bool, field: &str, wanted: bool| -> Result<()> {
-            match (set, wanted) {
-                (false, true) => Err(invalid(format!(
+        let needed = |value: Option<PathBuf>, field: &str| -> Result<PathBuf> {
+            value.ok_or_else(|| {
+                invalid(format!(
                     "pools.{name} (driver {}) needs `{field}`",
                     driver.as_str()
-                ))),
-                (true, false) => Err(invalid(format!(
+                ))
+            })
+        };
+        let not_for = |set: bool, field: &str| -> Result<()> {
+            if set {
+                return Err(invalid(format!(
                     "pools.{name}: `{field}` does not apply to the {} driver",
                     driver.as_str()
-                ))),
-                _ => Ok(()),
+                )));
             }
+            Ok(())
         };
-        let path_based = matches!(driver, DriverKind::Dir | DriverKind::Btrfs);
-        field(p.path.is_some(), "path", path_based)?;
-        field(p.quota.is_some() && !path_based, "quota", false)?;
-        if driver == DriverKind::Zfs {
-            field(p.dataset.is_some(), "dataset", true)?;
-            if let Some(dataset) = &p.dataset {
-                check_dataset_name(&name, dataset)?;
-            }
-            match p.quota_property.as_deref() {
-                None | Some("refquota") | Some("quota") => {}
-                Some(other) => {
-                    return Err(invalid(format!(
-                        "pools.{name}.quota_property {other:?} is not refquota or quota"
-                    )))
-                }
-            }
-        } else {
-            field(p.dataset.is_some(), "dataset", false)?;
-            field(p.quota_property.is_some(), "quota_property", false)?;
-        }
-        if driver == DriverKind::Lvm {
-            field(p.vg.is_some(), "vg", true)?;
-            for (what, value) in [("vg", &p.vg), ("thin_pool", &p.thin_pool)] {
-                if let Some(value) = value {
-                    check_lvm_name(&name, what, value)?;
-                }
-            }
-            match p.fs.as_deref() {
-                None | Some("ext4") | Some("xfs") => {}
-                Some(other) => {
-                    return Err(invalid(format!(
-                        "pools.{name}.fs {other:?} is not ext4 or xfs"
-                    )))
-                }
-            }
-        } else {
-            field(p.vg.is_some(), "vg", false)?;
-            field(p.thin_pool.is_some(), "thin_pool", false)?;
-            field(p.fs.is_some(), "fs", false)?;
-            // zfs mounts datasets too, under /run/reimage/mnt unless told otherwise.
-            if driver != DriverKind::Zfs {
-                field(p.mount_dir.is_some(), "mount_dir", false)?;
-            }
-        }
         for (what, path) in [("path", &p.path), ("mount_dir", &p.mount_dir)] {
-            if let Some(path) = path {
-                if !path.is_absolute() {
-                    return Err(invalid(format!(
-                        "pools.{name}.{what} must be an absolute path"
-                    )));
-                }
+            if path.as_ref().is_some_and(|path| !path.is_absolute()) {
+                return Err(invalid(format!(
+                    "pools.{name}.{what} must be an absolute path"
+                )));
             }
         }
-        let fs = match driver {
-            DriverKind::Lvm => Some(p.fs.unwrap_or_else(|| "ext4".into())),
-            _ => None,
+        let mount_dir = || {
+            p.mount_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNT_DIR))
         };
-        Ok(Pool {
-            name,
-            driver,
-            path: p.path,
-            dataset: p.dataset,
-            vg: p.vg,
-            thin_pool: p.thin_pool,
-            fs,
-            mount_dir: p.mount_dir,
-            quota: p.quota.unwrap_or(false),
-            quota_property: match driver {
-                DriverKind::Zfs => Some(p.quota_property.unwrap_or_else(|| "refquota".into())),
-                _ => None,
-            },
-        })
+        let spec = match driver {
+            DriverKind::Dir | DriverKind::Btrfs => {
+                for (set, field) in [
+                    (p.dataset.is_some(), "dataset"),
+                    (p.quota_property.is_some(), "quota_property"),
+                    (p.vg.is_some(), "vg"),
+                    (p.thin_pool.is_some(), "thin_pool"),
+                    (p.fs.is_some(), "fs"),
+                    (p.mount_dir.is_some(), "mount_dir"),
+                ] {
+                    not_for(set, field)?;
+                }
+                let path = needed(p.path.clone(), "path")?;
+                let quota = p.quota.unwrap_or(false);
+                if driver == DriverKind::Dir {
+                    PoolSpec::Dir { path, quota }
+                } else {
+                    PoolSpec::Btrfs { path, quota }
+                }
+            }
+            DriverKind::Zfs => {
+                for (set, field) in [
+                    (p.path.is_some(), "path"),
+                    (p.quota.is_some(), "quota"),
+                    (p.vg.is_some(), "vg"),
+                    (p.thin_pool.is_some(), "thin_pool"),
+                    (p.fs.is_some(), "fs"),
+                ] {
+                    not_for(set, field)?;
+                }
+                let dataset = p
+                    .dataset
+                    .clone()
+                    .ok_or_else(|| invalid(format!("pools.{name} (driver zfs) needs `dataset`")))?;
+                reimage_driver_zfs::check_parent_dataset(&dataset).map_err(|why| {
+                    invalid(format!(
+                        "pools.{name}.dataset {dataset:?} {why} (e.g. \"tank/reimage\")"
+                    ))
+                })?;
+                let quota_property = match p.quota_property.as_deref() {
+                    None => QuotaProperty::RefQuota,
+                    Some(text) => QuotaProperty::parse(text).ok_or_else(|| {
+                        invalid(format!(
+                            "pools.{name}.quota_property {text:?} is not refquota or quota"
+                        ))
+                    })?,
+                };
+                PoolSpec::Zfs {
+                    dataset,
+                    quota_property,
+                    mount_dir: mount_dir(),
+                }
+            }
+            DriverKind::Lvm => {
+                for (set, field) in [
+                    (p.path.is_some(), "path"),
+                    (p.quota.is_some(), "quota"),
+                    (p.dataset.is_some(), "dataset"),
+                    (p.quota_property.is_some(), "quota_property"),
+                ] {
+                    not_for(set, field)?;
+                }
+                let vg =
+                    p.vg.clone()
+                        .ok_or_else(|| invalid(format!("pools.{name} (driver lvm) needs `vg`")))?;
+                for (what, value) in [("vg", Some(&vg)), ("thin_pool", p.thin_pool.as_ref())] {
+                    if let Some(value) = value {
+                        reimage_driver_lvm::check_name(value).map_err(|why| {
+                            invalid(format!("pools.{name}.{what} {value:?} {why}"))
+                        })?;
+                    }
+                }
+                let fs = match p.fs.as_deref() {
+                    None => Fs::Ext4,
+                    Some(text) => Fs::parse(text).ok_or_else(|| {
+                        invalid(format!("pools.{name}.fs {text:?} is not ext4 or xfs"))
+                    })?,
+                };
+                PoolSpec::Lvm {
+                    vg,
+                    thin_pool: p.thin_pool.clone(),
+                    fs,
+                    mount_dir: mount_dir(),
+                }
+            }
+        };
+        Ok(Pool { name, spec })
     }
 
     /// The pool a request names, checked against the driver in argv.
@@ -379,12 +388,12 @@ impl Config {
             )
             .with("pool", name)
         })?;
-        if pool.driver != argv_driver {
+        if pool.driver() != argv_driver {
             return Err(Error::new(
                 Code::PolicyDenied,
                 format!(
                     "pool {name:?} uses the {} driver, but this reimage was started as `reimage {}`",
-                    pool.driver.as_str(),
+                    pool.driver().as_str(),
                     argv_driver.as_str()
                 ),
             ));
@@ -517,9 +526,17 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.pools["default"].driver, DriverKind::Btrfs);
-        assert!(c.pools["default"].quota);
-        assert_eq!(c.pools["fast"].fs.as_deref(), Some("ext4"));
+        assert_eq!(
+            c.pools["default"].spec,
+            PoolSpec::Btrfs {
+                path: "/srv/reimage/default".into(),
+                quota: true
+            }
+        );
+        assert!(matches!(
+            c.pools["fast"].spec,
+            PoolSpec::Lvm { fs: Fs::Ext4, .. }
+        ));
         assert!(c.pool_for("default", DriverKind::Btrfs).is_ok());
         assert_eq!(
             c.pool_for("default", DriverKind::Zfs).unwrap_err().code,

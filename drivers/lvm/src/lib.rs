@@ -41,6 +41,25 @@ const EXT4_MIN: u64 = 16 << 20;
 /// The tag that ties a thin snapshot to its volume after the LV it was taken of is gone.
 const LINEAGE_TAG: &str = "reimage.of=";
 
+/// Checks a volume group or thin pool name as a pool's config may give it, as LVM allows
+/// it: letters, digits and `+_.-`, not starting with `-`, not `.` or `..`, at most 127
+/// bytes.
+pub fn check_name(value: &str) -> std::result::Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 127
+        && !value.starts_with('-')
+        && value != "."
+        && value != ".."
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err("is not an LVM name (letters, digits, '+_.-', not starting with '-')".into())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fs {
     Ext4,

@@ -31,6 +31,35 @@ use reimage_driver::{
 /// The snapshot a refill can roll back to; not listed among the volume's snapshots.
 const GUARD: &str = "reimage-guard";
 
+/// The longest parent dataset name: a zfs name has at most 255 bytes, and reimage adds
+/// `/.reimage-new.` (14), a volume name (64) and `@reimage-guard` (14).
+const MAX_PARENT_DATASET: usize = 255 - 14 - 64 - 1 - GUARD.len();
+
+/// Checks a parent dataset name as a pool's config may give it: components of letters,
+/// digits and `_-:.`, joined by `/`, starting with a letter (as pool names do), no empty
+/// component, no `.`/`..`, short enough for every name reimage derives from it. The error
+/// says why, for the config's message.
+pub fn check_parent_dataset(dataset: &str) -> std::result::Result<(), String> {
+    if dataset.len() > MAX_PARENT_DATASET {
+        return Err(format!("is longer than {MAX_PARENT_DATASET} bytes"));
+    }
+    if !dataset.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return Err("must start with a letter".into());
+    }
+    for component in dataset.split('/') {
+        if component.is_empty() || component == "." || component == ".." {
+            return Err("has an empty, '.' or '..' component".into());
+        }
+        if let Some(c) = component
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')))
+        {
+            return Err(format!("contains {c:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// Properties of every volume dataset, whatever its parent has: POSIX ACLs (`acltype=off`,
 /// OpenZFS's default on Linux, would drop every ACL of an image) and xattrs stored in the
 /// inode (`xattr=sa`, as LXD and Incus set them too).
