@@ -19,6 +19,9 @@ mod resize;
 mod timings;
 mod volume_op;
 
+#[cfg(test)]
+mod tests;
+
 use std::fs::File;
 use std::path::PathBuf;
 use std::time::Instant;

@@ -215,7 +215,14 @@ pub(super) fn rebuild(
             match built {
                 Ok(new_id) => vop.commit(op, new_id, with_snapshots, &mut timings)?,
                 Err(e) => {
-                    let e = vop.roll_back_new(e);
+                    // Past the point of no return: finish destroying the old content (a
+                    // failure there may have left part of it), then drop the half-built new
+                    // volume. If the old one cannot be destroyed now, the journal stays at
+                    // this phase and `recover` finishes it.
+                    let e = match driver.destroy(Slot::old(volume), with_snapshots) {
+                        Ok(()) => vop.roll_back_new(e),
+                        Err(again) => recovery_pending(e, &Error::from(again)),
+                    };
                     return Err(e.with("volume_lost", true).context(format!(
                         "in-place rebuild failed after the old content of {volume} was destroyed; the volume is gone"
                     )));

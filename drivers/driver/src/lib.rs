@@ -11,6 +11,8 @@
 
 mod busy;
 pub mod command;
+#[cfg(feature = "testing")]
+pub mod fake;
 pub mod mount;
 mod name;
 pub mod pooldir;
@@ -26,7 +28,7 @@ pub use busy::{
 pub use name::{NameError, VolumeName};
 
 /// Which of a volume's slots an operation addresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SlotKind {
     /// The volume under its own name: what users see.
     Live,

@@ -1,0 +1,293 @@
+//! A driver for testing the core's orchestration, not storage: slots and their identities live
+//! in memory, each volume's content in a plain directory of its own under a scratch
+//! directory, and every call is recorded. Any call can be made to fail, or to end the
+//! process's work there as a crash would (an unwind that skips every rollback), by its
+//! number. The real backends' suites stay the evidence that a driver works; this one lets
+//! the core's combinations of steps and failures be tried in milliseconds.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+
+use crate::{
+    Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, Result, SizeModel,
+    Slot, SlotKind, Usage, VolumeName,
+};
+
+/// What happens at the chosen call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Injected {
+    /// The call fails with a driver error; the core sees it and rolls back or recovers.
+    Failure,
+    /// The call never returns: the work unwinds with [`SimulatedCrash`], past every rollback,
+    /// leaving the journal and the slots as a `kill -9` there would.
+    Crash,
+}
+
+/// The payload of a simulated crash's unwind.
+#[derive(Debug)]
+pub struct SimulatedCrash;
+
+struct Object {
+    id: String,
+    dir: PathBuf,
+    size: Option<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    slots: BTreeMap<(String, SlotKind), Object>,
+    next_id: u64,
+    calls: Vec<String>,
+    inject: Option<(usize, Injected)>,
+}
+
+pub struct FakeDriver {
+    scratch: PathBuf,
+    capabilities: Capabilities,
+    state: RefCell<State>,
+}
+
+impl FakeDriver {
+    /// A driver whose volumes live in directories under `scratch` (which must exist).
+    pub fn new(scratch: &Path) -> FakeDriver {
+        FakeDriver {
+            scratch: scratch.to_owned(),
+            capabilities: Capabilities {
+                snapshots: false,
+                keep_snapshots: KeepSnapshots::No,
+                size_counts_snapshots: false,
+                limit_reads_as_full: false,
+                size_model: SizeModel::Quota,
+                shrink: true,
+                exchange: false,
+                cheap_usage: true,
+            },
+            state: RefCell::new(State::default()),
+        }
+    }
+
+    /// Swaps by [`Driver::exchange`] (as dir and btrfs do) instead of two renames.
+    pub fn with_exchange(mut self) -> FakeDriver {
+        self.capabilities.exchange = true;
+        self
+    }
+
+    /// Makes call number `n` (counted from 1, over every method) do `what`.
+    pub fn inject(&self, n: usize, what: Injected) {
+        let mut state = self.state.borrow_mut();
+        state.inject = Some((state.calls.len() + n, what));
+    }
+
+    /// Methods called so far, in order.
+    pub fn calls(&self) -> Vec<String> {
+        self.state.borrow().calls.clone()
+    }
+
+    /// The directory holding the content of the volume in `slot`, if the slot is filled.
+    pub fn content(&self, volume: &VolumeName, kind: SlotKind) -> Option<PathBuf> {
+        let state = self.state.borrow();
+        state
+            .slots
+            .get(&(volume.as_str().to_owned(), kind))
+            .map(|o| o.dir.clone())
+    }
+
+    /// Counts a call and carries out what was injected for it.
+    fn call(&self, method: &str, slot: Option<Slot<'_>>) -> Result<()> {
+        let mut state = self.state.borrow_mut();
+        let name = match slot {
+            Some(s) => format!("{method}({}:{})", s.volume, s.kind.as_str()),
+            None => method.to_owned(),
+        };
+        state.calls.push(name);
+        match state.inject {
+            Some((n, what)) if n == state.calls.len() => {
+                state.inject = None;
+                drop(state);
+                match what {
+                    Injected::Failure => Err(Error::new(
+                        ErrorKind::Failed,
+                        format!("injected failure in {method}"),
+                    )),
+                    Injected::Crash => std::panic::resume_unwind(Box::new(SimulatedCrash)),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn key(slot: Slot<'_>) -> (String, SlotKind) {
+        (slot.volume.as_str().to_owned(), slot.kind)
+    }
+}
+
+fn io(what: &str, e: std::io::Error) -> Error {
+    Error::io(what, e)
+}
+
+impl Driver for FakeDriver {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
+    fn identity(&self, slot: Slot<'_>) -> Result<Option<String>> {
+        self.call("identity", Some(slot))?;
+        Ok(self
+            .state
+            .borrow()
+            .slots
+            .get(&Self::key(slot))
+            .map(|o| o.id.clone()))
+    }
+
+    fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()> {
+        self.call("create", Some(slot))?;
+        let mut state = self.state.borrow_mut();
+        if state.slots.contains_key(&Self::key(slot)) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{slot} exists"),
+            ));
+        }
+        state.next_id += 1;
+        let id = format!("fake-{}", state.next_id);
+        let dir = self.scratch.join(&id);
+        std::fs::create_dir(&dir).map_err(|e| io("create", e))?;
+        state
+            .slots
+            .insert(Self::key(slot), Object { id, dir, size });
+        Ok(())
+    }
+
+    fn destroy(&self, slot: Slot<'_>, _with_snapshots: bool) -> Result<()> {
+        self.call("destroy", Some(slot))?;
+        let removed = self.state.borrow_mut().slots.remove(&Self::key(slot));
+        if let Some(o) = removed {
+            std::fs::remove_dir_all(&o.dir).map_err(|e| io("destroy", e))?;
+        }
+        Ok(())
+    }
+
+    fn snapshots(&self, slot: Slot<'_>) -> Result<Vec<String>> {
+        self.call("snapshots", Some(slot))?;
+        Ok(Vec::new())
+    }
+
+    fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
+        self.call("rename", Some(from))?;
+        let mut state = self.state.borrow_mut();
+        if state.slots.contains_key(&Self::key(to)) {
+            return Err(Error::new(ErrorKind::AlreadyExists, format!("{to} exists")));
+        }
+        let object = state
+            .slots
+            .remove(&Self::key(from))
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{from} is empty")))?;
+        state.slots.insert(Self::key(to), object);
+        Ok(())
+    }
+
+    fn exchange(&self, a: Slot<'_>, b: Slot<'_>) -> Result<()> {
+        self.call("exchange", Some(a))?;
+        if !self.capabilities.exchange {
+            return Err(Error::new(ErrorKind::Unsupported, "no exchange"));
+        }
+        let mut state = self.state.borrow_mut();
+        let first = state.slots.remove(&Self::key(a));
+        let second = state.slots.remove(&Self::key(b));
+        let (Some(first), Some(second)) = (first, second) else {
+            return Err(Error::new(ErrorKind::NotFound, "exchange of an empty slot"));
+        };
+        state.slots.insert(Self::key(a), second);
+        state.slots.insert(Self::key(b), first);
+        Ok(())
+    }
+
+    fn usage(&self, slot: Slot<'_>) -> Result<Usage> {
+        self.call("usage", Some(slot))?;
+        let state = self.state.borrow();
+        let o = state
+            .slots
+            .get(&Self::key(slot))
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} is empty")))?;
+        Ok(Usage {
+            size: o.size,
+            used: 0,
+            inodes: None,
+        })
+    }
+
+    fn set_size(&self, slot: Slot<'_>, bytes: u64) -> Result<()> {
+        self.call("set_size", Some(slot))?;
+        let mut state = self.state.borrow_mut();
+        let o = state
+            .slots
+            .get_mut(&Self::key(slot))
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} is empty")))?;
+        o.size = Some(bytes);
+        Ok(())
+    }
+
+    fn pool_space(&self) -> Result<PoolSpace> {
+        self.call("pool_space", None)?;
+        Ok(PoolSpace {
+            available: 1 << 40,
+            total: 1 << 40,
+            inodes_available: None,
+            provisioned: None,
+        })
+    }
+
+    fn open_root(&self, slot: Slot<'_>) -> Result<Mounted> {
+        self.call("open_root", Some(slot))?;
+        let dir = self
+            .state
+            .borrow()
+            .slots
+            .get(&Self::key(slot))
+            .map(|o| o.dir.clone())
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} is empty")))?;
+        let path = CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| Error::new(ErrorKind::Failed, "a path with NUL"))?;
+        let fd = rustix::fs::open(
+            path.as_c_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::errno("open_root", e))?;
+        Ok(Mounted::unmanaged(fd))
+    }
+
+    fn busy(&self, slot: Slot<'_>) -> Result<Option<String>> {
+        self.call("busy", Some(slot))?;
+        Ok(None)
+    }
+
+    fn sync(&self, slot: Slot<'_>, _root: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        self.call("sync", Some(slot))
+    }
+
+    fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
+        self.call("leftovers", None)?;
+        let state = self.state.borrow();
+        state
+            .slots
+            .keys()
+            .filter(|(_, kind)| *kind != SlotKind::Live)
+            .map(|(name, kind)| {
+                VolumeName::parse(name)
+                    .map(|v| (v, *kind))
+                    .map_err(|e| Error::new(ErrorKind::Failed, e.to_string()))
+            })
+            .collect()
+    }
+}

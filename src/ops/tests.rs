@@ -1,0 +1,392 @@
+//! The orchestration and recovery, tried against the fake driver
+//! ([`reimage_driver::fake`]): every operation with a failure, and with a crash, at every
+//! driver call it makes; and after each crash, `recover` itself crashed at each of its own
+//! calls, then run again. After every case the pool must hold the volume's complete old or
+//! new content (or none, where the operation had already destroyed the old one), no
+//! temporary slot, and no journal record, and a second `recover` must find nothing to do.
+//!
+//! The real backends' suites are the evidence that the drivers work; these cover the
+//! combinations of steps and failures, in seconds.
+
+use std::collections::BTreeSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use reimage_driver::fake::{FakeDriver, Injected, SimulatedCrash};
+use reimage_driver::{Driver, SlotKind, VolumeName};
+use reimage_fixtures::rawtar::RawTar;
+use serde_json::{json, Value};
+
+use super::{run, Ctx};
+use crate::config::{Config, Pool, PoolSpec};
+use crate::protocol::events::Events;
+use crate::protocol::request;
+
+/// What an operation may leave in the volume when it did not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Allowed {
+    /// The old content, or the new one.
+    OldOrNew,
+    /// Either, or no volume at all (an in-place rebuild past the point of no return, a
+    /// create, a delete).
+    OldNewOrNone,
+}
+
+struct World {
+    dir: PathBuf,
+    config: Config,
+    pool: Pool,
+    driver: FakeDriver,
+    image_a: PathBuf,
+    image_b: PathBuf,
+}
+
+fn image(dir: &Path, name: &str, marker: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    let bytes = RawTar::new()
+        .dir(b"etc/")
+        .file(marker, b"content")
+        .file(b"etc/hostname", marker)
+        .finish();
+    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    path
+}
+
+impl World {
+    fn new(tag: &str, exchange: bool) -> World {
+        let dir = std::env::temp_dir().join(format!(
+            "reimage-orchestration-{}-{tag}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["images", "volumes", "state"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap_or_else(|e| panic!("{dir:?}: {e}"));
+        }
+        let driver = FakeDriver::new(&dir.join("volumes"));
+        let driver = if exchange {
+            driver.with_exchange()
+        } else {
+            driver
+        };
+        World {
+            config: Config {
+                state_dir: dir.join("state"),
+                image_roots: vec![dir.join("images")],
+                pools: Default::default(),
+            },
+            pool: Pool {
+                name: "p".into(),
+                spec: PoolSpec::Dir {
+                    path: dir.join("volumes"),
+                    quota: false,
+                },
+            },
+            image_a: image(&dir.join("images"), "a.tar", b"a"),
+            image_b: image(&dir.join("images"), "b.tar", b"b"),
+            driver,
+            dir,
+        }
+    }
+
+    /// Runs one request; `Err(())` when it crashed (the simulated crash unwound out of it).
+    fn request(&self, request: &Value) -> Result<crate::error::Result<Value>, ()> {
+        let op = request::parse(&request.to_string())
+            .unwrap_or_else(|e| panic!("{request}: {}", e.message));
+        let mut events = Events::to_writer(Box::new(std::io::sink()));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            run(
+                Ctx {
+                    config: &self.config,
+                    pool: Some(&self.pool),
+                    driver: Some(&self.driver),
+                    events: &mut events,
+                },
+                &op,
+            )
+            .map(Value::Object)
+        }));
+        match outcome {
+            Ok(result) => Ok(result),
+            Err(payload) if payload.is::<SimulatedCrash>() => Err(()),
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
+    }
+
+    fn recover(&self) -> Result<crate::error::Result<Value>, ()> {
+        self.request(&json!({"api": 1, "op": "recover", "pool": "p"}))
+    }
+
+    /// The markers in the live volume's root: `{"a"}` or `{"b"}` for complete content.
+    fn live_content(&self) -> Option<BTreeSet<String>> {
+        let volume = VolumeName::parse("c1").ok()?;
+        let dir = self.driver.content(&volume, SlotKind::Live)?;
+        Some(
+            std::fs::read_dir(dir)
+                .ok()?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "etc")
+                .collect(),
+        )
+    }
+
+    fn journal_records(&self) -> usize {
+        std::fs::read_dir(self.config.state_dir.join("journal").join("p"))
+            .map(|d| d.flatten().count())
+            .unwrap_or(0)
+    }
+
+    /// The invariants after an interrupted request and a completed `recover`.
+    fn check(&self, case: &str, old: &str, new: &str, allowed: Allowed) {
+        let again = self.recover();
+        let again = match again {
+            Ok(Ok(v)) => v,
+            other => panic!("{case}: a second recover: {other:?}"),
+        };
+        assert_eq!(again["recovered"], json!([]), "{case}: recover twice");
+        self.check_clean(case, old, new, allowed);
+    }
+
+    /// The invariants of a pool nothing is pending in: no temporary slot, no journal record,
+    /// the volume's complete old or new content (or none, where allowed).
+    fn check_clean(&self, case: &str, old: &str, new: &str, allowed: Allowed) {
+        assert!(
+            self.driver
+                .leftovers()
+                .map(|l| l.is_empty())
+                .unwrap_or(false),
+            "{case}: temporary slots left"
+        );
+        assert_eq!(self.journal_records(), 0, "{case}: journal records left");
+        let content = self.live_content();
+        // `-`: no such content; `""`: an empty volume; otherwise the image's one marker file.
+        let is = |marker: &str| {
+            let files = content
+                .as_ref()
+                .map(|c| c.iter().map(String::as_str).collect::<Vec<_>>());
+            match marker {
+                "-" => false,
+                "" => files == Some(vec![]),
+                m => files == Some(vec![m]),
+            }
+        };
+        let ok = match allowed {
+            Allowed::OldOrNew => is(old) || is(new),
+            Allowed::OldNewOrNone => content.is_none() || is(old) || is(new),
+        };
+        assert!(ok, "{case}: the volume holds {content:?}");
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One operation under test: how to set the world up, the request, what may be left.
+struct Scenario {
+    name: &'static str,
+    exchange: bool,
+    /// The volume exists (with image A's content) before the request.
+    existing: bool,
+    request: fn(&World) -> Value,
+    /// The markers of the old and the new content (`""`: an empty volume).
+    old: &'static str,
+    new: &'static str,
+    allowed: Allowed,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let mut all = base_scenarios();
+    // The same operations where the driver swaps by exchange rather than by two renames.
+    let by_exchange: Vec<Scenario> = base_scenarios()
+        .into_iter()
+        .filter(|s| !s.exchange && s.name != "rebuild by renames")
+        .map(|s| Scenario {
+            exchange: true,
+            ..s
+        })
+        .collect();
+    all.extend(by_exchange);
+    all
+}
+
+fn base_scenarios() -> Vec<Scenario> {
+    let rebuild = |w: &World| {
+        json!({"api": 1, "op": "rebuild", "pool": "p", "volume": "c1",
+               "source": {"image": w.image_b}, "preserve": ["/etc/hostname"]})
+    };
+    vec![
+        Scenario {
+            name: "create",
+            exchange: false,
+            existing: false,
+            request: |w| {
+                json!({"api": 1, "op": "create", "pool": "p", "volume": "c1",
+                       "source": {"image": w.image_b}, "size": "10MiB"})
+            },
+            old: "-",
+            new: "b",
+            allowed: Allowed::OldNewOrNone,
+        },
+        Scenario {
+            name: "rebuild by renames",
+            exchange: false,
+            existing: true,
+            request: rebuild,
+            old: "a",
+            new: "b",
+            allowed: Allowed::OldOrNew,
+        },
+        Scenario {
+            name: "rebuild by exchange",
+            exchange: true,
+            existing: true,
+            request: rebuild,
+            old: "a",
+            new: "b",
+            allowed: Allowed::OldOrNew,
+        },
+        Scenario {
+            name: "rebuild in place",
+            exchange: false,
+            existing: true,
+            request: |w| {
+                json!({"api": 1, "op": "rebuild", "pool": "p", "volume": "c1",
+                       "source": {"image": w.image_b}, "mode": "in-place",
+                       "preserve": ["/etc/hostname"]})
+            },
+            old: "a",
+            new: "b",
+            allowed: Allowed::OldNewOrNone,
+        },
+        Scenario {
+            name: "rebuild empty",
+            exchange: true,
+            existing: true,
+            request: |_| {
+                json!({"api": 1, "op": "rebuild", "pool": "p", "volume": "c1",
+                       "source": {"empty": true}})
+            },
+            old: "a",
+            new: "",
+            allowed: Allowed::OldOrNew,
+        },
+        Scenario {
+            name: "delete",
+            exchange: false,
+            existing: true,
+            request: |_| json!({"api": 1, "op": "delete", "pool": "p", "volume": "c1"}),
+            old: "a",
+            new: "-",
+            allowed: Allowed::OldNewOrNone,
+        },
+        Scenario {
+            name: "resize",
+            exchange: false,
+            existing: true,
+            request: |_| json!({"api": 1, "op": "resize", "pool": "p", "volume": "c1", "size": "20MiB"}),
+            old: "a",
+            new: "a",
+            allowed: Allowed::OldOrNew,
+        },
+    ]
+}
+
+fn world_for(s: &Scenario, tag: &str) -> World {
+    let w = World::new(tag, s.exchange);
+    if s.existing {
+        let created = w.request(
+            &json!({"api": 1, "op": "create", "pool": "p", "volume": "c1",
+                                        "source": {"image": w.image_a}}),
+        );
+        assert!(
+            matches!(created, Ok(Ok(_))),
+            "{}: setup: {created:?}",
+            s.name
+        );
+    }
+    w
+}
+
+#[test]
+fn every_operation_survives_a_failure_or_a_crash_at_every_driver_call() {
+    let mut cases = 0usize;
+    for s in scenarios() {
+        // The calls a clean run makes.
+        let clean = world_for(&s, "clean");
+        let before = clean.driver.calls().len();
+        let done = clean.request(&(s.request)(&clean));
+        assert!(
+            matches!(done, Ok(Ok(_))),
+            "{}: a clean run: {done:?}",
+            s.name
+        );
+        let calls = clean.driver.calls().len() - before;
+        assert!(calls > 3, "{}: {calls} calls", s.name);
+        drop(clean);
+        for n in 1..=calls {
+            for what in [Injected::Failure, Injected::Crash] {
+                let swap = if s.exchange { "exchange" } else { "renames" };
+                let case = format!(
+                    "{} (swap by {swap}) with a {what:?} at call {n} of {calls}",
+                    s.name
+                );
+                let w = world_for(&s, "case");
+                w.driver.inject(n, what);
+                let outcome = w.request(&(s.request)(&w));
+                match (what, &outcome) {
+                    (Injected::Crash, Err(())) | (Injected::Failure, Ok(_)) => {}
+                    _ => panic!("{case}: {outcome:?}"),
+                }
+                if what == Injected::Crash {
+                    // Recovery after the crash, itself crashed at each of its calls.
+                    let before = w.driver.calls().len();
+                    let recovered = w.recover();
+                    assert!(
+                        matches!(recovered, Ok(Ok(_))),
+                        "{case}: recover: {recovered:?}"
+                    );
+                    let recover_calls = w.driver.calls().len() - before;
+                    w.check(&case, s.old, s.new, s.allowed);
+                    cases += 1;
+                    for m in 1..=recover_calls {
+                        let case = format!("{case}, then recover crashed at call {m}");
+                        let w = world_for(&s, "nested");
+                        w.driver.inject(n, what);
+                        assert!(w.request(&(s.request)(&w)).is_err(), "{case}");
+                        w.driver.inject(m, Injected::Crash);
+                        let _ = w.recover();
+                        let finished = w.recover();
+                        assert!(matches!(finished, Ok(Ok(_))), "{case}: {finished:?}");
+                        w.check(&case, s.old, s.new, s.allowed);
+                        cases += 1;
+                    }
+                } else {
+                    // A failed request rolls back by itself, unless it says that recovery is
+                    // pending (its own rollback failed too).
+                    if let Ok(Err(e)) = &outcome {
+                        if !e.details.contains_key("recovery") {
+                            w.check_clean(
+                                &format!("{case}, before recover"),
+                                s.old,
+                                s.new,
+                                s.allowed,
+                            );
+                        }
+                    }
+                    let recovered = w.recover();
+                    assert!(
+                        matches!(recovered, Ok(Ok(_))),
+                        "{case}: recover: {recovered:?}"
+                    );
+                    w.check(&case, s.old, s.new, s.allowed);
+                    cases += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{cases} orchestration cases");
+    assert!(cases > 500, "{cases} cases");
+}
