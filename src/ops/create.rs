@@ -43,38 +43,25 @@ pub(super) fn create(
         ));
     }
     cancelled_check()?;
-    vop.intent(IntentOp::Create, Phase::Building, false)?;
-    let built = (|| -> Result<String> {
-        fault::point("create:journaled")?;
-        vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
-        timings.time("prepare", || {
-            driver.create(
-                Slot::new(volume),
-                fault::quota_override().or(plan.target_size),
-            )
-        })?;
-        fault::point("create:created")?;
-        let root = driver.open_root(Slot::new(volume))?;
-        vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
-        let events = &mut *vop.events;
-        timings.time("unpack", || {
-            unpack_into(
-                events,
-                &root,
-                &content,
-                &idmap,
-                &[],
-                fill.unsupported_metadata,
-            )
-            .map_err(|e| with_fill_numbers(driver, e, &root, &content, plan.target_size))
-        })?;
-        fault::point("create:unpacked")?;
-        seal(driver, vop.events, root, Slot::new(volume), &mut timings)
-    })();
-    let new_id = match built {
-        Ok(id) => id,
-        Err(e) => return Err(vop.roll_back_new(e)),
+    let filling = Filling {
+        content: &content,
+        idmap: &idmap,
+        metadata: fill.unsupported_metadata,
+        target_size: plan.target_size,
     };
+    let new_id = vop.journaled(
+        IntentOp::Create,
+        Phase::Building,
+        false,
+        |vop| {
+            fault::point("create:journaled")?;
+            let root = create_new(vop, plan.target_size, "create:created", &mut timings)?;
+            unpack_step(vop, &root, &filling, &[], &mut timings)?;
+            fault::point("create:unpacked")?;
+            seal(driver, vop.events, root, Slot::new(volume), &mut timings)
+        },
+        VolumeOp::roll_back_new,
+    )?;
     vop.commit(IntentOp::Create, new_id, false, &mut timings)?;
     fill_result(driver, volume, &content, &timings)
 }

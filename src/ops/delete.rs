@@ -33,20 +33,22 @@ pub(super) fn delete(
     if with_snapshots {
         refuse_clones(driver, volume)?;
     }
-    vop.intent(IntentOp::Delete, Phase::Deleting, with_snapshots)?;
     vop.events.progress(EventPhase::Cleanup, 0, 1, "steps");
-    let deleted = (|| -> Result<()> {
-        fault::point("delete:journaled")?;
-        driver.rename(live, Slot::old(volume))?;
-        fault::point("delete:detached")?;
-        driver.destroy(Slot::old(volume), with_snapshots)?;
-        fault::point("delete:destroyed")
-    })();
-    if let Err(e) = deleted {
-        // Finish what can be finished: a volume moved aside is deleted, one still under its
-        // name stays.
-        return Err(vop.recover_after(e, IntentOp::Delete, Phase::Deleting, with_snapshots));
-    }
+    // A failure finishes what can be finished: a volume moved aside is deleted, one still
+    // under its name stays.
+    vop.journaled(
+        IntentOp::Delete,
+        Phase::Deleting,
+        with_snapshots,
+        |_| {
+            fault::point("delete:journaled")?;
+            driver.rename(live, Slot::old(volume))?;
+            fault::point("delete:detached")?;
+            driver.destroy(Slot::old(volume), with_snapshots)?;
+            fault::point("delete:destroyed")
+        },
+        VolumeOp::recover_from(IntentOp::Delete, Phase::Deleting, with_snapshots),
+    )?;
     vop.journal.clear(volume)?;
     driver.forget(volume)?;
     vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");

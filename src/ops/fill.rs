@@ -260,3 +260,70 @@ pub(super) fn volume_json_with(
         "snapshots": snapshots,
     }))
 }
+
+/// What a new slot is filled with: the content, its id map, the metadata policy, and the
+/// plan's size (for messages when the volume fills up).
+pub(super) struct Filling<'a> {
+    pub(super) content: &'a Content,
+    pub(super) idmap: &'a IdMap,
+    pub(super) metadata: UnsupportedMetadata,
+    pub(super) target_size: Option<u64>,
+}
+
+/// The build's first step: the `New` slot created at the plan's size (fault point `created`
+/// passed), and its root opened.
+pub(super) fn create_new(
+    vop: &mut VolumeOp<'_>,
+    target_size: Option<u64>,
+    created: &str,
+    timings: &mut Timings,
+) -> Result<Mounted> {
+    let (driver, volume) = (vop.driver, vop.volume);
+    vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+    timings.time("prepare", || {
+        driver.create(Slot::new(volume), fault::quota_override().or(target_size))
+    })?;
+    fault::point(created)?;
+    let root = driver.open_root(Slot::new(volume))?;
+    vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
+    Ok(root)
+}
+
+/// Unpacks the content into `root`, leaving out the `skip` paths (already preserved).
+pub(super) fn unpack_step(
+    vop: &mut VolumeOp<'_>,
+    root: &Mounted,
+    filling: &Filling<'_>,
+    skip: &[RelPath],
+    timings: &mut Timings,
+) -> Result<()> {
+    let driver = vop.driver;
+    let events = &mut *vop.events;
+    timings.time("unpack", || {
+        unpack_into(
+            events,
+            root,
+            filling.content,
+            filling.idmap,
+            skip,
+            filling.metadata,
+        )
+        .map_err(|e| with_fill_numbers(driver, e, root, filling.content, filling.target_size))
+    })
+}
+
+/// Copies the `keep` paths from the old content (`old`, released afterwards) into `root`.
+pub(super) fn preserve_step(
+    vop: &mut VolumeOp<'_>,
+    old: Mounted,
+    root: &Mounted,
+    keep: &[RelPath],
+    metadata: UnsupportedMetadata,
+    timings: &mut Timings,
+) -> Result<()> {
+    let events = &mut *vop.events;
+    timings.time("preserve", || {
+        copy_preserved(events, &old, root, keep, metadata)
+    })?;
+    old.release().map_err(Error::from)
+}

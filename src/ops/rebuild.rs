@@ -112,109 +112,71 @@ pub(super) fn rebuild(
         )?;
         return fill_result(driver, volume, &content, &timings);
     }
+    let filling = Filling {
+        content: &content,
+        idmap: &idmap,
+        metadata: fill.unsupported_metadata,
+        target_size: plan.target_size,
+    };
     match mode {
         Mode::Atomic => {
-            vop.intent(IntentOp::Rebuild, Phase::Building, with_snapshots)?;
-            let built = (|| -> Result<String> {
-                fault::point("rebuild:journaled")?;
-                vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
-                timings.time("prepare", || {
-                    driver.create(
-                        Slot::new(volume),
-                        fault::quota_override().or(plan.target_size),
-                    )
-                })?;
-                fault::point("rebuild:created")?;
-                let root = driver.open_root(Slot::new(volume))?;
-                vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
-                let events = &mut *vop.events;
-                timings.time("unpack", || {
-                    unpack_into(
-                        events,
-                        &root,
-                        &content,
-                        &idmap,
-                        &[],
-                        fill.unsupported_metadata,
-                    )
-                    .map_err(|e| with_fill_numbers(driver, e, &root, &content, plan.target_size))
-                })?;
-                fault::point("rebuild:unpacked")?;
-                if !keep.is_empty() {
-                    let old = driver.open_root(live)?;
-                    let events = &mut *vop.events;
-                    timings.time("preserve", || {
-                        copy_preserved(events, &old, &root, &keep, fill.unsupported_metadata)
-                    })?;
-                    old.release()?;
-                }
-                let id = seal(driver, vop.events, root, Slot::new(volume), &mut timings)?;
-                fault::point("rebuild:synced")?;
-                Ok(id)
-            })();
-            let new_id = match built {
-                Ok(id) => id,
-                Err(e) => return Err(vop.roll_back_new(e)),
-            };
-            vop.commit(IntentOp::Rebuild, new_id, with_snapshots, &mut timings)?;
+            let op = IntentOp::Rebuild;
+            let new_id = vop.journaled(
+                op,
+                Phase::Building,
+                with_snapshots,
+                |vop| {
+                    fault::point("rebuild:journaled")?;
+                    let root = create_new(vop, plan.target_size, "rebuild:created", &mut timings)?;
+                    unpack_step(vop, &root, &filling, &[], &mut timings)?;
+                    fault::point("rebuild:unpacked")?;
+                    if !keep.is_empty() {
+                        let old = driver.open_root(live)?;
+                        preserve_step(vop, old, &root, &keep, filling.metadata, &mut timings)?;
+                    }
+                    let id = seal(driver, vop.events, root, Slot::new(volume), &mut timings)?;
+                    fault::point("rebuild:synced")?;
+                    Ok(id)
+                },
+                VolumeOp::roll_back_new,
+            )?;
+            vop.commit(op, new_id, with_snapshots, &mut timings)?;
         }
         Mode::InPlace => {
-            vop.intent(IntentOp::RebuildInPlace, Phase::Detaching, with_snapshots)?;
             let op = IntentOp::RebuildInPlace;
             // Until the old content is destroyed, a failure puts it back.
-            let prepared = (|| -> Result<Mounted> {
-                fault::point("inplace:journaled")?;
-                vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
-                driver.rename(live, Slot::old(volume))?;
-                fault::point("inplace:detached")?;
-                timings.time("prepare", || {
-                    driver.create(
-                        Slot::new(volume),
-                        fault::quota_override().or(plan.target_size),
-                    )
-                })?;
-                fault::point("inplace:created")?;
-                let root = driver.open_root(Slot::new(volume))?;
-                vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
-                if !keep.is_empty() {
-                    let old = driver.open_root(Slot::old(volume))?;
-                    let events = &mut *vop.events;
-                    timings.time("preserve", || {
-                        copy_preserved(events, &old, &root, &keep, fill.unsupported_metadata)
+            let root = vop.journaled(
+                op,
+                Phase::Detaching,
+                with_snapshots,
+                |vop| {
+                    fault::point("inplace:journaled")?;
+                    driver.rename(live, Slot::old(volume))?;
+                    fault::point("inplace:detached")?;
+                    let root = create_new(vop, plan.target_size, "inplace:created", &mut timings)?;
+                    if !keep.is_empty() {
+                        let old = driver.open_root(Slot::old(volume))?;
+                        preserve_step(vop, old, &root, &keep, filling.metadata, &mut timings)?;
+                    }
+                    cancelled_check()?;
+                    Ok(root)
+                },
+                VolumeOp::recover_from(op, Phase::Detaching, with_snapshots),
+            )?;
+            let new_id = vop.journaled(
+                op,
+                Phase::DestroyingOld,
+                with_snapshots,
+                |vop| {
+                    fault::point("inplace:destroying")?;
+                    timings.time("cleanup", || {
+                        driver.destroy(Slot::old(volume), with_snapshots)
                     })?;
-                    old.release()?;
-                }
-                cancelled_check()?;
-                Ok(root)
-            })();
-            let root = match prepared {
-                Ok(root) => root,
-                Err(e) => return Err(vop.recover_after(e, op, Phase::Detaching, with_snapshots)),
-            };
-            vop.intent(op, Phase::DestroyingOld, with_snapshots)?;
-            let built = (|| -> Result<String> {
-                fault::point("inplace:destroying")?;
-                timings.time("cleanup", || {
-                    driver.destroy(Slot::old(volume), with_snapshots)
-                })?;
-                let events = &mut *vop.events;
-                timings.time("unpack", || {
-                    unpack_into(
-                        events,
-                        &root,
-                        &content,
-                        &idmap,
-                        &keep,
-                        fill.unsupported_metadata,
-                    )
-                    .map_err(|e| with_fill_numbers(driver, e, &root, &content, plan.target_size))
-                })?;
-                fault::point("inplace:unpacked")?;
-                seal(driver, vop.events, root, Slot::new(volume), &mut timings)
-            })();
-            match built {
-                Ok(new_id) => vop.commit(op, new_id, with_snapshots, &mut timings)?,
-                Err(e) => {
+                    unpack_step(vop, &root, &filling, &keep, &mut timings)?;
+                    fault::point("inplace:unpacked")?;
+                    seal(driver, vop.events, root, Slot::new(volume), &mut timings)
+                },
+                |vop, e| {
                     // Past the point of no return: finish destroying the old content (a
                     // failure there may have left part of it), then drop the half-built new
                     // volume. If the old one cannot be destroyed now, the journal stays at
@@ -223,11 +185,12 @@ pub(super) fn rebuild(
                         Ok(()) => vop.roll_back_new(e),
                         Err(again) => recovery_pending(e, &Error::from(again)),
                     };
-                    return Err(e.with("volume_lost", true).context(format!(
+                    e.with("volume_lost", true).context(format!(
                         "in-place rebuild failed after the old content of {volume} was destroyed; the volume is gone"
-                    )));
-                }
-            }
+                    ))
+                },
+            )?;
+            vop.commit(op, new_id, with_snapshots, &mut timings)?;
         }
     }
     fill_result(driver, volume, &content, &timings)

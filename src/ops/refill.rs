@@ -17,8 +17,13 @@ pub(super) fn refill_in_place(
     keep: &[RelPath],
     timings: &mut Timings,
 ) -> Result<()> {
-    let idmap = &IdMap::new(fill.idmap.clone());
-    let metadata = fill.unsupported_metadata;
+    let idmap = IdMap::new(fill.idmap.clone());
+    let filling = Filling {
+        content,
+        idmap: &idmap,
+        metadata: fill.unsupported_metadata,
+        target_size: plan.target_size,
+    };
     let (driver, volume) = (vop.driver, vop.volume);
     let live = Slot::live(volume);
     let op = IntentOp::RebuildRefill;
@@ -26,52 +31,47 @@ pub(super) fn refill_in_place(
     let refilling = Phase::Refilling {
         size_before: current.size,
     };
-    vop.intent(op, refilling.clone(), false)?;
-    let built = (|| -> Result<()> {
-        fault::point("refill:journaled")?;
-        vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
-        driver.set_guard(live)?;
-        fault::point("refill:guarded")?;
-        if let Some(target) = plan.target_size {
-            // A limit that counts snapshots must also hold the old content the guard keeps.
-            let during = if counts_snapshots {
-                target.saturating_add(current.used)
-            } else {
-                target
-            };
-            if Some(during) != current.size {
-                driver.set_size(live, during)?;
+    vop.journaled(
+        op,
+        refilling.clone(),
+        false,
+        |vop| {
+            fault::point("refill:journaled")?;
+            vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+            driver.set_guard(live)?;
+            fault::point("refill:guarded")?;
+            if let Some(target) = plan.target_size {
+                // A limit that counts snapshots must also hold the old content the guard
+                // keeps.
+                let during = if counts_snapshots {
+                    target.saturating_add(current.used)
+                } else {
+                    target
+                };
+                if Some(during) != current.size {
+                    driver.set_size(live, during)?;
+                }
             }
-        }
-        if let Some(bytes) = fault::quota_override() {
-            driver.set_size(live, bytes)?;
-        }
-        let root = driver.open_root(live)?;
-        timings.time("prepare", || {
-            tree::empty(root.root(), &live.to_string()).map_err(Error::from)
-        })?;
-        fault::point("refill:emptied")?;
-        vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
-        let events = &mut *vop.events;
-        timings.time("unpack", || {
-            unpack_into(events, &root, content, idmap, &[], metadata)
-                .map_err(|e| with_fill_numbers(driver, e, &root, content, plan.target_size))
-        })?;
-        fault::point("refill:unpacked")?;
-        if !keep.is_empty() {
-            let old = driver.open_guard(live)?;
-            let events = &mut *vop.events;
-            timings.time("preserve", || {
-                copy_preserved(events, &old, &root, keep, metadata)
+            if let Some(bytes) = fault::quota_override() {
+                driver.set_size(live, bytes)?;
+            }
+            let root = driver.open_root(live)?;
+            timings.time("prepare", || {
+                tree::empty(root.root(), &live.to_string()).map_err(Error::from)
             })?;
-            old.release()?;
-        }
-        seal(driver, vop.events, root, live, timings)?;
-        fault::point("refill:synced")
-    })();
-    if let Err(e) = built {
-        return Err(vop.recover_after(e, op, refilling, false));
-    }
+            fault::point("refill:emptied")?;
+            vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
+            unpack_step(vop, &root, &filling, &[], timings)?;
+            fault::point("refill:unpacked")?;
+            if !keep.is_empty() {
+                let old = driver.open_guard(live)?;
+                preserve_step(vop, old, &root, keep, filling.metadata, timings)?;
+            }
+            seal(driver, vop.events, root, live, timings)?;
+            fault::point("refill:synced")
+        },
+        VolumeOp::recover_from(op, refilling, false),
+    )?;
     vop.intent(op, Phase::Refilled, false)?;
     fault::point("refill:committed")?;
     let cleaned = timings.time("cleanup", || -> Result<()> {

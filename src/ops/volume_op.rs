@@ -74,6 +74,29 @@ impl VolumeOp<'_> {
         }
     }
 
+    /// Journals `phase`, then runs `step`; if it fails, `undo` turns the failure into what the
+    /// request reports (rolling back, or recovering from `phase` as `recover` would).
+    pub(super) fn journaled<T>(
+        &mut self,
+        op: IntentOp,
+        phase: Phase,
+        with_snapshots: bool,
+        step: impl FnOnce(&mut Self) -> Result<T>,
+        undo: impl FnOnce(&mut Self, Error) -> Error,
+    ) -> Result<T> {
+        self.intent(op, phase, with_snapshots)?;
+        step(self).map_err(|e| undo(self, e))
+    }
+
+    /// The `undo` of a step whose failure is recovered from its phase, as after a crash.
+    pub(super) fn recover_from(
+        op: IntentOp,
+        phase: Phase,
+        with_snapshots: bool,
+    ) -> impl FnOnce(&mut Self, Error) -> Error {
+        move |vop: &mut Self, e: Error| vop.recover_after(e, op, phase, with_snapshots)
+    }
+
     /// Destroys the `New` slot after a failure and clears the journal; if that fails too the
     /// journal stays so that the next request finishes the job, and the error says so.
     pub(super) fn roll_back_new(&mut self, err: Error) -> Error {
