@@ -75,6 +75,49 @@ impl Code {
     }
 }
 
+/// The warning codes (`warning.code`): something the caller should know, that did not stop
+/// the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Warning {
+    /// `size` cannot be enforced on this pool.
+    SizeIgnored,
+    /// What an interrupted request left was finished or rolled back first.
+    Recovered,
+    /// A `preserve` path does not exist in the old volume.
+    PreserveMissing,
+    /// An xattr the filesystem refused (with `"unsupported_metadata": "warn"`).
+    XattrFailed,
+    /// A text ACL entry that names a user or group (never resolved) was left out.
+    AclSkipped,
+    /// A squashfs socket, which belongs to a running program, was not unpacked.
+    SocketSkipped,
+    /// The request succeeded, but removing leftovers failed; the next request removes them.
+    CleanupPending,
+    /// `recover`: a volume is locked by a running request and was left alone.
+    Locked,
+    /// The thin pool's volumes are promised more than it holds.
+    Overcommitted,
+    /// The pool asks for quotas the filesystem cannot enforce.
+    QuotaUnavailable,
+}
+
+impl Warning {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Warning::SizeIgnored => "size_ignored",
+            Warning::Recovered => "recovered",
+            Warning::PreserveMissing => "preserve_missing",
+            Warning::XattrFailed => "xattr_failed",
+            Warning::AclSkipped => "acl_skipped",
+            Warning::SocketSkipped => "socket_skipped",
+            Warning::CleanupPending => "cleanup_pending",
+            Warning::Locked => "locked",
+            Warning::Overcommitted => "overcommitted",
+            Warning::QuotaUnavailable => "quota_unavailable",
+        }
+    }
+}
+
 impl fmt::Display for Code {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -46,7 +46,7 @@ impl Observer for UnpackObserver<'_> {
         self.events
             .progress(EventPhase::Unpack, done, self.total, "bytes");
     }
-    fn warning(&mut self, code: &str, message: &str) {
+    fn warning(&mut self, code: Warning, message: &str) {
         self.events.warning(code, message);
     }
     fn cancelled(&self) -> bool {

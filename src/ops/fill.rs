@@ -34,7 +34,7 @@ pub(super) fn measure_and_plan(
         // stands until the swap.
         if provisioned.saturating_add(size) > total {
             vop.events.warning(
-                "overcommitted",
+                Warning::Overcommitted,
                 &format!(
                     "the pool's volumes are promised {} bytes with this one, more than the {total} the pool has; writes fail when it fills up",
                     provisioned.saturating_add(size)
@@ -44,7 +44,7 @@ pub(super) fn measure_and_plan(
     }
     if plan.size_ignored {
         vop.events.warning(
-            "size_ignored",
+            Warning::SizeIgnored,
             &format!(
                 "the {} driver cannot limit a volume's size on this pool; `size` is not enforced",
                 driver.name()
@@ -104,7 +104,7 @@ pub(super) fn unpack_into(
             let mut observer = UnpackObserver { events, total };
             unpack::unpack(&mut image, root.root(), &options, &mut observer)?;
             for socket in &image.skipped_sockets {
-                events.warning("socket_skipped", &format!("{socket} is a socket; sockets belong to running programs and are not unpacked"));
+                events.warning(Warning::SocketSkipped, &format!("{socket} is a socket; sockets belong to running programs and are not unpacked"));
             }
         }
     }
@@ -163,7 +163,7 @@ pub(super) fn copy_preserved(
             UnsupportedMetadata::Fail => Err(unpack::unsupported_metadata(path, failure)),
             UnsupportedMetadata::Warn => {
                 events.warning(
-                    "xattr_failed",
+                    Warning::XattrFailed,
                     &format!(
                         "could not set xattr {} on {}: {}",
                         failure.name,
@@ -177,7 +177,7 @@ pub(super) fn copy_preserved(
     )?;
     for p in missing {
         events.warning(
-            "preserve_missing",
+            Warning::PreserveMissing,
             &format!("{p} does not exist in the old volume; nothing to preserve"),
         );
     }

@@ -26,11 +26,13 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use reimage_driver::{tree, Driver, KeepSnapshots, Mounted, Slot, SlotKind, Usage, VolumeName};
+use reimage_driver::{
+    tree, Driver, KeepSnapshots, Mounted, PoolWarning, Slot, SlotKind, Usage, VolumeName,
+};
 use serde_json::{json, Map, Value};
 
 use crate::config::{Config, Pool};
-use crate::error::{Code, Error, Result};
+use crate::error::{Code, Error, Result, Warning};
 use crate::image::{self, Format};
 use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::lock::VolumeLock;
@@ -67,7 +69,10 @@ pub struct Ctx<'a> {
 
 pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
     if let Some(driver) = ctx.driver {
-        for (code, message) in driver.warnings() {
+        for (condition, message) in driver.warnings() {
+            let code = match condition {
+                PoolWarning::QuotaUnavailable => Warning::QuotaUnavailable,
+            };
             ctx.events.warning(code, &message);
         }
     }

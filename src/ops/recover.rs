@@ -21,7 +21,7 @@ pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map
             Ok(v) => v,
             Err(e) if e.code == Code::Locked => {
                 ctx.events.warning(
-                    "locked",
+                    Warning::Locked,
                     &format!("volume {volume} is in use by a running request; skipped"),
                 );
                 continue;

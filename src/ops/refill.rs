@@ -85,7 +85,7 @@ pub(super) fn refill_in_place(
     match cleaned {
         Ok(()) => vop.journal.clear(volume)?,
         Err(e) => vop.events.warning(
-            "cleanup_pending",
+            Warning::CleanupPending,
             &format!("the volume holds the new content but its guard snapshot could not be removed yet ({}); the next request or `recover` removes it", e.message),
         ),
     }

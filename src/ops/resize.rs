@@ -22,7 +22,7 @@ pub(super) fn resize(
     match caps.size_model {
         reimage_driver::SizeModel::Unlimited => {
             vop.events.warning(
-                "size_ignored",
+                Warning::SizeIgnored,
                 &format!(
                     "the {} driver cannot limit a volume's size on this pool; nothing to resize",
                     driver.name()

@@ -38,7 +38,7 @@ impl VolumeOp<'_> {
             None => recover_orphans(self.driver, self.volume)?,
         };
         if let Some(o) = &outcome {
-            self.events.warning("recovered", &o.describe());
+            self.events.warning(Warning::Recovered, &o.describe());
         }
         Ok(outcome)
     }
@@ -172,7 +172,7 @@ impl VolumeOp<'_> {
         match cleaned {
             Ok(()) => self.journal.clear(volume)?,
             Err(e) => self.events.warning(
-                "cleanup_pending",
+                Warning::CleanupPending,
                 &format!("the new volume is in place but the old content could not be removed yet ({}); the next request or `recover` removes it", e.message),
             ),
         }

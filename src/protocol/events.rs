@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::error::Error;
+use crate::error::{Error, Warning};
 
 /// The phases named in `progress` events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,9 +169,9 @@ impl Events {
         self.bar_drawn = true;
     }
 
-    pub fn warning(&mut self, code: &str, message: &str) {
+    pub fn warning(&mut self, code: Warning, message: &str) {
         self.log(&format!("warning: {message}"));
-        self.emit(json!({"event": "warning", "code": code, "message": message}));
+        self.emit(json!({"event": "warning", "code": code.as_str(), "message": message}));
     }
 
     /// The final success event; `body` holds the op's fields (`volume`, `image`, ...).
@@ -222,7 +222,7 @@ mod tests {
         }
         ev.progress(Phase::Unpack, 1000, 1000, "bytes");
         ev.result("measure", Map::new());
-        ev.warning("late", "dropped");
+        ev.warning(Warning::Recovered, "dropped");
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<Value> = text
             .lines()

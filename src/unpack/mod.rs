@@ -20,7 +20,7 @@ use std::sync::Arc;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::error::{Code, Error, Result};
+use crate::error::{Code, Error, Result, Warning};
 use crate::image::tar::{Entry, Kind};
 use fs::{Born, Meta, RemoveError, Tree, XattrFailure};
 use idmap::IdMap;
@@ -33,7 +33,7 @@ pub use crate::image::archive::{Archive, PieceData};
 pub trait Observer {
     /// `done` bytes of file content written so far.
     fn progress(&mut self, done: u64);
-    fn warning(&mut self, code: &str, message: &str);
+    fn warning(&mut self, code: Warning, message: &str);
     /// `true` once the operation should stop (a signal arrived).
     fn cancelled(&self) -> bool;
 }
@@ -272,7 +272,7 @@ impl Unpacker<'_, '_> {
                     path.shown(),
                     std::io::Error::from(f.errno)
                 );
-                self.observer.warning("xattr_failed", &message);
+                self.observer.warning(Warning::XattrFailed, &message);
             }
         }
         Ok(())
@@ -295,7 +295,7 @@ impl Unpacker<'_, '_> {
             return Ok(());
         };
         for note in &entry.notes {
-            self.observer.warning("acl_skipped", note);
+            self.observer.warning(Warning::AclSkipped, note);
         }
         self.stats.entries += 1;
         let Some((parent_path, name)) = path.split_last() else {
@@ -617,7 +617,7 @@ impl Unpacker<'_, '_> {
                 "{} more xattrs could not be set (does the filesystem support them?)",
                 self.xattr_failures - SHOWN_XATTR_FAILURES
             );
-            self.observer.warning("xattr_failed", &message);
+            self.observer.warning(Warning::XattrFailed, &message);
         }
         self.observer.progress(self.stats.bytes);
         Ok(self.stats)

@@ -13,8 +13,8 @@ use std::path::Path;
 
 use reimage_driver::pooldir::PoolDir;
 use reimage_driver::{
-    tree, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, Result,
-    SizeModel, Slot, SlotKind, Usage, VolumeName,
+    tree, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, PoolWarning,
+    Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 use rustix::fs::Mode;
 use rustix::io::Errno;
@@ -165,9 +165,9 @@ impl Driver for DirDriver {
         project::set_limit(self.pool.fd.as_fd(), id, bytes)
     }
 
-    fn warnings(&self) -> Vec<(&'static str, String)> {
+    fn warnings(&self) -> Vec<(PoolWarning, String)> {
         match &self.quota_unavailable {
-            Some(why) => vec![("quota_unavailable", why.clone())],
+            Some(why) => vec![(PoolWarning::QuotaUnavailable, why.clone())],
             None => Vec::new(),
         }
     }

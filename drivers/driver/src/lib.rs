@@ -138,6 +138,13 @@ pub enum KeepSnapshots {
     Refill,
 }
 
+/// A condition of a pool that a driver reports at the start of every request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolWarning {
+    /// The pool asks for quotas that its filesystem cannot enforce.
+    QuotaUnavailable,
+}
+
 /// What a driver can do; the core and the conformance suite read it instead of guessing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
@@ -362,7 +369,7 @@ pub trait Driver {
     /// Conditions of the pool the caller should know about (code, message), reported as
     /// warnings at the start of every request: a quota the config asks for but the
     /// filesystem cannot enforce.
-    fn warnings(&self) -> Vec<(&'static str, String)> {
+    fn warnings(&self) -> Vec<(PoolWarning, String)> {
         Vec::new()
     }
 
