@@ -111,13 +111,13 @@ fn finish_commit(
         }
         if live.is_some() {
             if driver.capabilities().exchange {
-                driver.exchange(Slot::live(volume), Slot::new(volume))?;
+                driver.exchange(Slot::live(volume), Slot::building(volume))?;
             } else {
                 driver.rename(Slot::live(volume), Slot::old(volume))?;
-                driver.rename(Slot::new(volume), Slot::live(volume))?;
+                driver.rename(Slot::building(volume), Slot::live(volume))?;
             }
         } else {
-            driver.rename(Slot::new(volume), Slot::live(volume))?;
+            driver.rename(Slot::building(volume), Slot::live(volume))?;
         }
     }
     destroy_leftovers(driver, volume, Some(new_id), with_snapshots)?;
@@ -131,7 +131,7 @@ fn destroy_leftovers_restoring(
     volume: &VolumeName,
     with_snapshots: bool,
 ) -> Result<()> {
-    driver.destroy(Slot::new(volume), with_snapshots)?;
+    driver.destroy(Slot::building(volume), with_snapshots)?;
     if identity(driver, volume, SlotKind::Old)?.is_some() {
         if identity(driver, volume, SlotKind::Live)?.is_none() {
             driver.rename(Slot::old(volume), Slot::live(volume))?;
@@ -186,7 +186,7 @@ pub fn recover_volume(
         }
         (IntentOp::RebuildInPlace, Phase::DestroyingOld) => {
             driver.destroy(Slot::old(volume), snaps)?;
-            driver.destroy(Slot::new(volume), snaps)?;
+            driver.destroy(Slot::building(volume), snaps)?;
             if identity(driver, volume, SlotKind::Live)?.is_some() {
                 Action::RolledBack
             } else {
@@ -214,7 +214,7 @@ pub fn recover_orphans(driver: &dyn Driver, volume: &VolumeName) -> Result<Optio
     if new.is_none() && old.is_none() {
         return Ok(None);
     }
-    driver.destroy(Slot::new(volume), false)?;
+    driver.destroy(Slot::building(volume), false)?;
     let action = if old.is_some() && live.is_none() {
         driver.rename(Slot::old(volume), Slot::live(volume))?;
         Action::RolledBack

@@ -9,10 +9,10 @@ pub(super) fn create(
 ) -> Result<Map<String, Value>> {
     let mut timings = Timings::start();
     let config = ctx.config;
-    let mut vop = lock_volume(&mut ctx, volume)?;
-    let driver = vop.driver;
+    let mut held = lock_volume(&mut ctx, volume)?;
+    let driver = held.driver;
     if !fill.dry_run {
-        vop.recover_first()?;
+        held.recover_first()?;
     }
     if driver.identity(Slot::live(volume))?.is_some() {
         return Err(Error::new(
@@ -27,7 +27,7 @@ pub(super) fn create(
     let idmap = IdMap::new(fill.idmap.clone());
     let (content, plan) = measure_and_plan(
         config,
-        &mut vop,
+        &mut held,
         fill,
         &idmap,
         None,
@@ -49,19 +49,25 @@ pub(super) fn create(
         metadata: fill.unsupported_metadata,
         target_size: plan.target_size,
     };
-    let new_id = vop.journaled(
+    let new_id = held.journaled(
         IntentOp::Create,
         Phase::Building,
         false,
-        |vop| {
+        |held| {
             fault::point("create:journaled")?;
-            let root = create_new(vop, plan.target_size, "create:created", &mut timings)?;
-            unpack_step(vop, &root, &filling, &[], &mut timings)?;
+            let root = create_new(held, plan.target_size, "create:created", &mut timings)?;
+            unpack_step(held, &root, &filling, &[], &mut timings)?;
             fault::point("create:unpacked")?;
-            seal(driver, vop.events, root, Slot::new(volume), &mut timings)
+            seal(
+                driver,
+                held.events,
+                root,
+                Slot::building(volume),
+                &mut timings,
+            )
         },
-        VolumeOp::roll_back_new,
+        LockedVolume::roll_back_new,
     )?;
-    vop.commit(IntentOp::Create, new_id, false, &mut timings)?;
+    held.commit(IntentOp::Create, new_id, false, &mut timings)?;
     fill_result(driver, volume, &content, &timings)
 }

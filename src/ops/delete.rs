@@ -7,9 +7,9 @@ pub(super) fn delete(
     volume: &VolumeName,
     snapshots: SnapshotPolicy,
 ) -> Result<Map<String, Value>> {
-    let mut vop = lock_volume(&mut ctx, volume)?;
-    let driver = vop.driver;
-    vop.recover_first()?;
+    let mut held = lock_volume(&mut ctx, volume)?;
+    let driver = held.driver;
+    held.recover_first()?;
     let live = Slot::live(volume);
     if driver.identity(live)?.is_none() {
         return Err(Error::new(
@@ -17,7 +17,7 @@ pub(super) fn delete(
             format!("volume {volume} does not exist"),
         ));
     }
-    vop.check_not_busy(live)?;
+    held.check_not_busy(live)?;
     let existing = driver.snapshots(live)?;
     if !existing.is_empty() && snapshots == SnapshotPolicy::Refuse {
         return Err(Error::new(
@@ -33,10 +33,10 @@ pub(super) fn delete(
     if with_snapshots {
         refuse_clones(driver, volume)?;
     }
-    vop.events.progress(EventPhase::Cleanup, 0, 1, "steps");
+    held.events.progress(EventPhase::Cleanup, 0, 1, "steps");
     // A failure finishes what can be finished: a volume moved aside is deleted, one still
     // under its name stays.
-    vop.journaled(
+    held.journaled(
         IntentOp::Delete,
         Phase::Deleting,
         with_snapshots,
@@ -47,11 +47,11 @@ pub(super) fn delete(
             driver.destroy(Slot::old(volume), with_snapshots)?;
             fault::point("delete:destroyed")
         },
-        VolumeOp::recover_from(IntentOp::Delete, Phase::Deleting, with_snapshots),
+        LockedVolume::recover_from(IntentOp::Delete, Phase::Deleting, with_snapshots),
     )?;
-    vop.journal.clear(volume)?;
+    held.journal.clear(volume)?;
     driver.forget(volume)?;
-    vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+    held.events.progress(EventPhase::Cleanup, 1, 1, "steps");
     let mut out = Map::new();
     out.insert(
         "volume".into(),

@@ -7,20 +7,20 @@ use super::*;
 /// create and rebuild share before anything changes); warns when `size` cannot be enforced.
 pub(super) fn measure_and_plan(
     config: &Config,
-    vop: &mut VolumeOp<'_>,
+    held: &mut LockedVolume<'_>,
     fill: &Fill,
     idmap: &IdMap,
     current: Option<&reimage_driver::Usage>,
     mode: Mode,
     timings: &mut Timings,
 ) -> Result<(Content, Plan)> {
-    let content = open_and_measure(config, vop.events, &fill.source, idmap, timings)?;
+    let content = open_and_measure(config, held.events, &fill.source, idmap, timings)?;
     let tally = content.measurement().tally;
     let need = Need {
         bytes: tally.allocated_bytes,
         inodes: tally.inodes,
     };
-    let driver = vop.driver;
+    let driver = held.driver;
     let plan = plan_fill(
         driver.capabilities().size_model,
         fill,
@@ -33,7 +33,7 @@ pub(super) fn measure_and_plan(
         // The old volume's promise goes away in a rebuild; it is still counted here, as it
         // stands until the swap.
         if provisioned.saturating_add(size) > total {
-            vop.events.warning(
+            held.events.warning(
                 Warning::Overcommitted,
                 &format!(
                     "the pool's volumes are promised {} bytes with this one, more than the {total} the pool has; writes fail when it fills up",
@@ -43,7 +43,7 @@ pub(super) fn measure_and_plan(
         }
     }
     if plan.size_ignored {
-        vop.events.warning(
+        held.events.warning(
             Warning::SizeIgnored,
             &format!(
                 "the {} driver cannot limit a volume's size on this pool; `size` is not enforced",
@@ -149,15 +149,15 @@ pub(super) fn copy_preserved(
     events: &mut Events,
     old: &Mounted,
     new: &Mounted,
-    keep: &[RelPath],
+    preserved: &[RelPath],
     metadata: UnsupportedMetadata,
 ) -> Result<()> {
-    events.progress(EventPhase::Preserve, 0, keep.len() as u64, "paths");
+    events.progress(EventPhase::Preserve, 0, preserved.len() as u64, "paths");
     let mut missing = Vec::new();
     preserve::preserve(
         old.root(),
         new.root(),
-        keep,
+        preserved,
         &mut |p| missing.push(p.shown()),
         &mut |path, failure| match metadata {
             UnsupportedMetadata::Fail => Err(unpack::unsupported_metadata(path, failure)),
@@ -183,8 +183,8 @@ pub(super) fn copy_preserved(
     }
     events.progress(
         EventPhase::Preserve,
-        keep.len() as u64,
-        keep.len() as u64,
+        preserved.len() as u64,
+        preserved.len() as u64,
         "paths",
     );
     Ok(())
@@ -273,32 +273,35 @@ pub(super) struct Filling<'a> {
 /// The build's first step: the `New` slot created at the plan's size (fault point `created`
 /// passed), and its root opened.
 pub(super) fn create_new(
-    vop: &mut VolumeOp<'_>,
+    held: &mut LockedVolume<'_>,
     target_size: Option<u64>,
     created: &str,
     timings: &mut Timings,
 ) -> Result<Mounted> {
-    let (driver, volume) = (vop.driver, vop.volume);
-    vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+    let (driver, volume) = (held.driver, held.volume);
+    held.events.progress(EventPhase::Prepare, 0, 1, "steps");
     timings.time("prepare", || {
-        driver.create(Slot::new(volume), fault::quota_override().or(target_size))
+        driver.create(
+            Slot::building(volume),
+            fault::quota_override().or(target_size),
+        )
     })?;
     fault::point(created)?;
-    let root = driver.open_root(Slot::new(volume))?;
-    vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
+    let root = driver.open_root(Slot::building(volume))?;
+    held.events.progress(EventPhase::Prepare, 1, 1, "steps");
     Ok(root)
 }
 
 /// Unpacks the content into `root`, leaving out the `skip` paths (already preserved).
 pub(super) fn unpack_step(
-    vop: &mut VolumeOp<'_>,
+    held: &mut LockedVolume<'_>,
     root: &Mounted,
     filling: &Filling<'_>,
     skip: &[RelPath],
     timings: &mut Timings,
 ) -> Result<()> {
-    let driver = vop.driver;
-    let events = &mut *vop.events;
+    let driver = held.driver;
+    let events = &mut *held.events;
     timings.time("unpack", || {
         unpack_into(
             events,
@@ -312,18 +315,18 @@ pub(super) fn unpack_step(
     })
 }
 
-/// Copies the `keep` paths from the old content (`old`, released afterwards) into `root`.
+/// Copies the `preserved` paths from the old content (`old`, released afterwards) into `root`.
 pub(super) fn preserve_step(
-    vop: &mut VolumeOp<'_>,
+    held: &mut LockedVolume<'_>,
     old: Mounted,
     root: &Mounted,
-    keep: &[RelPath],
+    preserved: &[RelPath],
     metadata: UnsupportedMetadata,
     timings: &mut Timings,
 ) -> Result<()> {
-    let events = &mut *vop.events;
+    let events = &mut *held.events;
     timings.time("preserve", || {
-        copy_preserved(events, &old, root, keep, metadata)
+        copy_preserved(events, &old, root, preserved, metadata)
     })?;
     old.release().map_err(Error::from)
 }

@@ -11,13 +11,13 @@ mod create;
 mod delete;
 mod fill;
 mod inspect;
+mod locked_volume;
 mod measure;
 mod rebuild;
 mod recover;
 mod refill;
 mod resize;
 mod timings;
-mod volume_op;
 
 #[cfg(test)]
 mod tests;
@@ -51,13 +51,13 @@ use create::*;
 use delete::*;
 use fill::*;
 use inspect::*;
+use locked_volume::*;
 use measure::*;
 use rebuild::*;
 use recover::*;
 use refill::*;
 use resize::*;
 use timings::*;
-use volume_op::*;
 
 /// Everything an operation works with.
 pub struct Ctx<'a> {
@@ -103,10 +103,10 @@ fn needs<'a>(ctx: &Ctx<'a>) -> Result<(&'a Pool, &'a dyn Driver)> {
     }
 }
 
-fn lock_volume<'a>(ctx: &'a mut Ctx<'_>, volume: &'a VolumeName) -> Result<VolumeOp<'a>> {
+fn lock_volume<'a>(ctx: &'a mut Ctx<'_>, volume: &'a VolumeName) -> Result<LockedVolume<'a>> {
     let (pool, driver) = needs(ctx)?;
     let lock = VolumeLock::acquire(&ctx.config.state_dir, &pool.name, volume.as_str())?;
-    Ok(VolumeOp {
+    Ok(LockedVolume {
         driver,
         journal: Journal::new(&ctx.config.state_dir, &pool.name),
         volume,

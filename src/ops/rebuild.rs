@@ -13,11 +13,11 @@ pub(super) fn rebuild(
 ) -> Result<Map<String, Value>> {
     let mut timings = Timings::start();
     let config = ctx.config;
-    let mut vop = lock_volume(&mut ctx, volume)?;
-    let driver = vop.driver;
-    let pending = vop.journal.read(volume)?.is_some();
+    let mut held = lock_volume(&mut ctx, volume)?;
+    let driver = held.driver;
+    let pending = held.journal.read(volume)?.is_some();
     if !fill.dry_run {
-        vop.recover_first()?;
+        held.recover_first()?;
     }
     let live = Slot::live(volume);
     if driver.identity(live)?.is_none() {
@@ -26,7 +26,7 @@ pub(super) fn rebuild(
             format!("volume {volume} does not exist; use create"),
         ));
     }
-    vop.check_not_busy(live)?;
+    held.check_not_busy(live)?;
     let existing = driver.snapshots(live)?;
     if !existing.is_empty() {
         match snapshots {
@@ -57,12 +57,12 @@ pub(super) fn rebuild(
     let refill = snapshots == SnapshotPolicy::Keep
         && !existing.is_empty()
         && driver.capabilities().keep_snapshots == KeepSnapshots::Refill;
-    let keep = preserve_paths(preserve_list)?;
+    let preserved = preserve_paths(preserve_list)?;
     let idmap = IdMap::new(fill.idmap.clone());
     let current = driver.usage(live)?;
     let (content, plan) = measure_and_plan(
         config,
-        &mut vop,
+        &mut held,
         fill,
         &idmap,
         Some(&current),
@@ -102,12 +102,12 @@ pub(super) fn rebuild(
     cancelled_check()?;
     if refill {
         refill_in_place(
-            &mut vop,
+            &mut held,
             &content,
             &plan,
             &current,
             fill,
-            &keep,
+            &preserved,
             &mut timings,
         )?;
         return fill_result(driver, volume, &content, &timings);
@@ -121,68 +121,88 @@ pub(super) fn rebuild(
     match mode {
         Mode::Atomic => {
             let op = IntentOp::Rebuild;
-            let new_id = vop.journaled(
+            let new_id = held.journaled(
                 op,
                 Phase::Building,
                 with_snapshots,
-                |vop| {
+                |held| {
                     fault::point("rebuild:journaled")?;
-                    let root = create_new(vop, plan.target_size, "rebuild:created", &mut timings)?;
-                    unpack_step(vop, &root, &filling, &[], &mut timings)?;
+                    let root = create_new(held, plan.target_size, "rebuild:created", &mut timings)?;
+                    unpack_step(held, &root, &filling, &[], &mut timings)?;
                     fault::point("rebuild:unpacked")?;
-                    if !keep.is_empty() {
+                    if !preserved.is_empty() {
                         let old = driver.open_root(live)?;
-                        preserve_step(vop, old, &root, &keep, filling.metadata, &mut timings)?;
+                        preserve_step(
+                            held,
+                            old,
+                            &root,
+                            &preserved,
+                            filling.metadata,
+                            &mut timings,
+                        )?;
                     }
-                    let id = seal(driver, vop.events, root, Slot::new(volume), &mut timings)?;
+                    let id = seal(
+                        driver,
+                        held.events,
+                        root,
+                        Slot::building(volume),
+                        &mut timings,
+                    )?;
                     fault::point("rebuild:synced")?;
                     Ok(id)
                 },
-                VolumeOp::roll_back_new,
+                LockedVolume::roll_back_new,
             )?;
-            vop.commit(op, new_id, with_snapshots, &mut timings)?;
+            held.commit(op, new_id, with_snapshots, &mut timings)?;
         }
         Mode::InPlace => {
             let op = IntentOp::RebuildInPlace;
             // Until the old content is destroyed, a failure puts it back.
-            let root = vop.journaled(
+            let root = held.journaled(
                 op,
                 Phase::Detaching,
                 with_snapshots,
-                |vop| {
+                |held| {
                     fault::point("inplace:journaled")?;
                     driver.rename(live, Slot::old(volume))?;
                     fault::point("inplace:detached")?;
-                    let root = create_new(vop, plan.target_size, "inplace:created", &mut timings)?;
-                    if !keep.is_empty() {
+                    let root = create_new(held, plan.target_size, "inplace:created", &mut timings)?;
+                    if !preserved.is_empty() {
                         let old = driver.open_root(Slot::old(volume))?;
-                        preserve_step(vop, old, &root, &keep, filling.metadata, &mut timings)?;
+                        preserve_step(
+                            held,
+                            old,
+                            &root,
+                            &preserved,
+                            filling.metadata,
+                            &mut timings,
+                        )?;
                     }
                     cancelled_check()?;
                     Ok(root)
                 },
-                VolumeOp::recover_from(op, Phase::Detaching, with_snapshots),
+                LockedVolume::recover_from(op, Phase::Detaching, with_snapshots),
             )?;
-            let new_id = vop.journaled(
+            let new_id = held.journaled(
                 op,
                 Phase::DestroyingOld,
                 with_snapshots,
-                |vop| {
+                |held| {
                     fault::point("inplace:destroying")?;
                     timings.time("cleanup", || {
                         driver.destroy(Slot::old(volume), with_snapshots)
                     })?;
-                    unpack_step(vop, &root, &filling, &keep, &mut timings)?;
+                    unpack_step(held, &root, &filling, &preserved, &mut timings)?;
                     fault::point("inplace:unpacked")?;
-                    seal(driver, vop.events, root, Slot::new(volume), &mut timings)
+                    seal(driver, held.events, root, Slot::building(volume), &mut timings)
                 },
-                |vop, e| {
+                |held, e| {
                     // Past the point of no return: finish destroying the old content (a
                     // failure there may have left part of it), then drop the half-built new
                     // volume. If the old one cannot be destroyed now, the journal stays at
                     // this phase and `recover` finishes it.
                     let e = match driver.destroy(Slot::old(volume), with_snapshots) {
-                        Ok(()) => vop.roll_back_new(e),
+                        Ok(()) => held.roll_back_new(e),
                         Err(again) => recovery_pending(e, &Error::from(again)),
                     };
                     e.with("volume_lost", true).context(format!(
@@ -190,7 +210,7 @@ pub(super) fn rebuild(
                     ))
                 },
             )?;
-            vop.commit(op, new_id, with_snapshots, &mut timings)?;
+            held.commit(op, new_id, with_snapshots, &mut timings)?;
         }
     }
     fill_result(driver, volume, &content, &timings)

@@ -17,7 +17,7 @@ pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map
     volumes.dedup();
     let mut recovered = Vec::new();
     for volume in &volumes {
-        let mut vop = match lock_volume(&mut ctx, volume) {
+        let mut held = match lock_volume(&mut ctx, volume) {
             Ok(v) => v,
             Err(e) if e.code == Code::Locked => {
                 ctx.events.warning(
@@ -28,7 +28,7 @@ pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map
             }
             Err(e) => return Err(e),
         };
-        if let Some(outcome) = vop.recover_first()? {
+        if let Some(outcome) = held.recover_first()? {
             recovered.push(outcome.to_json());
         }
     }

@@ -9,12 +9,12 @@ use super::*;
 /// rolls the volume back to the guard, and its size back to what it was; success drops the
 /// guard. Existing snapshots are never touched.
 pub(super) fn refill_in_place(
-    vop: &mut VolumeOp<'_>,
+    held: &mut LockedVolume<'_>,
     content: &Content,
     plan: &Plan,
     current: &Usage,
     fill: &Fill,
-    keep: &[RelPath],
+    preserved: &[RelPath],
     timings: &mut Timings,
 ) -> Result<()> {
     let idmap = IdMap::new(fill.idmap.clone());
@@ -24,20 +24,20 @@ pub(super) fn refill_in_place(
         metadata: fill.unsupported_metadata,
         target_size: plan.target_size,
     };
-    let (driver, volume) = (vop.driver, vop.volume);
+    let (driver, volume) = (held.driver, held.volume);
     let live = Slot::live(volume);
     let op = IntentOp::RebuildRefill;
     let counts_snapshots = driver.capabilities().size_counts_snapshots;
     let refilling = Phase::Refilling {
         size_before: current.size,
     };
-    vop.journaled(
+    held.journaled(
         op,
         refilling.clone(),
         false,
-        |vop| {
+        |held| {
             fault::point("refill:journaled")?;
-            vop.events.progress(EventPhase::Prepare, 0, 1, "steps");
+            held.events.progress(EventPhase::Prepare, 0, 1, "steps");
             driver.set_guard(live)?;
             fault::point("refill:guarded")?;
             if let Some(target) = plan.target_size {
@@ -60,19 +60,19 @@ pub(super) fn refill_in_place(
                 tree::empty(root.root(), &live.to_string()).map_err(Error::from)
             })?;
             fault::point("refill:emptied")?;
-            vop.events.progress(EventPhase::Prepare, 1, 1, "steps");
-            unpack_step(vop, &root, &filling, &[], timings)?;
+            held.events.progress(EventPhase::Prepare, 1, 1, "steps");
+            unpack_step(held, &root, &filling, &[], timings)?;
             fault::point("refill:unpacked")?;
-            if !keep.is_empty() {
+            if !preserved.is_empty() {
                 let old = driver.open_guard(live)?;
-                preserve_step(vop, old, &root, keep, filling.metadata, timings)?;
+                preserve_step(held, old, &root, preserved, filling.metadata, timings)?;
             }
-            seal(driver, vop.events, root, live, timings)?;
+            seal(driver, held.events, root, live, timings)?;
             fault::point("refill:synced")
         },
-        VolumeOp::recover_from(op, refilling, false),
+        LockedVolume::recover_from(op, refilling, false),
     )?;
-    vop.intent(op, Phase::Refilled, false)?;
+    held.intent(op, Phase::Refilled, false)?;
     fault::point("refill:committed")?;
     let cleaned = timings.time("cleanup", || -> Result<()> {
         driver.drop_guard(live)?;
@@ -83,12 +83,12 @@ pub(super) fn refill_in_place(
         Ok(())
     });
     match cleaned {
-        Ok(()) => vop.journal.clear(volume)?,
-        Err(e) => vop.events.warning(
+        Ok(()) => held.journal.clear(volume)?,
+        Err(e) => held.events.warning(
             Warning::CleanupPending,
             &format!("the volume holds the new content but its guard snapshot could not be removed yet ({}); the next request or `recover` removes it", e.message),
         ),
     }
-    vop.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+    held.events.progress(EventPhase::Cleanup, 1, 1, "steps");
     Ok(())
 }

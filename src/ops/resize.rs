@@ -7,9 +7,9 @@ pub(super) fn resize(
     volume: &VolumeName,
     size: u64,
 ) -> Result<Map<String, Value>> {
-    let mut vop = lock_volume(&mut ctx, volume)?;
-    let driver = vop.driver;
-    vop.recover_first()?;
+    let mut held = lock_volume(&mut ctx, volume)?;
+    let driver = held.driver;
+    held.recover_first()?;
     let live = Slot::live(volume);
     if driver.identity(live)?.is_none() {
         return Err(Error::new(
@@ -21,7 +21,7 @@ pub(super) fn resize(
     let usage = driver.usage(live)?;
     match caps.size_model {
         reimage_driver::SizeModel::Unlimited => {
-            vop.events.warning(
+            held.events.warning(
                 Warning::SizeIgnored,
                 &format!(
                     "the {} driver cannot limit a volume's size on this pool; nothing to resize",

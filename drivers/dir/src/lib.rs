@@ -238,17 +238,17 @@ mod tests {
         let v = VolumeName::parse("c1").unwrap();
         d.create(Slot::live(&v), None).unwrap();
         std::fs::write(dir.path().join("c1/old"), b"x").unwrap();
-        d.create(Slot::new(&v), None).unwrap();
+        d.create(Slot::building(&v), None).unwrap();
         std::fs::create_dir(dir.path().join(".reimage-new.c1/sub")).unwrap();
         std::fs::write(dir.path().join(".reimage-new.c1/sub/new"), b"y").unwrap();
-        let new_id = d.identity(Slot::new(&v)).unwrap();
-        d.exchange(Slot::live(&v), Slot::new(&v)).unwrap();
+        let new_id = d.identity(Slot::building(&v)).unwrap();
+        d.exchange(Slot::live(&v), Slot::building(&v)).unwrap();
         assert_eq!(d.identity(Slot::live(&v)).unwrap(), new_id);
         assert_eq!(d.leftovers().unwrap(), vec![(v.clone(), SlotKind::New)]);
-        d.destroy(Slot::new(&v), false).unwrap();
+        d.destroy(Slot::building(&v), false).unwrap();
         assert!(dir.path().join("c1/sub/new").exists());
         assert!(d.leftovers().unwrap().is_empty());
-        assert_eq!(d.identity(Slot::new(&v)).unwrap(), None);
+        assert_eq!(d.identity(Slot::building(&v)).unwrap(), None);
     }
 
     #[test]

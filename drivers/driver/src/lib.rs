@@ -64,7 +64,8 @@ impl<'a> Slot<'a> {
             kind: SlotKind::Live,
         }
     }
-    pub fn new(volume: &'a VolumeName) -> Self {
+    /// The slot the volume's next content is built in.
+    pub fn building(volume: &'a VolumeName) -> Self {
         Slot {
             volume,
             kind: SlotKind::New,
@@ -328,7 +329,7 @@ pub trait Driver {
     fn identities(&self, volume: &VolumeName) -> Result<[Option<String>; 3]> {
         Ok([
             self.identity(Slot::live(volume))?,
-            self.identity(Slot::new(volume))?,
+            self.identity(Slot::building(volume))?,
             self.identity(Slot::old(volume))?,
         ])
     }

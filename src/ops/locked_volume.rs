@@ -1,11 +1,11 @@
-//! One volume's operation context: its driver, journal and lock, and the journaled steps
+//! A volume under its lock: its driver, journal and lock, and the journaled steps
 //! every operation shares (intents, recovery after a failed step, the commit that swaps a
 //! complete new volume in).
 
 use super::*;
 
-/// One volume's operation context: driver, journal and the held lock.
-pub(super) struct VolumeOp<'a> {
+/// A volume under its lock: its driver and journal, and the steps that journal.
+pub(super) struct LockedVolume<'a> {
     pub(super) driver: &'a dyn Driver,
     pub(super) journal: Journal,
     pub(super) volume: &'a VolumeName,
@@ -13,7 +13,7 @@ pub(super) struct VolumeOp<'a> {
     pub(super) _lock: VolumeLock,
 }
 
-impl VolumeOp<'_> {
+impl LockedVolume<'_> {
     pub(super) fn intent(&self, op: IntentOp, phase: Phase, with_snapshots: bool) -> Result<()> {
         self.journal.write(
             self.volume,
@@ -94,7 +94,7 @@ impl VolumeOp<'_> {
         phase: Phase,
         with_snapshots: bool,
     ) -> impl FnOnce(&mut Self, Error) -> Error {
-        move |vop: &mut Self, e: Error| vop.recover_after(e, op, phase, with_snapshots)
+        move |held: &mut Self, e: Error| held.recover_after(e, op, phase, with_snapshots)
     }
 
     /// Destroys the `New` slot after a failure and clears the journal; if that fails too the
@@ -102,7 +102,7 @@ impl VolumeOp<'_> {
     pub(super) fn roll_back_new(&mut self, err: Error) -> Error {
         let undone = self
             .driver
-            .destroy(Slot::new(self.volume), false)
+            .destroy(Slot::building(self.volume), false)
             .map_err(Error::from)
             .and_then(|()| self.journal.clear(self.volume));
         match undone {
@@ -142,12 +142,12 @@ impl VolumeOp<'_> {
         let swapped = timings.time("swap", || -> Result<()> {
             let live_exists = driver.identity(Slot::live(volume))?.is_some();
             if !live_exists {
-                driver.rename(Slot::new(volume), Slot::live(volume))?;
+                driver.rename(Slot::building(volume), Slot::live(volume))?;
             } else if driver.capabilities().exchange {
-                driver.exchange(Slot::live(volume), Slot::new(volume))?;
+                driver.exchange(Slot::live(volume), Slot::building(volume))?;
             } else {
                 driver.rename(Slot::live(volume), Slot::old(volume))?;
-                driver.rename(Slot::new(volume), Slot::live(volume))?;
+                driver.rename(Slot::building(volume), Slot::live(volume))?;
             }
             Ok(())
         });
