@@ -120,10 +120,11 @@ fn execute(
         None => None,
     };
     // Policy before any storage is looked at: an image outside images.allow is refused
-    // here, whatever the op.
-    if let Some(request::Source::Image { path, .. }) = op.source() {
-        config.open_image(path)?;
-    }
+    // here, whatever the op; the file opened here is the one the operation reads.
+    let image = match op.source() {
+        Some(request::Source::Image { path, .. }) => Some(config.open_image(path)?),
+        _ => None,
+    };
     events.start(
         op.name(),
         args.driver.as_str(),
@@ -138,6 +139,7 @@ fn execute(
         pool,
         driver: driver.as_deref(),
         events,
+        image: image.as_ref(),
     };
     let body = ops::run(ctx, &op)?;
     Ok((op.name().to_owned(), body))

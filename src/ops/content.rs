@@ -58,6 +58,7 @@ pub(super) fn open_and_measure(
     config: &Config,
     events: &mut Events,
     source: &Source,
+    image: Option<&OpenedImage>,
     idmap: &IdMap,
     timings: &mut Timings,
 ) -> Result<Content> {
@@ -68,7 +69,15 @@ pub(super) fn open_and_measure(
             rootfs_prefix,
         } => (path, rootfs_prefix.as_deref()),
     };
-    let (file, resolved) = config.open_image(path)?;
+    // The file the policy check opened, not the path again: what was checked is what is read.
+    let (file, resolved) = match image {
+        Some((file, resolved)) => (
+            file.try_clone()
+                .map_err(|e| Error::internal(format!("cannot duplicate the image's fd: {e}")))?,
+            resolved.clone(),
+        ),
+        None => config.open_image(path)?,
+    };
     let detected = image::detect(&file)?;
     let key = cache::key(&file, prefix, idmap.ranges());
     let remembered = key

@@ -14,7 +14,14 @@ pub(super) fn measure_and_plan(
     mode: Mode,
     timings: &mut Timings,
 ) -> Result<(Content, Plan)> {
-    let content = open_and_measure(config, held.events, &fill.source, idmap, timings)?;
+    let content = open_and_measure(
+        config,
+        held.events,
+        &fill.source,
+        held.image,
+        idmap,
+        timings,
+    )?;
     let tally = content.measurement().tally;
     let need = Need {
         bytes: tally.allocated_bytes,

@@ -10,6 +10,7 @@ pub(super) struct LockedVolume<'a> {
     pub(super) journal: Journal,
     pub(super) volume: &'a VolumeName,
     pub(super) events: &'a mut Events,
+    pub(super) image: Option<&'a OpenedImage>,
     pub(super) _lock: VolumeLock,
 }
 

@@ -8,6 +8,7 @@ pub(super) fn measure(ctx: Ctx<'_>, source: &Source) -> Result<Map<String, Value
         ctx.config,
         ctx.events,
         source,
+        ctx.image,
         &IdMap::default(),
         &mut timings,
     )?;

@@ -65,7 +65,12 @@ pub struct Ctx<'a> {
     pub pool: Option<&'a Pool>,
     pub driver: Option<&'a dyn Driver>,
     pub events: &'a mut Events,
+    /// The request's image, opened once when the policy allowed it (`None` without one).
+    pub image: Option<&'a OpenedImage>,
 }
+
+/// An image file opened by its resolved path, and that path.
+pub type OpenedImage = (File, PathBuf);
 
 pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
     if let Some(driver) = ctx.driver {
@@ -111,6 +116,7 @@ fn lock_volume<'a>(ctx: &'a mut Ctx<'_>, volume: &'a VolumeName) -> Result<Locke
         journal: Journal::new(&ctx.config.state_dir, &pool.name),
         volume,
         events: ctx.events,
+        image: ctx.image,
         _lock: lock,
     })
 }

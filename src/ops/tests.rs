@@ -100,6 +100,7 @@ impl World {
                     pool: Some(&self.pool),
                     driver: Some(&self.driver),
                     events: &mut events,
+                    image: None,
                 },
                 &op,
             )
