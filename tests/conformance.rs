@@ -742,64 +742,87 @@ fn hostile_names_are_refused(backend: Backend) {
 const DEEP: usize = 4200;
 
 /// Makes `DEEP` nested directories `d` below `root/name`, with a file at the bottom, by
-/// descriptors (a path that deep cannot be named).
+/// descriptors (a path that deep cannot be named). Every descriptor is owned, so a failed
+/// step closes them all and the test's pool can still be unmounted.
 fn make_deep_tree(root: &Path, name: &str) {
     use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let c = |s: &str| CString::new(s).unwrap();
-    // SAFETY: plain syscalls on descriptors this function owns.
-    unsafe {
-        let mut fd = libc::open(
+    let owned = |fd: i32| {
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor just returned by the kernel, owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    };
+    // SAFETY (each call below): plain syscalls on descriptors owned here.
+    let mut dir = owned(unsafe {
+        libc::open(
             c(root.to_str().unwrap()).as_ptr(),
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    });
+    for level in 0..=DEEP {
+        let child = if level == 0 { c(name) } else { c("d") };
+        let made = unsafe { libc::mkdirat(dir.as_raw_fd(), child.as_ptr(), 0o755) };
+        assert_eq!(
+            made,
+            0,
+            "level {level}: {}",
+            std::io::Error::last_os_error()
         );
-        assert!(fd >= 0);
-        for level in 0..=DEEP {
-            let dir = if level == 0 { c(name) } else { c("d") };
-            assert_eq!(libc::mkdirat(fd, dir.as_ptr(), 0o755), 0, "level {level}");
-            let next = libc::openat(fd, dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
-            assert!(next >= 0);
-            libc::close(fd);
-            fd = next;
-        }
-        let file = libc::openat(
-            fd,
-            c("bottom").as_ptr(),
-            libc::O_CREAT | libc::O_WRONLY,
-            0o644,
-        );
-        assert!(file >= 0);
-        assert_eq!(libc::write(file, b"deep".as_ptr().cast(), 4), 4);
-        libc::close(file);
-        libc::close(fd);
+        dir = owned(unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                child.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        });
     }
+    let file = owned(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c("bottom").as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o644,
+        )
+    });
+    assert_eq!(
+        unsafe { libc::write(file.as_raw_fd(), b"deep".as_ptr().cast(), 4) },
+        4
+    );
 }
 
 /// The depth of the chain of `d` directories below `root/name`, and whether its bottom file
 /// is there.
 fn deep_tree_depth(root: &Path, name: &str) -> (usize, bool) {
     use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let c = |s: &str| CString::new(s).unwrap();
-    // SAFETY: as above.
-    unsafe {
-        let mut fd = libc::open(
+    // SAFETY (each call below): plain syscalls on descriptors owned here.
+    let fd = unsafe {
+        libc::open(
             c(root.join(name).to_str().unwrap()).as_ptr(),
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        );
-        assert!(fd >= 0, "{name} is missing");
-        let mut depth = 0;
-        loop {
-            let next = libc::openat(fd, c("d").as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
-            if next < 0 {
-                break;
-            }
-            libc::close(fd);
-            fd = next;
-            depth += 1;
+        )
+    };
+    assert!(fd >= 0, "{name} is missing");
+    let mut dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut depth = 0;
+    loop {
+        let next = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c("d").as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if next < 0 {
+            break;
         }
-        let bottom = libc::faccessat(fd, c("bottom").as_ptr(), libc::F_OK, 0) == 0;
-        libc::close(fd);
-        (depth, bottom)
+        dir = unsafe { OwnedFd::from_raw_fd(next) };
+        depth += 1;
     }
+    let bottom = unsafe { libc::faccessat(dir.as_raw_fd(), c("bottom").as_ptr(), libc::F_OK, 0) };
+    (depth, bottom == 0)
 }
 
 /// A tree deeper than any path can name and than the open-file limit (64 here) is inspected,
