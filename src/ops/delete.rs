@@ -11,12 +11,7 @@ pub(super) fn delete(
     let driver = held.driver;
     held.recover_first()?;
     let live = Slot::live(volume);
-    if driver.identity(live)?.is_none() {
-        return Err(Error::new(
-            Code::NotFound,
-            format!("volume {volume} does not exist"),
-        ));
-    }
+    held.require_live("")?;
     held.check_not_busy(live)?;
     let existing = driver.snapshots(live)?;
     if !existing.is_empty() && snapshots == SnapshotPolicy::Refuse {

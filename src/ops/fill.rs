@@ -322,15 +322,20 @@ pub(super) fn unpack_step(
     })
 }
 
-/// Copies the `preserved` paths from the old content (`old`, released afterwards) into `root`.
+/// Copies the `preserved` paths, if any, from the old content (opened by `old`, released
+/// afterwards) into `root`.
 pub(super) fn preserve_step(
     held: &mut LockedVolume<'_>,
-    old: Mounted,
+    old: impl FnOnce() -> reimage_driver::Result<Mounted>,
     root: &Mounted,
     preserved: &[RelPath],
     metadata: UnsupportedMetadata,
     timings: &mut Timings,
 ) -> Result<()> {
+    if preserved.is_empty() {
+        return Ok(());
+    }
+    let old = old()?;
     let events = &mut *held.events;
     timings.time("preserve", || {
         copy_preserved(events, &old, root, preserved, metadata)

@@ -112,6 +112,17 @@ impl LockedVolume<'_> {
         }
     }
 
+    /// The volume must exist; `hint` ends the error's message (what to do instead).
+    pub(super) fn require_live(&self, hint: &str) -> Result<()> {
+        if self.driver.identity(Slot::live(self.volume))?.is_none() {
+            return Err(Error::new(
+                Code::NotFound,
+                format!("volume {} does not exist{hint}", self.volume),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn check_not_busy(&self, slot: Slot<'_>) -> Result<()> {
         if let Some(holder) = self.driver.busy(slot)? {
             return Err(Error::new(

@@ -20,12 +20,7 @@ pub(super) fn rebuild(
         held.recover_first()?;
     }
     let live = Slot::live(volume);
-    if driver.identity(live)?.is_none() {
-        return Err(Error::new(
-            Code::NotFound,
-            format!("volume {volume} does not exist; use create"),
-        ));
-    }
+    held.require_live("; use create")?;
     held.check_not_busy(live)?;
     let existing = driver.snapshots(live)?;
     if !existing.is_empty() {
@@ -130,17 +125,14 @@ pub(super) fn rebuild(
                     let root = create_new(held, plan.target_size, "rebuild:created", &mut timings)?;
                     unpack_step(held, &root, &filling, &[], &mut timings)?;
                     fault::point("rebuild:unpacked")?;
-                    if !preserved.is_empty() {
-                        let old = driver.open_root(live)?;
-                        preserve_step(
-                            held,
-                            old,
-                            &root,
-                            &preserved,
-                            filling.metadata,
-                            &mut timings,
-                        )?;
-                    }
+                    preserve_step(
+                        held,
+                        || driver.open_root(live),
+                        &root,
+                        &preserved,
+                        filling.metadata,
+                        &mut timings,
+                    )?;
                     let id = seal(
                         driver,
                         held.events,
@@ -167,17 +159,14 @@ pub(super) fn rebuild(
                     driver.rename(live, Slot::old(volume))?;
                     fault::point("inplace:detached")?;
                     let root = create_new(held, plan.target_size, "inplace:created", &mut timings)?;
-                    if !preserved.is_empty() {
-                        let old = driver.open_root(Slot::old(volume))?;
-                        preserve_step(
-                            held,
-                            old,
-                            &root,
-                            &preserved,
-                            filling.metadata,
-                            &mut timings,
-                        )?;
-                    }
+                    preserve_step(
+                        held,
+                        || driver.open_root(Slot::old(volume)),
+                        &root,
+                        &preserved,
+                        filling.metadata,
+                        &mut timings,
+                    )?;
                     cancelled_check()?;
                     Ok(root)
                 },

@@ -63,10 +63,14 @@ pub(super) fn refill_in_place(
             held.events.progress(EventPhase::Prepare, 1, 1, "steps");
             unpack_step(held, &root, &filling, &[], timings)?;
             fault::point("refill:unpacked")?;
-            if !preserved.is_empty() {
-                let old = driver.open_guard(live)?;
-                preserve_step(held, old, &root, preserved, filling.metadata, timings)?;
-            }
+            preserve_step(
+                held,
+                || driver.open_guard(live),
+                &root,
+                preserved,
+                filling.metadata,
+                timings,
+            )?;
             seal(driver, held.events, root, live, timings)?;
             fault::point("refill:synced")
         },

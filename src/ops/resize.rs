@@ -11,12 +11,7 @@ pub(super) fn resize(
     let driver = held.driver;
     held.recover_first()?;
     let live = Slot::live(volume);
-    if driver.identity(live)?.is_none() {
-        return Err(Error::new(
-            Code::NotFound,
-            format!("volume {volume} does not exist"),
-        ));
-    }
+    held.require_live("")?;
     let caps = driver.capabilities();
     let usage = driver.usage(live)?;
     match caps.size_model {
