@@ -228,6 +228,20 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// Packs the tree `src` into `image` with `cmd` (GNU tar or bsdtar). Formats that cannot
+/// hold the rich tree's longest names (ustar, v7) leave those out and exit non-zero, so only
+/// the archive's existence is required.
+fn pack(mut cmd: Command, src: &Path, image: &Path) {
+    let _ = cmd
+        .arg("-C")
+        .arg(src)
+        .arg("-cf")
+        .arg(image)
+        .arg(".")
+        .output();
+    assert!(image.exists(), "{cmd:?}");
+}
+
 /// The dialect corpus: the rich tree (and a sparse one) written by every tool and format
 /// reimage claims.
 fn dialects(env: &Env) -> Vec<(String, PathBuf)> {
@@ -250,15 +264,7 @@ fn dialects(env: &Env) -> Vec<(String, PathBuf)> {
         if xattrs {
             cmd.args(["--xattrs", "--xattrs-include=*", "--acls"]);
         }
-        // ustar and v7 cannot hold the rich tree's longest names: those are left out.
-        let _ = cmd
-            .arg("-C")
-            .arg(&rich)
-            .arg("-cf")
-            .arg(&image)
-            .arg(".")
-            .output();
-        assert!(image.exists(), "{format}");
+        pack(cmd, &rich, &image);
         out.push((format!("gnu-{format}"), image));
     }
     for (name, args) in [
@@ -284,14 +290,7 @@ fn dialects(env: &Env) -> Vec<(String, PathBuf)> {
         if format == "pax" {
             cmd.args(["--xattrs", "--acls"]);
         }
-        let _ = cmd
-            .arg("-C")
-            .arg(&rich)
-            .arg("-cf")
-            .arg(&image)
-            .arg(".")
-            .output();
-        assert!(image.exists(), "{format}");
+        pack(cmd, &rich, &image);
         out.push((format!("bsdtar-{format}"), image));
     }
     for format in ["GNU_FORMAT", "PAX_FORMAT", "USTAR_FORMAT"] {

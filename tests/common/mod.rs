@@ -358,18 +358,21 @@ impl Env {
         Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
     }
 
-    /// Runs a request with extra environment variables (fault injection).
-    pub fn run_env(&self, request: &Value, vars: &[(&str, &str)]) -> Run {
-        let mut child = Command::new(BIN)
-            .arg("--config")
+    /// `reimage DRIVER` with this env's config, ready to take a request on stdin.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
             .arg(&self.config)
             .arg(self.backend.driver())
-            .envs(vars.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs `cmd` with `request` on its stdin.
+    fn finish(mut cmd: Command, request: &Value) -> Run {
+        let mut child = cmd.spawn().unwrap();
         let _ = child
             .stdin
             .take()
@@ -379,16 +382,17 @@ impl Env {
         Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
     }
 
+    /// Runs a request with extra environment variables (fault injection).
+    pub fn run_env(&self, request: &Value, vars: &[(&str, &str)]) -> Run {
+        let mut cmd = self.command();
+        cmd.envs(vars.iter().copied());
+        Self::finish(cmd, request)
+    }
+
     /// Runs a request with the open-file limit (soft and hard) at `nofile`.
     pub fn run_limited(&self, request: &Value, nofile: u64) -> Run {
         use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(BIN);
-        cmd.arg("--config")
-            .arg(&self.config)
-            .arg(self.backend.driver())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = self.command();
         // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -402,14 +406,7 @@ impl Env {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().unwrap();
-        let _ = child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(request.to_string().as_bytes());
-        let out = child.wait_with_output().unwrap();
-        Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
+        Self::finish(cmd, request)
     }
 
     pub fn run(&self, request: &Value) -> Run {
@@ -418,15 +415,7 @@ impl Env {
 
     /// Starts a request and returns the child with a line reader on its stdout.
     pub fn spawn(&self, request: &Value) -> Spawned {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&self.config)
-            .arg(self.backend.driver())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = self.command().spawn().unwrap();
         child
             .stdin
             .take()

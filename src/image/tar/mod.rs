@@ -625,12 +625,6 @@ impl<R: BufRead> TarReader<R> {
         } else {
             (0, size)
         };
-        // What the header's own size field claims beyond that is not data (see above).
-        let header_padding = if carries_data || record("size").is_some() {
-            padding_of(size)
-        } else {
-            0
-        };
         let mut real_size = content;
         let mut sparse = None;
         if kind == Kind::File {
@@ -721,7 +715,8 @@ impl<R: BufRead> TarReader<R> {
         // Content follows regular files only; a dump directory's listing is skipped, never
         // written.
         self.remaining = content;
-        self.padding = skipped + header_padding;
+        // `size` is 0 for members without data: their header's size field is not data.
+        self.padding = skipped + padding_of(size);
         Ok(Entry {
             path,
             kind,
