@@ -598,10 +598,17 @@ impl Driver for LvmDriver {
     fn pool_space(&self) -> Result<PoolSpace> {
         match &self.thin_pool {
             None => {
-                let vg = self.vg_report()?;
+                // Every LV's row carries the VG's figures; only an empty VG needs a `vgs`.
+                let (free, size) = match self.lvs()?.into_iter().next() {
+                    Some(lv) => (lv.vg_free, lv.vg_size),
+                    None => {
+                        let vg = self.vg_report()?;
+                        (vg.vg_free, vg.vg_size)
+                    }
+                };
                 Ok(PoolSpace {
-                    available: report::bytes("vg_free", &vg.vg_free)?,
-                    total: report::bytes("vg_size", &vg.vg_size)?,
+                    available: report::bytes("vg_free", &free)?,
+                    total: report::bytes("vg_size", &size)?,
                     inodes_available: None,
                     provisioned: None,
                 })

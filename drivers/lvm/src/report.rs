@@ -40,10 +40,14 @@ pub struct Lv {
     pub lv_attr: String,
     /// Creation time, `YYYY-MM-DD HH:MM:SS +ZZZZ`.
     pub lv_time: String,
+    /// The volume group's size and free space, on every LV's row: the listing of the LVs
+    /// says how much room is left without a `vgs` of its own.
+    pub vg_size: String,
+    pub vg_free: String,
 }
 
 pub const LV_FIELDS: &str =
-    "lv_name,lv_uuid,lv_size,origin,pool_lv,data_percent,lv_device_open,lv_dm_path,lv_tags,lv_attr,lv_time";
+    "lv_name,lv_uuid,lv_size,origin,pool_lv,data_percent,lv_device_open,lv_dm_path,lv_tags,lv_attr,lv_time,vg_size,vg_free";
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct Vg {
@@ -113,7 +117,7 @@ mod tests {
       "report": [
           {
               "lv": [
-                  {"lv_name":"v+c1", "lv_uuid":"abc", "lv_size":"33554432", "origin":"", "pool_lv":"pool", "data_percent":"12.50", "lv_device_open":"", "lv_dm_path":"/dev/mapper/vg0-v+c1", "lv_tags":"a,b", "lv_attr":"Vwi-a-tz--", "lv_time":"2026-11-22 05:00:00 +0000"}
+                  {"lv_name":"v+c1", "lv_uuid":"abc", "lv_size":"33554432", "origin":"", "pool_lv":"pool", "data_percent":"12.50", "lv_device_open":"", "lv_dm_path":"/dev/mapper/vg0-v+c1", "lv_tags":"a,b", "lv_attr":"Vwi-a-tz--", "lv_time":"2026-11-22 05:00:00 +0000", "vg_size":"1073741824", "vg_free":"536870912"}
               ]
           }
       ]

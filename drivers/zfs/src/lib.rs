@@ -19,9 +19,13 @@
 //!   (`volume_has_clones`).
 //! - "dataset is busy" (a mount that is just going away) is retried for a few seconds.
 
+mod listing;
+
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use listing::Listing;
 use reimage_driver::command::{self, Failure};
 use reimage_driver::{
     mount, mounts, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace,
@@ -105,6 +109,10 @@ pub struct ZfsDriver {
     quota: QuotaProperty,
     /// Where volumes are mounted while being filled (one directory per dataset).
     mount_dir: PathBuf,
+    /// The last listing of one volume's slots, until the driver changes the pool.
+    listed: RefCell<Option<Listing>>,
+    /// A slot was mounted for writing since the listing: its space figures are stale.
+    written: Cell<bool>,
 }
 
 /// What a failed `zfs` command means, from its message (LC_ALL=C keeps them in English).
@@ -181,7 +189,40 @@ impl ZfsDriver {
             parent: parent.to_owned(),
             quota,
             mount_dir,
+            listed: RefCell::new(None),
+            written: Cell::new(false),
         })
+    }
+
+    /// Runs a `zfs` command that changes the pool (retrying while a dataset is busy, if
+    /// asked); the listing is read again afterwards.
+    fn change(&self, args: &[&str], retry_busy: bool) -> Result<String> {
+        self.listed.replace(None);
+        let out = if retry_busy {
+            zfs_retrying_busy(args)
+        } else {
+            zfs(args)
+        };
+        self.listed.replace(None);
+        out
+    }
+
+    /// The listing of the volume's three slots, read now unless the last one is of them
+    /// (and, with `fresh_space`, nothing was written since).
+    fn listing(&self, volume: &VolumeName, fresh_space: bool) -> Result<Listing> {
+        let datasets: Vec<String> = SlotKind::ALL
+            .iter()
+            .map(|&kind| self.dataset(Slot { volume, kind }))
+            .collect();
+        if let Some(listed) = self.listed.borrow().as_ref() {
+            if listed.of == datasets && !(fresh_space && self.written.get()) {
+                return Ok(listed.clone());
+            }
+        }
+        let listed = Listing::read(datasets, self.quota.name())?;
+        self.written.set(false);
+        self.listed.replace(Some(listed.clone()));
+        Ok(listed)
     }
 
     fn leaf(slot: Slot<'_>) -> String {
@@ -286,51 +327,19 @@ impl Driver for ZfsDriver {
     }
 
     fn identity(&self, slot: Slot<'_>) -> Result<Option<String>> {
-        let dataset = self.dataset(slot);
-        match zfs(&["get", "-H", "-p", "-o", "value", "type,guid", &dataset]) {
-            Ok(out) => {
-                let mut lines = out.lines();
-                let (kind, guid) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-                if kind != "filesystem" {
-                    return Err(Error::new(
-                        ErrorKind::Failed,
-                        format!("{dataset} is a {kind}, not a filesystem; reimage leaves it alone"),
-                    ));
-                }
-                Ok(Some(guid.to_owned()))
-            }
-            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        let listing = self.listing(slot.volume, false)?;
+        Ok(listing
+            .filesystem(&self.dataset(slot))?
+            .map(|row| row.guid.clone()))
     }
 
     fn identities(&self, volume: &VolumeName) -> Result<[Option<String>; 3]> {
-        let slots = SlotKind::ALL.map(|kind| self.dataset(Slot { volume, kind }));
-        let mut args = vec!["list", "-H", "-p", "-o", "name,type,guid"];
-        args.extend(slots.iter().map(String::as_str));
-        // Missing datasets are reported on stderr with exit status 1; the others are listed.
-        let out = match command::run("zfs", &args) {
-            Ok(out) => out,
-            Err(f) if classify(&f) == ErrorKind::NotFound => f.stdout,
-            Err(f) => return Err(Error::new(classify(&f), f.to_string())),
-        };
+        let listing = self.listing(volume, false)?;
         let mut found: [Option<String>; 3] = [None, None, None];
-        for line in out.lines() {
-            let mut fields = line.split('\t');
-            let (Some(name), Some(kind), Some(guid)) =
-                (fields.next(), fields.next(), fields.next())
-            else {
-                continue;
-            };
-            if let Some(i) = slots.iter().position(|s| s == name) {
-                if kind != "filesystem" {
-                    return Err(Error::new(
-                        ErrorKind::Failed,
-                        format!("{name} is a {kind}, not a filesystem; reimage leaves it alone"),
-                    ));
-                }
-                found[i] = Some(guid.to_owned());
-            }
+        for (i, kind) in SlotKind::ALL.into_iter().enumerate() {
+            found[i] = listing
+                .filesystem(&self.dataset(Slot { volume, kind }))?
+                .map(|row| row.guid.clone());
         }
         Ok(found)
     }
@@ -347,7 +356,8 @@ impl Driver for ZfsDriver {
             args.push(format!("{}={}", self.quota.name(), bytes.max(MIN_QUOTA)));
         }
         args.push(dataset);
-        zfs(&args).map(drop)
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.change(&args, false).map(drop)
     }
 
     fn destroy(&self, slot: Slot<'_>, with_snapshots: bool) -> Result<()> {
@@ -390,36 +400,20 @@ impl Driver for ZfsDriver {
         for dir in self.mounted_at(slot)? {
             mount::unmount(&dir)?;
         }
-        zfs_retrying_busy(&["destroy", "-r", &dataset])?;
+        self.change(&["destroy", "-r", &dataset], true)?;
         self.forget_mount_points(slot);
         Ok(())
     }
 
     fn snapshots(&self, slot: Slot<'_>) -> Result<Vec<String>> {
         let dataset = self.dataset(slot);
-        let out = match zfs(&[
-            "list",
-            "-H",
-            "-p",
-            "-t",
-            "snapshot",
-            "-d",
-            "1",
-            "-s",
-            "createtxg",
-            "-o",
-            "name",
-            &dataset,
-        ]) {
-            Ok(out) => out,
-            Err(e) if e.kind == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        Ok(out
-            .lines()
-            .filter_map(|l| l.rsplit_once('@').map(|(_, snap)| snap.to_owned()))
-            .filter(|snap| snap != GUARD)
-            .collect())
+        let listing = self.listing(slot.volume, false)?;
+        let snapshots = listing
+            .snapshots(&dataset)
+            .filter(|snap| *snap != GUARD)
+            .map(str::to_owned)
+            .collect();
+        Ok(snapshots)
     }
 
     fn clones(&self, slot: Slot<'_>) -> Result<Vec<String>> {
@@ -439,7 +433,7 @@ impl Driver for ZfsDriver {
     fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
         self.forget_mount_points(from);
         let (a, b) = (self.dataset(from), self.dataset(to));
-        zfs_retrying_busy(&["rename", &a, &b])
+        self.change(&["rename", &a, &b], true)
             .map(drop)
             .map_err(|e| match e.kind {
                 ErrorKind::AlreadyExists => {
@@ -457,24 +451,15 @@ impl Driver for ZfsDriver {
     }
 
     fn usage(&self, slot: Slot<'_>) -> Result<Usage> {
-        let dataset = self.dataset(slot);
-        let limit = self.quota.name();
-        let counted = match self.quota {
-            QuotaProperty::RefQuota => "referenced",
-            QuotaProperty::Quota => "used",
+        let listing = self.listing(slot.volume, true)?;
+        let row = listing
+            .filesystem(&self.dataset(slot))?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} does not exist")))?;
+        let size = parse_u64(self.quota.name(), &row.limit)?;
+        let used = match self.quota {
+            QuotaProperty::RefQuota => parse_u64("referenced", &row.referenced)?,
+            QuotaProperty::Quota => parse_u64("used", &row.used)?,
         };
-        let out = zfs(&[
-            "get",
-            "-H",
-            "-p",
-            "-o",
-            "value",
-            &format!("{limit},{counted}"),
-            &dataset,
-        ])?;
-        let mut lines = out.lines();
-        let size = parse_u64(limit, lines.next().unwrap_or(""))?;
-        let used = parse_u64(counted, lines.next().unwrap_or(""))?;
         Ok(Usage {
             size: (size > 0).then_some(size),
             used,
@@ -489,7 +474,8 @@ impl Driver for ZfsDriver {
         } else {
             bytes.max(MIN_QUOTA).to_string()
         };
-        zfs(&["set", &format!("{}={value}", self.quota.name()), &dataset]).map(drop)
+        let property = format!("{}={value}", self.quota.name());
+        self.change(&["set", &property, &dataset], false).map(drop)
     }
 
     fn pool_space(&self) -> Result<PoolSpace> {
@@ -515,6 +501,7 @@ impl Driver for ZfsDriver {
 
     fn open_root(&self, slot: Slot<'_>) -> Result<Mounted> {
         self.require(slot)?;
+        self.written.set(true);
         mount::mount_for_filling(
             &self.dataset(slot),
             "zfs",
@@ -561,16 +548,16 @@ impl Driver for ZfsDriver {
         let mut args = vec!["set"];
         args.extend(VOLUME_PROPERTIES);
         args.push(&dataset);
-        zfs(&args)?;
-        zfs(&["snapshot", &self.guard(slot)]).map(drop)
+        self.change(&args, false)?;
+        self.change(&["snapshot", &self.guard(slot)], false)
+            .map(drop)
     }
 
     fn has_guard(&self, slot: Slot<'_>) -> Result<bool> {
-        match zfs(&["get", "-H", "-p", "-o", "value", "guid", &self.guard(slot)]) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
+        let dataset = self.dataset(slot);
+        let listing = self.listing(slot.volume, false)?;
+        let found = listing.snapshots(&dataset).any(|snap| snap == GUARD);
+        Ok(found)
     }
 
     fn roll_back_to_guard(&self, slot: Slot<'_>) -> Result<()> {
@@ -582,7 +569,7 @@ impl Driver for ZfsDriver {
         }
         // Without -r: a snapshot somebody took after the guard is never destroyed; the
         // rollback then fails and says so.
-        zfs_retrying_busy(&["rollback", &self.guard(slot)])?;
+        self.change(&["rollback", &self.guard(slot)], true)?;
         self.forget_mount_points(slot);
         self.drop_guard(slot)
     }
@@ -591,7 +578,7 @@ impl Driver for ZfsDriver {
         if !self.has_guard(slot)? {
             return Ok(());
         }
-        zfs_retrying_busy(&["destroy", &self.guard(slot)]).map(drop)
+        self.change(&["destroy", &self.guard(slot)], true).map(drop)
     }
 
     fn open_guard(&self, slot: Slot<'_>) -> Result<Mounted> {

@@ -1,0 +1,103 @@
+//! What `zfs list` says about one volume's three slot datasets and their snapshots, read
+//! with one command. Each `zfs` command costs a process and a walk of the pool's state, and
+//! one operation asks about its slots a dozen times, so the driver keeps the listing until
+//! it changes something itself.
+
+use reimage_driver::command;
+use reimage_driver::{Error, ErrorKind, Result};
+
+use crate::classify;
+
+/// One dataset or snapshot, as listed.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub name: String,
+    /// `filesystem`, `volume` or `snapshot`.
+    pub kind: String,
+    pub guid: String,
+    /// The fields the listing was asked for after the guid, as printed (`-` where a field
+    /// does not apply).
+    pub used: String,
+    pub referenced: String,
+    pub limit: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Listing {
+    /// The datasets the listing was taken of (missing ones are simply absent).
+    pub of: Vec<String>,
+    /// Oldest first (by creation transaction), so snapshots come in the order they were
+    /// taken.
+    pub rows: Vec<Row>,
+}
+
+impl Listing {
+    /// Lists `datasets` (any of which may be missing), their snapshots and their direct
+    /// children, with the size limit property `limit`.
+    pub fn read(datasets: Vec<String>, limit: &str) -> Result<Listing> {
+        let fields = format!("name,type,guid,used,referenced,{limit}");
+        let mut args = vec![
+            "list",
+            "-H",
+            "-p",
+            "-r",
+            "-d",
+            "1",
+            "-t",
+            "filesystem,volume,snapshot",
+            "-s",
+            "createtxg",
+            "-o",
+            &fields,
+        ];
+        args.extend(datasets.iter().map(String::as_str));
+        // Missing datasets are reported on stderr with exit status 1; the others are listed.
+        let out = match command::run("zfs", &args) {
+            Ok(out) => out,
+            Err(f) if classify(&f) == ErrorKind::NotFound => f.stdout,
+            Err(f) => return Err(Error::new(classify(&f), f.to_string())),
+        };
+        let rows = out
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split('\t').map(str::to_owned);
+                Some(Row {
+                    name: fields.next()?,
+                    kind: fields.next()?,
+                    guid: fields.next()?,
+                    used: fields.next()?,
+                    referenced: fields.next()?,
+                    limit: fields.next()?,
+                })
+            })
+            .collect();
+        Ok(Listing { of: datasets, rows })
+    }
+
+    /// The dataset's row, if it exists; an error if it is not a filesystem (a zvol of that
+    /// name is somebody else's).
+    pub fn filesystem(&self, dataset: &str) -> Result<Option<&Row>> {
+        let Some(row) = self.rows.iter().find(|r| r.name == dataset) else {
+            return Ok(None);
+        };
+        if row.kind != "filesystem" {
+            return Err(Error::new(
+                ErrorKind::Failed,
+                format!(
+                    "{dataset} is a {}, not a filesystem; reimage leaves it alone",
+                    row.kind
+                ),
+            ));
+        }
+        Ok(Some(row))
+    }
+
+    /// The names (after the `@`) of the dataset's snapshots, oldest first.
+    pub fn snapshots<'a>(&'a self, dataset: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.rows.iter().filter_map(move |r| {
+            r.name
+                .strip_prefix(dataset)
+                .and_then(|rest| rest.strip_prefix('@'))
+        })
+    }
+}
