@@ -5,6 +5,8 @@ use std::ffi::OsString;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 
+use reimage_driver::records::RecordDir;
+
 use crate::config::{Config, DriverKind, DEFAULT_CONFIG};
 use crate::error::{Code, Error, Result};
 use crate::ops::{self, Ctx};
@@ -131,11 +133,17 @@ fn execute(
         op.pool(),
         op.volume().map(|v| v.as_str()),
     );
-    let driver = pool
-        .map(|p| drivers::open(p, &config.state_dir))
-        .transpose()?;
+    // The state directory, opened once: every record below it is reached from here.
+    let state = RecordDir::open(&config.state_dir).map_err(|e| {
+        Error::internal(format!(
+            "cannot open the state directory {}: {e}",
+            config.state_dir.display()
+        ))
+    })?;
+    let driver = pool.map(|p| drivers::open(p, &state)).transpose()?;
     let ctx = Ctx {
         config: &config,
+        state: &state,
         pool,
         driver: driver.as_deref(),
         events,

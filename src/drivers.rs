@@ -1,7 +1,6 @@
 //! From a pool's validated spec to its driver.
 
-use std::path::Path;
-
+use reimage_driver::records::RecordDir;
 use reimage_driver::Driver;
 use reimage_driver_btrfs::BtrfsDriver;
 use reimage_driver_dir::DirDriver;
@@ -9,15 +8,23 @@ use reimage_driver_lvm::LvmDriver;
 use reimage_driver_zfs::ZfsDriver;
 
 use crate::config::{Pool, PoolSpec};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-/// The driver for `pool`; `state_dir` holds what a driver keeps between requests.
-pub fn open(pool: &Pool, state_dir: &Path) -> Result<Box<dyn Driver>> {
+/// The driver for `pool`; `state` holds what a driver keeps between requests.
+pub fn open(pool: &Pool, state: &RecordDir) -> Result<Box<dyn Driver>> {
     Ok(match &pool.spec {
         PoolSpec::Dir { path, quota } => Box::new(DirDriver::open(path, *quota)?),
         PoolSpec::Btrfs { path, quota } => {
-            let lineage = state_dir.join("lineage").join(&pool.name);
-            Box::new(BtrfsDriver::open(path, *quota, &lineage)?)
+            let lineage = state
+                .sub("lineage")
+                .and_then(|l| l.sub(&pool.name))
+                .map_err(|e| {
+                    Error::internal(format!(
+                        "cannot open the snapshot lineage in {}: {e}",
+                        state.path().display()
+                    ))
+                })?;
+            Box::new(BtrfsDriver::open(path, *quota, lineage)?)
         }
         PoolSpec::Zfs {
             dataset,

@@ -6,15 +6,11 @@
 //! may or may not have happened" and looks at the driver's slots (and the identity of the new
 //! volume, recorded once it is complete) to see which.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
+use reimage_driver::records::RecordDir;
 use reimage_driver::VolumeName;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::lock::private_dir;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -61,91 +57,76 @@ pub struct Intent {
 }
 
 pub struct Journal {
-    dir: PathBuf,
-}
-
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+    dir: RecordDir,
 }
 
 impl Journal {
-    pub fn new(state_dir: &Path, pool: &str) -> Journal {
-        Journal {
-            dir: state_dir.join("journal").join(pool),
-        }
+    /// The journal of `pool` in the state directory (made when missing).
+    pub fn open(state: &RecordDir, pool: &str) -> Result<Journal> {
+        let dir = state
+            .sub("journal")
+            .and_then(|j| j.sub(pool))
+            .map_err(|e| {
+                Error::internal(format!(
+                    "cannot open the journal in {}: {e}",
+                    state.path().display()
+                ))
+            })?;
+        Ok(Journal { dir })
     }
 
-    fn path(&self, volume: &VolumeName) -> PathBuf {
-        self.dir.join(format!("{volume}.json"))
+    fn name(volume: &VolumeName) -> String {
+        format!("{volume}.json")
+    }
+
+    fn failed(&self, what: &str, e: std::io::Error) -> Error {
+        Error::internal(format!(
+            "cannot {what} the journal in {}: {e}",
+            self.dir.path().display()
+        ))
     }
 
     /// Durably records `intent` for `volume`, replacing any earlier record.
     pub fn write(&self, volume: &VolumeName, intent: &Intent) -> Result<()> {
-        private_dir(&self.dir)?;
-        let fail = |e: std::io::Error| {
-            Error::internal(format!(
-                "cannot write the journal in {}: {e}",
-                self.dir.display()
-            ))
-        };
-        let path = self.path(volume);
-        let tmp = self.dir.join(format!(".{volume}.json.tmp"));
         let text = serde_json::to_vec(intent).map_err(|e| Error::internal(e.to_string()))?;
-        let mut file = File::create(&tmp).map_err(fail)?;
-        file.write_all(&text).map_err(fail)?;
-        file.sync_all().map_err(fail)?;
-        std::fs::rename(&tmp, &path).map_err(fail)?;
-        fsync_dir(&self.dir).map_err(fail)
+        self.dir
+            .replace(&Self::name(volume), &text, true)
+            .map_err(|e| self.failed("write", e))
     }
 
     pub fn read(&self, volume: &VolumeName) -> Result<Option<Intent>> {
-        let path = self.path(volume);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                Error::new(
-                    crate::error::Code::RecoveryRequired,
-                    format!("the journal record {} is unreadable ({e}); inspect the volume and remove the record by hand", path.display()),
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::internal(format!("cannot read {}: {e}", path.display()))),
-        }
+        let name = Self::name(volume);
+        let Some(bytes) = self.dir.read(&name).map_err(|e| self.failed("read", e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::new(
+                crate::error::Code::RecoveryRequired,
+                format!("the journal record {} is unreadable ({e}); inspect the volume and remove the record by hand", self.dir.path().join(&name).display()),
+            )
+        })
     }
 
     /// Removes the record once the operation is finished (or rolled back).
     pub fn clear(&self, volume: &VolumeName) -> Result<()> {
-        match std::fs::remove_file(self.path(volume)) {
-            Ok(()) => fsync_dir(&self.dir)
-                .map_err(|e| Error::internal(format!("cannot sync {}: {e}", self.dir.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::internal(format!(
-                "cannot clear the journal record: {e}"
-            ))),
+        if self
+            .dir
+            .remove(&Self::name(volume))
+            .map_err(|e| self.failed("clear a record in", e))?
+        {
+            self.dir.sync().map_err(|e| self.failed("sync", e))?;
         }
+        Ok(())
     }
 
     /// Volumes that have a record.
     pub fn volumes(&self) -> Result<Vec<VolumeName>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(Error::internal(format!(
-                    "cannot list {}: {e}",
-                    self.dir.display()
-                )))
-            }
-        };
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if let Ok(v) = VolumeName::parse(name) {
-                out.push(v);
-            }
-        }
+        let names = self.dir.names().map_err(|e| self.failed("list", e))?;
+        let mut out: Vec<VolumeName> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(".json"))
+            .filter_map(|n| VolumeName::parse(n).ok())
+            .collect();
         out.sort();
         Ok(out)
     }

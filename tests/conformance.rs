@@ -57,20 +57,26 @@ fn populated(case: &str, backend: Backend) -> (Env, PathBuf, PathBuf) {
     populated_on(case, backend, None)
 }
 
-/// As [`populated`]; `small` puts a dir pool on a tmpfs of that size (a btrfs pool is always
-/// a 1 GiB filesystem of its own).
+/// As [`populated`]; `small` puts a dir pool on a tmpfs of that size (the other backends'
+/// pools are on a device of their own, 1 or 2 GiB).
 fn populated_on(case: &str, backend: Backend, small: Option<&str>) -> (Env, PathBuf, PathBuf) {
-    let mut env = Env::with_backend(&format!("conf-{case}-{}", backend.driver()), backend);
-    if let (Backend::Dir, Some(size)) = (backend, small) {
+    let mut env = Env::with_backend(&format!("conf-{case}"), backend);
+    if let Some(size) = small {
         env.small_pool(size);
     }
-    let a = rich_image(&env, "a.tar.zst", 1, TarFormat::Posix, Compression::Zstd);
-    let b = rich_image(&env, "b.tar.gz", 2, TarFormat::Gnu, Compression::Gzip);
+    let (a, b) = populate(&env);
+    (env, a, b)
+}
+
+/// Fills an empty env as [`populated`] describes; returns the images A and B.
+fn populate(env: &Env) -> (PathBuf, PathBuf) {
+    let a = rich_image(env, "a.tar.zst", 1, TarFormat::Posix, Compression::Zstd);
+    let b = rich_image(env, "b.tar.gz", 2, TarFormat::Gnu, Compression::Gzip);
     env.create_from("c1", &a).ok();
     env.create_from("n1", &b).ok();
     std::fs::create_dir_all(env.dir.join("sentinel")).unwrap();
     std::fs::write(env.dir.join("sentinel/file"), b"outside").unwrap();
-    (env, a, b)
+    (a, b)
 }
 
 /// The neighbour, the sentinel and the absence of temporary volumes: what no operation on
@@ -277,72 +283,28 @@ fn snapshots(backend: Backend) {
     assert!(env.leftovers().is_empty());
 }
 
+/// Volumes a container made inside its volume (datasets, subvolumes; one protected by a
+/// snapshot or a read-only flag) go with it, on a rebuild and on a delete.
 fn nested_volumes_are_deleted(backend: Backend) {
     let (env, _a, b) = populated("nested", backend);
-    if matches!(
-        backend,
-        Backend::Dir | Backend::DirQuota { .. } | Backend::Lvm { .. }
-    ) {
+    if !env.storage().nest("c1", true) {
         return not_applicable(
             "nested_volumes_are_deleted",
             backend,
             "no nested volumes (a directory, a filesystem on an LV)",
         );
     }
-    if let Backend::Zfs { .. } = backend {
-        // Datasets a container made below its volume go with it.
-        let child = format!("{}/c1/inner", env.dataset());
-        sh(Command::new("zfs").args(["create", "-o", "mountpoint=legacy", &child]));
-        sh(Command::new("zfs").args(["snapshot", &format!("{child}@s")]));
-        env.run(&req(
-            "rebuild",
-            "c1",
-            json!({"source": {"image": b}, "snapshots": "delete"}),
-        ))
-        .ok();
-        sh(Command::new("zfs").args(["create", "-o", "mountpoint=legacy", &child]));
-        env.run(&req("delete", "c1", json!({}))).ok();
-        let list = sh(Command::new("zfs").args([
-            "list",
-            "-H",
-            "-t",
-            "all",
-            "-r",
-            "-o",
-            "name",
-            &env.dataset(),
-        ]));
-        assert!(!list.contains("c1"), "{list}");
-        return;
-    }
-    let vol = env.volume("c1");
-    sh(Command::new("btrfs")
-        .args(["subvolume", "create"])
-        .arg(vol.join("var-lib-machines")));
-    sh(Command::new("btrfs")
-        .args(["subvolume", "create"])
-        .arg(vol.join("var-lib-machines/inner")));
-    std::fs::write(vol.join("var-lib-machines/inner/data"), b"x").unwrap();
-    sh(Command::new("btrfs")
-        .args(["property", "set"])
-        .arg(vol.join("var-lib-machines"))
-        .args(["ro", "true"]));
-    env.rebuild_from("c1", &b).ok();
-    assert!(!vol.join("var-lib-machines").exists());
-    sh(Command::new("btrfs")
-        .args(["subvolume", "create"])
-        .arg(vol.join("again")));
+    env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": b}, "snapshots": "delete"}),
+    ))
+    .ok();
+    assert_eq!(env.storage().nested("c1"), Vec::<String>::new());
+    env.storage().nest("c1", false);
     env.run(&req("delete", "c1", json!({}))).ok();
-    let out = Command::new("btrfs")
-        .args(["subvolume", "list"])
-        .arg(env.mount.as_ref().unwrap())
-        .output()
-        .unwrap();
-    let list = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !list.contains("c1") && !list.contains("machines") && !list.contains("again"),
-        "{list}"
-    );
+    assert!(!env.exists("c1"));
+    assert_eq!(env.storage().nested("c1"), Vec::<String>::new());
 }
 
 /// An image that claims far more content than the pool holds: 2 GiB of zeros, compressed
@@ -617,16 +579,8 @@ fn an_exhausted_quota_is_quota_exceeded(backend: Backend) {
             "no size limits",
         );
     }
-    // An LV's filesystem fills up (ENOSPC) where a quota is exhausted (EDQUOT); xfs is at
-    // least 300 MiB, so the image must be larger than that.
-    let (code, word, bulky) = match backend {
-        Backend::Lvm { xfs, .. } => (
-            "insufficient_space",
-            "full",
-            common::bulky_image(&env, "bulkier.tar", if xfs { 96 } else { 64 }),
-        ),
-        _ => ("quota_exceeded", "quota", bulky_image(&env)),
-    };
+    let (code, word, files) = env.storage().limit_reached();
+    let bulky = common::bulky_image(&env, &format!("bulky-{files}.tar"), files);
     let before = env.manifest_of("c1");
     let r = env.run_env(
         &req("rebuild", "c1", json!({"source": {"image": bulky}})),
@@ -680,8 +634,9 @@ fn busy_volumes_name_their_holder(backend: Backend) {
         e["details"]["holder"].as_str().unwrap().contains("sleep"),
         "{e}"
     );
-    if let Backend::Zfs { .. } | Backend::Lvm { .. } = backend {
-        // Mounted somewhere is busy in itself; its mount point is named.
+    if env.storage().volume_dir().is_none() {
+        // A volume mounted only by whoever uses it (a dataset, an LV) is busy when mounted
+        // anywhere; its mount point is named.
         let view = env.view("c1");
         let r = env.rebuild_from("c1", &b);
         let deleted = env.run(&req("delete", "c1", json!({})));
@@ -829,14 +784,15 @@ fn deep_tree_depth(root: &Path, name: &str) -> (usize, bool) {
 /// A tree deeper than any path can name and than the open-file limit (64 here) is inspected,
 /// preserved, rebuilt away and deleted: every walk holds a bounded number of directories open.
 fn deep_trees_under_a_low_open_file_limit(backend: Backend) {
-    if !backend.path_based() {
+    let env = Env::with_backend("conf-deep", backend);
+    if env.storage().volume_dir().is_none() {
         return not_applicable(
             "deep_trees_under_a_low_open_file_limit",
             backend,
             "the backend removes and measures its volumes itself, without walking them",
         );
     }
-    let (env, a, b) = populated("deep", backend);
+    let (a, b) = populate(&env);
     // Room for 8,400 directories' metadata where the volume has a size limit.
     env.run(&req("resize", "c1", json!({"size": "200MiB"})))
         .ok();

@@ -11,8 +11,8 @@ use std::collections::hash_map::DefaultHasher;
 use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
 
+use reimage_driver::records::RecordDir;
 use serde::{Deserialize, Serialize};
 
 use super::{Measurement, Tally};
@@ -68,8 +68,8 @@ pub fn key(file: &File, prefix: Option<&str>, idmap: &[IdRange]) -> Option<Strin
     Some(format!("{first:016x}{:016x}", h.finish()))
 }
 
-fn dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("measure")
+fn dir(state: &RecordDir) -> Option<RecordDir> {
+    state.sub("measure").ok()
 }
 
 fn parse_format(s: &str) -> Option<Format> {
@@ -85,8 +85,8 @@ fn parse_compression(s: &str) -> Option<Compression> {
 }
 
 /// The remembered measurement for `key`, if any.
-pub fn lookup(state_dir: &Path, key: &str) -> Option<Measurement> {
-    let bytes = std::fs::read(dir(state_dir).join(format!("{key}.json"))).ok()?;
+pub fn lookup(state: &RecordDir, key: &str) -> Option<Measurement> {
+    let bytes = dir(state)?.read(&format!("{key}.json")).ok()??;
     let r: Record = serde_json::from_slice(&bytes).ok()?;
     if r.version != VERSION || r.key != key {
         return None;
@@ -109,11 +109,10 @@ pub fn lookup(state_dir: &Path, key: &str) -> Option<Measurement> {
 }
 
 /// Remembers `m` under `key`, best effort (a cache that cannot be written only costs time).
-pub fn store(state_dir: &Path, key: &str, m: &Measurement) {
-    let dir = dir(state_dir);
-    if crate::lock::private_dir(&dir).is_err() {
+pub fn store(state: &RecordDir, key: &str, m: &Measurement) {
+    let Some(dir) = dir(state) else {
         return;
-    }
+    };
     let record = Record {
         version: VERSION,
         key: key.to_owned(),
@@ -131,26 +130,26 @@ pub fn store(state_dir: &Path, key: &str, m: &Measurement) {
     let Ok(text) = serde_json::to_vec(&record) else {
         return;
     };
-    let tmp = dir.join(format!(".{key}.tmp"));
-    if std::fs::write(&tmp, text).is_ok() {
-        let _ = std::fs::rename(&tmp, dir.join(format!("{key}.json")));
-    }
+    let _ = dir.replace(&format!("{key}.json"), &text, false);
     prune(&dir);
 }
 
-fn prune(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+fn prune(dir: &RecordDir) {
+    let Ok(names) = dir.names() else {
         return;
     };
-    let mut records: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .flatten()
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+    let mut records: Vec<(i64, i64, String)> = names
+        .into_iter()
+        .filter_map(|name| {
+            let st = dir.stat(&name).ok()??;
+            Some((st.st_mtime, st.st_mtime_nsec as i64, name))
+        })
         .collect();
     if records.len() <= MAX_RECORDS {
         return;
     }
     records.sort();
-    for (_, path) in &records[..records.len() - MAX_RECORDS] {
-        let _ = std::fs::remove_file(path);
+    for (_, _, name) in &records[..records.len() - MAX_RECORDS] {
+        let _ = dir.remove(name);
     }
 }

@@ -56,6 +56,7 @@ impl Observer for UnpackObserver<'_> {
 
 pub(super) fn open_and_measure(
     config: &Config,
+    state: &RecordDir,
     events: &mut Events,
     source: &Source,
     image: Option<&OpenedImage>,
@@ -80,9 +81,7 @@ pub(super) fn open_and_measure(
     };
     let detected = image::detect(&file)?;
     let key = cache::key(&file, prefix, idmap.ranges());
-    let remembered = key
-        .as_deref()
-        .and_then(|k| cache::lookup(&config.state_dir, k));
+    let remembered = key.as_deref().and_then(|k| cache::lookup(state, k));
     let measurement = match remembered {
         Some(m) => {
             timings.time("measure", || ());
@@ -101,7 +100,7 @@ pub(super) fn open_and_measure(
                 Format::Squashfs => measure_squashfs(&file, prefix, idmap),
             })?;
             if let Some(k) = &key {
-                cache::store(&config.state_dir, k, &m);
+                cache::store(state, k, &m);
             }
             m
         }

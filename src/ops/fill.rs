@@ -16,6 +16,7 @@ pub(super) fn measure_and_plan(
 ) -> Result<(Content, Plan)> {
     let content = open_and_measure(
         config,
+        held.state,
         held.events,
         &fill.source,
         held.image,

@@ -4,7 +4,7 @@ use super::*;
 
 pub(super) fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, Value>> {
     let (pool, driver) = needs(&ctx)?;
-    let journal = Journal::new(&ctx.config.state_dir, &pool.name);
+    let journal = Journal::open(ctx.state, &pool.name)?;
     let pending =
         journal.read(volume)?.is_some() || driver.leftovers()?.iter().any(|(v, _)| v == volume);
     let mut info = if driver.identity(Slot::live(volume))?.is_some() {

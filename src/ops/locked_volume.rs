@@ -8,6 +8,8 @@ use super::*;
 pub(super) struct LockedVolume<'a> {
     pub(super) driver: &'a dyn Driver,
     pub(super) journal: Journal,
+    /// The state directory (the measure cache).
+    pub(super) state: &'a RecordDir,
     pub(super) volume: &'a VolumeName,
     pub(super) events: &'a mut Events,
     pub(super) image: Option<&'a OpenedImage>,
@@ -149,9 +151,9 @@ impl LockedVolume<'_> {
             },
             with_snapshots,
         )?;
-        fault::point("commit:journaled")?;
         let (driver, volume) = (self.driver, self.volume);
         let swapped = timings.time("swap", || -> Result<()> {
+            fault::point("commit:journaled")?;
             let live_exists = driver.identity(Slot::live(volume))?.is_some();
             if !live_exists {
                 driver.rename(Slot::building(volume), Slot::live(volume))?;
@@ -169,9 +171,9 @@ impl LockedVolume<'_> {
                 .try_recover(op, Phase::Committing { new_id }, with_snapshots)
                 .map_err(|again| recovery_pending(e, &again));
         }
-        fault::point("commit:swapped")?;
         self.events.progress(EventPhase::Swap, 1, 1, "steps");
         let cleaned = timings.time("cleanup", || -> Result<()> {
+            fault::point("commit:swapped")?;
             let [_, new, old] = driver.identities(volume)?;
             for (kind, id) in [(SlotKind::New, new), (SlotKind::Old, old)] {
                 if id.is_some_and(|id| id != new_id) {

@@ -6,6 +6,7 @@ pub(super) fn measure(ctx: Ctx<'_>, source: &Source) -> Result<Map<String, Value
     let mut timings = Timings::start();
     let content = open_and_measure(
         ctx.config,
+        ctx.state,
         ctx.events,
         source,
         ctx.image,

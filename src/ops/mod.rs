@@ -26,6 +26,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use reimage_driver::records::RecordDir;
 use reimage_driver::{
     tree, Driver, KeepSnapshots, Mounted, PoolWarning, Slot, SlotKind, Usage, VolumeName,
 };
@@ -62,6 +63,8 @@ use timings::*;
 /// Everything an operation works with.
 pub struct Ctx<'a> {
     pub config: &'a Config,
+    /// The state directory, opened once per request.
+    pub state: &'a RecordDir,
     pub pool: Option<&'a Pool>,
     pub driver: Option<&'a dyn Driver>,
     pub events: &'a mut Events,
@@ -110,10 +113,11 @@ fn needs<'a>(ctx: &Ctx<'a>) -> Result<(&'a Pool, &'a dyn Driver)> {
 
 fn lock_volume<'a>(ctx: &'a mut Ctx<'_>, volume: &'a VolumeName) -> Result<LockedVolume<'a>> {
     let (pool, driver) = needs(ctx)?;
-    let lock = VolumeLock::acquire(&ctx.config.state_dir, &pool.name, volume.as_str())?;
+    let lock = VolumeLock::acquire(ctx.state, &pool.name, volume.as_str())?;
     Ok(LockedVolume {
         driver,
-        journal: Journal::new(&ctx.config.state_dir, &pool.name),
+        journal: Journal::open(ctx.state, &pool.name)?,
+        state: ctx.state,
         volume,
         events: ctx.events,
         image: ctx.image,

@@ -4,7 +4,7 @@ use super::*;
 
 pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map<String, Value>> {
     let (pool, driver) = needs(&ctx)?;
-    let journal = Journal::new(&ctx.config.state_dir, &pool.name);
+    let journal = Journal::open(ctx.state, &pool.name)?;
     let mut volumes: Vec<VolumeName> = match only {
         Some(v) => vec![v.clone()],
         None => {

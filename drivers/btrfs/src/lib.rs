@@ -15,9 +15,10 @@ pub mod ioctl;
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use reimage_driver::pooldir::PoolDir;
+use reimage_driver::records::RecordDir;
 use reimage_driver::{
     tree, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, Result,
     SizeModel, Slot, SlotKind, Usage, VolumeName,
@@ -35,7 +36,9 @@ pub struct BtrfsDriver {
     /// `DIR/VOLUME` lists the uuids the volume had before its rebuilds, so that snapshots of
     /// earlier content are still its snapshots (a snapshot's parent uuid names the subvolume
     /// it was taken of, which a rebuild replaces).
-    lineage: PathBuf,
+    /// The uuids each volume had before rebuilds (one record per volume), for finding the
+    /// snapshots of its earlier contents.
+    lineage: RecordDir,
 }
 
 fn hex(uuid: &[u8; 16]) -> String {
@@ -53,19 +56,6 @@ fn unhex(text: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-/// Writes `file` through a temporary name, fsyncing the file and its directory.
-fn write_durably(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = file.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let tmp = file.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, file)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 fn open_dir(dir: BorrowedFd<'_>, name: &[u8]) -> std::result::Result<OwnedFd, Errno> {
     let name = CString::new(name).map_err(|_| Errno::INVAL)?;
     rustix::fs::openat(
@@ -79,7 +69,7 @@ fn open_dir(dir: BorrowedFd<'_>, name: &[u8]) -> std::result::Result<OwnedFd, Er
 impl BtrfsDriver {
     /// Opens the pool directory, which must be on btrfs; with `quota`, enables quotas on the
     /// filesystem if they are off.
-    pub fn open(path: &Path, quota: bool, lineage: &Path) -> Result<Self> {
+    pub fn open(path: &Path, quota: bool, lineage: RecordDir) -> Result<Self> {
         let pool = PoolDir::open(path)?;
         let fs = rustix::fs::fstatfs(&pool.fd)
             .map_err(|e| Error::errno(format!("statfs {}", path.display()), e))?;
@@ -99,17 +89,14 @@ impl BtrfsDriver {
         Ok(BtrfsDriver {
             pool,
             quota,
-            lineage: lineage.to_owned(),
+            lineage,
         })
-    }
-
-    fn lineage_file(&self, volume: &VolumeName) -> PathBuf {
-        self.lineage.join(volume.as_str())
     }
 
     /// The uuids the volume had before (hex), oldest first.
     fn lineage_of(&self, volume: &VolumeName) -> Vec<[u8; 16]> {
-        let text = std::fs::read_to_string(self.lineage_file(volume)).unwrap_or_default();
+        let bytes = self.lineage.read(volume.as_str()).ok().flatten();
+        let text = String::from_utf8_lossy(bytes.as_deref().unwrap_or_default());
         text.lines().filter_map(unhex).collect()
     }
 
@@ -127,18 +114,20 @@ impl BtrfsDriver {
                 keep.push(uuid);
             }
         }
-        let file = self.lineage_file(volume);
         if keep.is_empty() {
-            return match std::fs::remove_file(&file) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(Error::io("clearing the snapshot lineage", e))
-                }
-                _ => Ok(()),
-            };
+            return self
+                .lineage
+                .remove(volume.as_str())
+                .map(drop)
+                .map_err(|e| Error::io("clearing the snapshot lineage", e));
         }
         let text: String = keep.iter().map(|u| format!("{}\n", hex(u))).collect();
-        write_durably(&file, text.as_bytes())
-            .map_err(|e| Error::io(format!("writing {}", file.display()), e))
+        self.lineage
+            .replace(volume.as_str(), text.as_bytes(), true)
+            .map_err(|e| {
+                let file = self.lineage.path().join(volume.as_str());
+                Error::io(format!("writing {}", file.display()), e)
+            })
     }
 
     /// Ids of the snapshots of the volume in `slot`: of its current content and of the
@@ -323,12 +312,10 @@ impl Driver for BtrfsDriver {
     }
 
     fn forget(&self, volume: &VolumeName) -> Result<()> {
-        match std::fs::remove_file(self.lineage_file(volume)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::io("forgetting the snapshot lineage", e))
-            }
-            _ => Ok(()),
-        }
+        self.lineage
+            .remove(volume.as_str())
+            .map(drop)
+            .map_err(|e| Error::io("forgetting the snapshot lineage", e))
     }
 
     fn usage(&self, slot: Slot<'_>) -> Result<Usage> {

@@ -16,6 +16,7 @@ pub mod fake;
 pub mod mount;
 mod name;
 pub mod pooldir;
+pub mod records;
 pub mod tree;
 pub mod walk;
 

@@ -93,6 +93,29 @@ pub struct LvmDriver {
     listed: RefCell<Option<Vec<Lv>>>,
 }
 
+/// The LV name of a volume's slot: `v+`, `n+` or `o+` and the volume name with `_` as `+`
+/// (LVM reserves some names with underscores, and `+` is not a volume name character).
+pub fn lv_name(slot: Slot<'_>) -> String {
+    let prefix = match slot.kind {
+        SlotKind::Live => "v+",
+        SlotKind::New => "n+",
+        SlotKind::Old => "o+",
+    };
+    format!("{prefix}{}", slot.volume.as_str().replace('_', "+"))
+}
+
+/// The volume and slot an LV name stands for, if it is one of ours.
+pub fn slot_of(lv_name: &str) -> Option<(VolumeName, SlotKind)> {
+    let kind = match lv_name.get(..2)? {
+        "v+" => SlotKind::Live,
+        "n+" => SlotKind::New,
+        "o+" => SlotKind::Old,
+        _ => return None,
+    };
+    let volume = VolumeName::parse(&lv_name[2..].replace('+', "_")).ok()?;
+    Some((volume, kind))
+}
+
 /// What a failed LVM or mkfs command means, from its message (LC_ALL=C).
 fn classify(failure: &Failure) -> ErrorKind {
     let text = failure.stderr.as_str();
@@ -163,29 +186,8 @@ impl LvmDriver {
         Ok(driver)
     }
 
-    fn lv_name(slot: Slot<'_>) -> String {
-        let prefix = match slot.kind {
-            SlotKind::Live => "v+",
-            SlotKind::New => "n+",
-            SlotKind::Old => "o+",
-        };
-        format!("{prefix}{}", slot.volume.as_str().replace('_', "+"))
-    }
-
-    /// The volume and slot an LV name stands for, if it is one of ours.
-    fn slot_of(lv_name: &str) -> Option<(VolumeName, SlotKind)> {
-        let kind = match lv_name.get(..2)? {
-            "v+" => SlotKind::Live,
-            "n+" => SlotKind::New,
-            "o+" => SlotKind::Old,
-            _ => return None,
-        };
-        let volume = VolumeName::parse(&lv_name[2..].replace('+', "_")).ok()?;
-        Some((volume, kind))
-    }
-
     fn path(&self, slot: Slot<'_>) -> String {
-        format!("{}/{}", self.vg, Self::lv_name(slot))
+        format!("{}/{}", self.vg, lv_name(slot))
     }
 
     /// Runs an `lvm` command that changes the volume group.
@@ -224,7 +226,7 @@ impl LvmDriver {
     }
 
     fn find(&self, slot: Slot<'_>) -> Result<Option<Lv>> {
-        let name = Self::lv_name(slot);
+        let name = lv_name(slot);
         Ok(self.lvs()?.into_iter().find(|lv| lv.lv_name == name))
     }
 
@@ -254,7 +256,7 @@ impl LvmDriver {
     fn mount_point(&self, slot: Slot<'_>) -> PathBuf {
         self.mount_dir
             .join(format!("lvm-{}", self.vg))
-            .join(Self::lv_name(slot))
+            .join(lv_name(slot))
     }
 
     /// Where the LV's device is mounted in this namespace.
@@ -279,7 +281,7 @@ impl LvmDriver {
     /// Snapshots of `origin_lv`, and for a live slot also those tagged as the volume's, oldest
     /// first.
     fn snapshot_lvs(&self, all: &[Lv], slot: Slot<'_>) -> Vec<Lv> {
-        let name = Self::lv_name(slot);
+        let name = lv_name(slot);
         let tag = format!("{LINEAGE_TAG}{}", slot.volume);
         let mut found: Vec<Lv> = all
             .iter()
@@ -415,7 +417,7 @@ impl Driver for LvmDriver {
     fn identities(&self, volume: &VolumeName) -> Result<[Option<String>; 3]> {
         let all = self.lvs()?;
         Ok(SlotKind::ALL.map(|kind| {
-            let name = Self::lv_name(Slot { volume, kind });
+            let name = lv_name(Slot { volume, kind });
             all.iter()
                 .find(|lv| lv.lv_name == name)
                 .map(|lv| lv.lv_uuid.clone())
@@ -424,7 +426,7 @@ impl Driver for LvmDriver {
 
     fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()> {
         let bytes = self.lv_size(size.unwrap_or(1 << 30));
-        let name = Self::lv_name(slot);
+        let name = lv_name(slot);
         let size = format!("{bytes}b");
         match &self.thin_pool {
             Some(pool) => self.change(&[
@@ -476,7 +478,7 @@ impl Driver for LvmDriver {
 
     fn destroy(&self, slot: Slot<'_>, with_snapshots: bool) -> Result<()> {
         let all = self.lvs()?;
-        let name = Self::lv_name(slot);
+        let name = lv_name(slot);
         let Some(lv) = all.iter().find(|lv| lv.lv_name == name) else {
             return Ok(());
         };
@@ -523,20 +525,14 @@ impl Driver for LvmDriver {
 
     fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
         self.forget_mount_points(from);
-        self.change(&[
-            "lvrename",
-            "-q",
-            &self.vg,
-            &Self::lv_name(from),
-            &Self::lv_name(to),
-        ])
-        .map(drop)
-        .map_err(|e| match e.kind {
-            ErrorKind::AlreadyExists => {
-                Error::new(ErrorKind::AlreadyExists, format!("{to} already exists"))
-            }
-            _ => e,
-        })
+        self.change(&["lvrename", "-q", &self.vg, &lv_name(from), &lv_name(to)])
+            .map(drop)
+            .map_err(|e| match e.kind {
+                ErrorKind::AlreadyExists => {
+                    Error::new(ErrorKind::AlreadyExists, format!("{to} already exists"))
+                }
+                _ => e,
+            })
     }
 
     fn exchange(&self, _a: Slot<'_>, _b: Slot<'_>) -> Result<()> {
@@ -684,7 +680,7 @@ impl Driver for LvmDriver {
         let mut found: Vec<(VolumeName, SlotKind)> = self
             .lvs()?
             .iter()
-            .filter_map(|lv| Self::slot_of(&lv.lv_name))
+            .filter_map(|lv| slot_of(&lv.lv_name))
             .filter(|(_, kind)| *kind != SlotKind::Live)
             .collect();
         found.sort_by(|a, b| a.0.cmp(&b.0));
@@ -713,11 +709,11 @@ mod tests {
                 continue;
             };
             for kind in SlotKind::ALL {
-                let lv = LvmDriver::lv_name(Slot { volume: &v, kind });
+                let lv = lv_name(Slot { volume: &v, kind });
                 assert!(!lv.contains('_'), "{lv}");
                 assert!(!lv.starts_with("snapshot") && !lv.starts_with("pvmove"));
                 assert!(seen.insert(lv.clone()), "{lv} twice");
-                assert_eq!(LvmDriver::slot_of(&lv), Some((v.clone(), kind)));
+                assert_eq!(slot_of(&lv), Some((v.clone(), kind)));
             }
         }
     }

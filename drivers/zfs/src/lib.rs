@@ -33,7 +33,7 @@ use reimage_driver::{
 };
 
 /// The snapshot a refill can roll back to; not listed among the volume's snapshots.
-const GUARD: &str = "reimage-guard";
+pub const GUARD: &str = "reimage-guard";
 
 /// The longest parent dataset name: a zfs name has at most 255 bytes, and reimage adds
 /// `/.reimage-new.` (14), a volume name (64) and `@reimage-guard` (14).

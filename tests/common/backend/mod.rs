@@ -1,0 +1,128 @@
+//! The storage a test's pool lives on, one file per backend. Each makes its pool on devices
+//! of its own, reads volumes and snapshots the backend's own way (never through reimage),
+//! names slots by the driver's own rules, and removes all of it when dropped. The suites ask
+//! a backend what they need; they never match on which one it is.
+
+mod btrfs;
+mod devices;
+mod dir;
+mod dir_quota;
+mod lvm;
+mod zfs;
+
+use std::path::{Path, PathBuf};
+
+pub use devices::{Devices, View};
+
+/// Which storage a test's pool lives on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A directory on the test machine's own filesystem.
+    Dir,
+    /// A btrfs filesystem on a loop device made for the test, with or without quotas.
+    Btrfs { quota: bool },
+    /// A zpool on a loop device made for the test (inside the QEMU guest), volumes under
+    /// its dataset `reimage`, limited by `refquota` or (`quota: true`) by `quota`.
+    Zfs { quota: bool },
+    /// A volume group on a loop device (inside the QEMU guest), thick or with a thin pool,
+    /// volumes holding ext4 or (`xfs: true`) xfs.
+    Lvm { thin: bool, xfs: bool },
+    /// A dir pool on ext4 or (`xfs: true`) xfs with project quotas, on a loop device
+    /// (inside the QEMU guest: the host kernel has no quota support).
+    DirQuota { xfs: bool },
+}
+
+impl Backend {
+    /// Makes the backend's pool under `dir` (a fresh directory of the test's own); `id`
+    /// names the pool where the backend's names are global (zpools, volume groups).
+    pub fn make(self, dir: &Path, id: &str) -> Box<dyn Storage> {
+        match self {
+            Backend::Dir => Box::new(dir::Dir::new(dir)),
+            Backend::Btrfs { quota } => Box::new(btrfs::Btrfs::new(dir, quota)),
+            Backend::Zfs { quota } => Box::new(zfs::Zfs::new(dir, id, quota)),
+            Backend::Lvm { thin, xfs } => Box::new(lvm::Lvm::new(dir, id, thin, xfs)),
+            Backend::DirQuota { xfs } => Box::new(dir_quota::DirQuota::new(dir, xfs)),
+        }
+    }
+}
+
+/// A name the backend's own tools know a pool by (a zpool, a volume group): global, so made
+/// from the test's unique id, within the tools' length limits.
+fn global_name(id: &str) -> String {
+    format!("rt{}", id.replace(['-', '.'], "x"))
+        .chars()
+        .take(60)
+        .collect()
+}
+
+/// A snapshot the test took of a volume, by the backend's own name for it (a path, `VG/LV`,
+/// `DATASET@NAME`).
+pub struct Snapshot(pub String);
+
+/// One test's pool, as the backend's own tools see it.
+pub trait Storage {
+    /// The driver that serves this pool.
+    fn driver(&self) -> &'static str;
+
+    /// The lines of the pool's config section after `driver = ...`.
+    fn pool_config(&self) -> String;
+
+    /// The directory that holds the volumes, for pools whose volumes are directories (dir,
+    /// btrfs); `None` where volumes are datasets or devices mounted only while in use.
+    fn volume_dir(&self) -> Option<PathBuf>;
+
+    /// Whether the live volume exists.
+    fn exists(&self, volume: &str) -> bool;
+
+    /// The volume's content, readable at a directory for as long as the view lives (`at`:
+    /// a fresh directory for a mount, where one is needed).
+    fn view(&self, volume: &str, at: PathBuf) -> View;
+
+    /// Takes a read-only snapshot of `volume` named `name`, the backend's own way.
+    fn take_snapshot(&self, volume: &str, name: &str) -> Snapshot {
+        panic!(
+            "{} pools have no snapshots ({volume}@{name})",
+            self.driver()
+        )
+    }
+
+    /// The snapshot's content (`None` once it no longer exists).
+    fn snapshot_view(&self, snap: &Snapshot, _at: PathBuf) -> Option<View> {
+        panic!("{} pools have no snapshots ({})", self.driver(), snap.0)
+    }
+
+    fn drop_snapshot(&self, snap: Snapshot) {
+        panic!("{} pools have no snapshots ({})", self.driver(), snap.0)
+    }
+
+    /// Fills the pool's storage with real allocations until about `left` bytes are free.
+    fn fill_leaving(&self, left: u64);
+
+    /// Undoes [`Storage::fill_leaving`].
+    fn unfill(&self);
+
+    /// Temporary slots, guard snapshots and mounts reimage left behind.
+    fn leftovers(&self) -> Vec<String>;
+
+    /// Limits the pool to `size` (a tmpfs size) where it has no limit of its own, for the
+    /// full-pool cases; pools on a device of their own are small already.
+    fn limit(&mut self, _size: &str) {}
+
+    /// How the kernel stops an unpack at a volume's limit: reimage's error code, a word its
+    /// message has, and how many 4 MiB files an image needs to get there.
+    fn limit_reached(&self) -> (&'static str, &'static str, usize) {
+        ("quota_exceeded", "quota", 64)
+    }
+
+    /// Makes volumes nested inside `volume`, as a container makes its own datasets or
+    /// subvolumes; with `protected`, one the backend protects (a snapshot of its own, a
+    /// read-only flag). False where volumes cannot nest.
+    fn nest(&self, _volume: &str, _protected: bool) -> bool {
+        false
+    }
+
+    /// The volumes nested in `volume` that still exist.
+    fn nested(&self, _volume: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
