@@ -4,11 +4,25 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use reimage_fixtures::{Compression, TarFormat};
+
 /// Where the guest finds the large images made on the host before it boots.
 pub const FIXTURES_VAR: &str = "REIMAGE_GUEST_FIXTURES";
 
 pub fn bulky_name(files: usize) -> String {
     format!("bulky-{files}.tar")
+}
+
+/// The rich images every conformance case starts from (see `populate` there): made once on
+/// the host rather than by each case in the guest, where packing them costs seconds a case.
+pub const RICH: [(&str, u64, TarFormat, Compression); 2] = [
+    ("a.tar.zst", 1, TarFormat::Posix, Compression::Zstd),
+    ("b.tar.gz", 2, TarFormat::Gnu, Compression::Gzip),
+];
+
+/// The file name of a rich image made on the host: everything that makes it what it is.
+pub fn rich_name(name: &str, seed: u64, format: TarFormat, compression: Compression) -> String {
+    format!("rich-{seed}-{format:?}-{compression:?}-{name}")
 }
 
 /// The bulky images the cases use (64 and 96 files of 4 MiB of noise), made on the host,
@@ -25,6 +39,16 @@ impl HostFixtures {
         std::fs::create_dir_all(&fixtures.dir).unwrap();
         for files in [64, 96] {
             make_bulky(&fixtures.dir, files);
+        }
+        for (name, seed, format, compression) in RICH {
+            let src = fixtures.dir.join(format!("src-{name}"));
+            std::fs::create_dir_all(&src).unwrap();
+            reimage_fixtures::tree::rich(&src, seed).unwrap();
+            let out = fixtures
+                .dir
+                .join(rich_name(name, seed, format, compression));
+            reimage_fixtures::gnu_tar(&src, &out, format, compression).unwrap();
+            std::fs::remove_dir_all(&src).unwrap();
         }
         fixtures
     }

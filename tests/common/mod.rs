@@ -461,6 +461,13 @@ pub fn rich_image(
     format: reimage_fixtures::TarFormat,
     compression: reimage_fixtures::Compression,
 ) -> PathBuf {
+    // In the guest, made on the host beforehand where it is one of the common ones.
+    if let Some(dir) = std::env::var_os(guest::FIXTURES_VAR) {
+        let made = PathBuf::from(dir).join(guest::rich_name(name, seed, format, compression));
+        if made.exists() {
+            return made;
+        }
+    }
     let src = env.dir.join(format!("src-{name}"));
     std::fs::create_dir_all(&src).unwrap();
     reimage_fixtures::tree::rich(&src, seed).unwrap();
