@@ -113,6 +113,11 @@ fn finish_commit(
             if driver.capabilities().exchange {
                 driver.exchange(Slot::live(volume), Slot::building(volume))?;
             } else {
+                // The old content moves aside to the `Old` slot; what an earlier request
+                // left there is a leftover, not the volume, and makes room first.
+                if identity(driver, volume, SlotKind::Old)?.is_some() {
+                    driver.destroy(Slot::old(volume), with_snapshots)?;
+                }
                 driver.rename(Slot::live(volume), Slot::old(volume))?;
                 driver.rename(Slot::building(volume), Slot::live(volume))?;
             }
@@ -177,8 +182,11 @@ pub fn recover_volume(
             Action::Completed
         }
         (IntentOp::Delete, _) => {
-            if identity(driver, volume, SlotKind::Old)?.is_some() {
-                driver.destroy(Slot::old(volume), snaps)?;
+            // The volume moved aside is destroyed (the delete completes); a `New` slot some
+            // earlier request left goes too, so nothing temporary outlives the record.
+            let detached = identity(driver, volume, SlotKind::Old)?.is_some();
+            destroy_leftovers(driver, volume, None, snaps)?;
+            if detached {
                 Action::Completed
             } else {
                 Action::RolledBack

@@ -9,11 +9,9 @@ use super::{Devices, Snapshot, Storage, View};
 use crate::common::sh;
 
 pub struct Btrfs {
-    // Dropped before the devices it lives on.
+    /// The pool (with its quota setting) on the btrfs mounted at `mount`.
     dir: Dir,
     mount: PathBuf,
-    quota: bool,
-    _devices: Devices,
 }
 
 impl Btrfs {
@@ -23,11 +21,10 @@ impl Btrfs {
         sh(Command::new("mkfs.btrfs").args(["-q", "-f", &device]));
         let mount = dir.join("mnt");
         devices.mount(&[], &device, &mount);
+        let dir = Dir::on(mount.clone(), devices);
         Btrfs {
-            dir: Dir::at(mount.join("pool"), mount.clone()),
+            dir: if quota { dir.with_quota() } else { dir },
             mount,
-            quota,
-            _devices: devices,
         }
     }
 }
@@ -38,8 +35,7 @@ impl Storage for Btrfs {
     }
 
     fn pool_config(&self) -> String {
-        let quota = if self.quota { "quota = true\n" } else { "" };
-        format!("{}{quota}", self.dir.pool_config())
+        self.dir.pool_config()
     }
 
     fn volume_dir(&self) -> Option<PathBuf> {

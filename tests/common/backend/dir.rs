@@ -10,21 +10,44 @@ pub struct Dir {
     pub pool: PathBuf,
     /// Where the filler of [`Storage::fill_leaving`] goes: the filesystem the pool is on.
     filler_dir: PathBuf,
+    /// The pool limits volumes with project quotas.
+    quota: bool,
+    /// The pool is a directory on the test machine's own filesystem (not on a device made
+    /// for it, which is small already).
+    on_host: bool,
+    /// What the pool lives on (the tmpfs of [`Storage::limit`] goes on top).
     devices: Devices,
 }
 
 impl Dir {
     pub fn new(dir: &Path) -> Dir {
-        Dir::at(dir.join("pool"), dir.join("pool"))
+        let pool = dir.join("pool");
+        Dir {
+            on_host: true,
+            ..Dir::at(pool.clone(), pool, Devices::default())
+        }
     }
 
-    /// A pool at `pool` on the filesystem mounted at `filesystem`.
-    pub fn at(pool: PathBuf, filesystem: PathBuf) -> Dir {
+    /// A pool at `filesystem/pool`, on the filesystem mounted there (with `devices`).
+    pub fn on(filesystem: PathBuf, devices: Devices) -> Dir {
+        Dir::at(filesystem.join("pool"), filesystem, devices)
+    }
+
+    fn at(pool: PathBuf, filesystem: PathBuf, devices: Devices) -> Dir {
         std::fs::create_dir_all(&pool).unwrap();
         Dir {
             pool,
             filler_dir: filesystem,
-            devices: Devices::default(),
+            quota: false,
+            on_host: false,
+            devices,
+        }
+    }
+
+    pub fn with_quota(self) -> Dir {
+        Dir {
+            quota: true,
+            ..self
         }
     }
 
@@ -39,7 +62,8 @@ impl Storage for Dir {
     }
 
     fn pool_config(&self) -> String {
-        format!("path = {:?}\n", self.pool)
+        let quota = if self.quota { "quota = true\n" } else { "" };
+        format!("path = {:?}\n{quota}", self.pool)
     }
 
     fn volume_dir(&self) -> Option<PathBuf> {
@@ -77,6 +101,9 @@ impl Storage for Dir {
     }
 
     fn limit(&mut self, size: &str) {
+        if !self.on_host {
+            return;
+        }
         let pool = self.pool.to_string_lossy().into_owned();
         self.devices.mount(
             &["-t", "tmpfs", "-o", &format!("size={size}")],

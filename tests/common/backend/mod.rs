@@ -41,7 +41,7 @@ impl Backend {
             Backend::Btrfs { quota } => Box::new(btrfs::Btrfs::new(dir, quota)),
             Backend::Zfs { quota } => Box::new(zfs::Zfs::new(dir, id, quota)),
             Backend::Lvm { thin, xfs } => Box::new(lvm::Lvm::new(dir, id, thin, xfs)),
-            Backend::DirQuota { xfs } => Box::new(dir_quota::DirQuota::new(dir, xfs)),
+            Backend::DirQuota { xfs } => Box::new(dir_quota::new(dir, xfs)),
         }
     }
 }
