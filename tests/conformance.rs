@@ -370,7 +370,7 @@ fn kill_and_recover(env: &Env, request: Value) {
 }
 
 fn recovery_after_a_crash(backend: Backend) {
-    let (env, a, _b) = populated("crash", backend);
+    let (env, a, b) = populated("crash", backend);
     let bulky = bulky_image(&env);
     let before = (env.manifest_of("c1"), untouched(&env));
     kill_and_recover(
@@ -405,7 +405,7 @@ fn recovery_after_a_crash(backend: Backend) {
         &env,
         req("rebuild", "c1", json!({"source": {"image": bulky}})),
     );
-    let r = env.rebuild_from("c1", &bulky);
+    let r = env.rebuild_from("c1", &b);
     r.ok();
     assert!(r.warnings().contains(&"recovered"));
     assert!(env.leftovers().is_empty());

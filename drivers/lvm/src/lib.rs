@@ -104,6 +104,15 @@ pub fn lv_name(slot: Slot<'_>) -> String {
     format!("{prefix}{}", slot.volume.as_str().replace('_', "+"))
 }
 
+/// The device-mapper node of an LV: `/dev/mapper/VG-LV`, each `-` inside a name doubled.
+fn dm_path(vg: &str, lv: &str) -> String {
+    format!(
+        "/dev/mapper/{}-{}",
+        vg.replace('-', "--"),
+        lv.replace('-', "--")
+    )
+}
+
 /// The volume and slot an LV name stands for, if it is one of ours.
 pub fn slot_of(lv_name: &str) -> Option<(VolumeName, SlotKind)> {
     let kind = match lv_name.get(..2)? {
@@ -525,14 +534,29 @@ impl Driver for LvmDriver {
 
     fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
         self.forget_mount_points(from);
-        self.change(&["lvrename", "-q", &self.vg, &lv_name(from), &lv_name(to)])
-            .map(drop)
-            .map_err(|e| match e.kind {
-                ErrorKind::AlreadyExists => {
-                    Error::new(ErrorKind::AlreadyExists, format!("{to} already exists"))
+        let (old, new) = (lv_name(from), lv_name(to));
+        // A rename changes names only (not sizes, space or activation): the listing is
+        // brought up to date here rather than read again.
+        let listed = self.listed.take();
+        let renamed = lvm(&["lvrename", "-q", &self.vg, &old, &new]);
+        if let (Ok(_), Some(mut lvs)) = (&renamed, listed) {
+            for lv in &mut lvs {
+                if lv.lv_name == old {
+                    lv.lv_name = new.clone();
+                    lv.lv_dm_path = dm_path(&self.vg, &new);
                 }
-                _ => e,
-            })
+                if lv.origin == old {
+                    lv.origin = new.clone();
+                }
+            }
+            self.listed.replace(Some(lvs));
+        }
+        renamed.map(drop).map_err(|e| match e.kind {
+            ErrorKind::AlreadyExists => {
+                Error::new(ErrorKind::AlreadyExists, format!("{to} already exists"))
+            }
+            _ => e,
+        })
     }
 
     fn exchange(&self, _a: Slot<'_>, _b: Slot<'_>) -> Result<()> {
@@ -691,6 +715,12 @@ impl Driver for LvmDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_mapper_names_double_dashes() {
+        assert_eq!(dm_path("vg0", "v+c1"), "/dev/mapper/vg0-v+c1");
+        assert_eq!(dm_path("my-vg", "v+a-b"), "/dev/mapper/my--vg-v+a--b");
+    }
 
     #[test]
     fn lv_names_are_injective_and_never_reserved() {

@@ -433,14 +433,20 @@ impl Driver for ZfsDriver {
     fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
         self.forget_mount_points(from);
         let (a, b) = (self.dataset(from), self.dataset(to));
-        self.change(&["rename", &a, &b], true)
-            .map(drop)
-            .map_err(|e| match e.kind {
-                ErrorKind::AlreadyExists => {
-                    Error::new(ErrorKind::AlreadyExists, format!("{to} already exists"))
-                }
-                _ => e,
-            })
+        // A rename changes names only (guids, sizes and snapshots stay): the listing is
+        // brought up to date here rather than read again.
+        let listed = self.listed.take();
+        let renamed = zfs_retrying_busy(&["rename", &a, &b]);
+        if let (Ok(_), Some(mut listing)) = (&renamed, listed) {
+            listing.renamed(&a, &b);
+            self.listed.replace(Some(listing));
+        }
+        renamed.map(drop).map_err(|e| match e.kind {
+            ErrorKind::AlreadyExists => {
+                Error::new(ErrorKind::AlreadyExists, format!("{to} already exists"))
+            }
+            _ => e,
+        })
     }
 
     fn exchange(&self, _a: Slot<'_>, _b: Slot<'_>) -> Result<()> {

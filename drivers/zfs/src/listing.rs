@@ -92,6 +92,18 @@ impl Listing {
         Ok(Some(row))
     }
 
+    /// What the listing says after `zfs rename FROM TO`: the dataset, its snapshots and
+    /// children under the new name.
+    pub fn renamed(&mut self, from: &str, to: &str) {
+        for row in &mut self.rows {
+            if let Some(rest) = row.name.strip_prefix(from) {
+                if rest.is_empty() || rest.starts_with(['@', '/']) {
+                    row.name = format!("{to}{rest}");
+                }
+            }
+        }
+    }
+
     /// The names (after the `@`) of the dataset's snapshots, oldest first.
     pub fn snapshots<'a>(&'a self, dataset: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.rows.iter().filter_map(move |r| {
