@@ -25,4 +25,9 @@ pub trait Archive {
     fn piece(&mut self, offset: u64, len: usize, buffer: Vec<u8>) -> Result<PieceData>;
     /// Called after the last entry.
     fn finish(&mut self) -> Result<()>;
+    /// Entries the reader passed over rather than hand to the unpacker (squashfs sockets),
+    /// as paths, for a warning each.
+    fn skipped(&self) -> &[String] {
+        &[]
+    }
 }

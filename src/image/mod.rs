@@ -1,4 +1,5 @@
-//! Images: what format an image file is, and its decompressed byte stream.
+//! Images: what format an image file is, its decompressed byte stream, and the reader for
+//! its format ([`open`]).
 //!
 //! The format is decided by magic bytes only (never by the file name). Decompression happens
 //! in-process: reimage never runs an external program on an untrusted image.
@@ -294,6 +295,38 @@ impl Read for ImageFile {
         self.offset += n as u64;
         self.read.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
+    }
+}
+
+/// An image opened for reading, whatever its format.
+pub struct Reader {
+    pub archive: Box<dyn archive::Archive>,
+    /// The image file's bytes read so far (before decompression; a squashfs image is read
+    /// by offset and does not count them).
+    pub read: Arc<AtomicU64>,
+    /// How the content is compressed (a squashfs image: its codec).
+    pub compression: Compression,
+}
+
+/// The reader for the format `detected` names.
+pub fn open(file: &File, detected: Detected) -> Result<Reader> {
+    match detected.format {
+        Format::Tar => {
+            let (stream, read) = open_stream(file, detected.compression)?;
+            Ok(Reader {
+                archive: Box::new(tar::TarReader::new(stream)),
+                read,
+                compression: detected.compression,
+            })
+        }
+        Format::Squashfs => {
+            let image = squashfs::Squashfs::open(file)?;
+            Ok(Reader {
+                compression: image.codec().compression(),
+                archive: Box::new(image),
+                read: Arc::new(AtomicU64::new(0)),
+            })
+        }
     }
 }
 

@@ -1030,4 +1030,8 @@ impl Archive for Squashfs {
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
+
+    fn skipped(&self) -> &[String] {
+        &self.skipped_sockets
+    }
 }

@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use serde_json::{json, Value};
 
 use crate::error::{Code, Error, Result};
-use crate::image::tar::{shown, Entry, Kind, TarReader};
-use crate::image::{self, Compression, Format};
+use crate::image::tar::{shown, Entry, Kind};
+use crate::image::{self, Compression, Detected, Format};
 use crate::unpack::idmap::IdMap;
 use crate::unpack::path::{normalize, RelPath};
 
@@ -258,51 +258,42 @@ impl View {
     }
 }
 
-/// Measures a tar image and validates it against the unpacker's rules (and `idmap`). Without
-/// `prefix_override` a unified image (`metadata.yaml` beside `rootfs/`) is detected.
-/// `progress` gets (compressed bytes read, image size) now and then.
-pub fn measure_tar(
+/// Measures an image and validates it against the unpacker's rules (and `idmap`): a tar
+/// image by reading it through, a squashfs image from its inode and directory tables alone
+/// (no data is read). Without `prefix_override` a unified image (`metadata.yaml` beside
+/// `rootfs/`) is detected. `progress` gets (compressed bytes read, image size) now and then
+/// while a tar image is read.
+pub fn measure_image(
     file: &File,
-    compression: Compression,
+    detected: Detected,
     prefix_override: Option<&str>,
     idmap: &IdMap,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Measurement> {
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let (stream, count) = image::open_stream(file, compression)?;
-    let mut reader = TarReader::new(stream);
+    let mut reader = image::open(file, detected)?;
     let mut last_report = 0u64;
     let mut m = measure_entries(
         &mut || {
-            let entry = reader.next_entry()?;
-            let read = count.load(Ordering::Relaxed);
+            let entry = reader.archive.next_entry()?;
+            let read = reader.read.load(Ordering::Relaxed);
             if read - last_report >= 4 << 20 {
                 last_report = read;
                 progress(read, size);
             }
             if entry.is_none() {
-                reader.finish()?;
+                reader.archive.finish()?;
             }
             Ok(entry)
         },
         prefix_override,
         idmap,
     )?;
-    progress(size, size);
-    m.compression = compression;
-    Ok(m)
-}
-
-/// Measures a squashfs image from its inode and directory tables alone (no data is read).
-pub fn measure_squashfs(
-    file: &File,
-    prefix_override: Option<&str>,
-    idmap: &IdMap,
-) -> Result<Measurement> {
-    let mut image = crate::image::squashfs::Squashfs::open(file)?;
-    let mut m = measure_entries(&mut || image.next_entry(), prefix_override, idmap)?;
-    m.format = Format::Squashfs;
-    m.compression = image.codec().compression();
+    if detected.format == Format::Tar {
+        progress(size, size);
+    }
+    m.format = detected.format;
+    m.compression = reader.compression;
     Ok(m)
 }
 

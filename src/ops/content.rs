@@ -89,15 +89,10 @@ pub(super) fn open_and_measure(
             m
         }
         None => {
-            let m = timings.time("measure", || match detected.format {
-                Format::Tar => measure_tar(
-                    &file,
-                    detected.compression,
-                    prefix,
-                    idmap,
-                    &mut |done, total| events.progress(EventPhase::Measure, done, total, "bytes"),
-                ),
-                Format::Squashfs => measure_squashfs(&file, prefix, idmap),
+            let m = timings.time("measure", || {
+                measure_image(&file, detected, prefix, idmap, &mut |done, total| {
+                    events.progress(EventPhase::Measure, done, total, "bytes")
+                })
             })?;
             if let Some(k) = &key {
                 cache::store(state, k, &m);

@@ -100,21 +100,20 @@ pub(super) fn unpack_into(
     };
     let total = measurement.tally.unpacked_bytes;
     events.progress(EventPhase::Unpack, 0, total, "bytes");
-    match measurement.format {
-        Format::Tar => {
-            let (stream, _) = image::open_stream(file, measurement.compression)?;
-            let mut reader = image::tar::TarReader::new(stream);
-            let mut observer = UnpackObserver { events, total };
-            unpack::unpack(&mut reader, root.root(), &options, &mut observer)?;
-        }
-        Format::Squashfs => {
-            let mut image = image::squashfs::Squashfs::open(file)?;
-            let mut observer = UnpackObserver { events, total };
-            unpack::unpack(&mut image, root.root(), &options, &mut observer)?;
-            for socket in &image.skipped_sockets {
-                events.warning(Warning::SocketSkipped, &format!("{socket} is a socket; sockets belong to running programs and are not unpacked"));
-            }
-        }
+    let detected = image::Detected {
+        format: measurement.format,
+        compression: measurement.compression,
+    };
+    let mut reader = image::open(file, detected)?;
+    let mut observer = UnpackObserver { events, total };
+    unpack::unpack(&mut *reader.archive, root.root(), &options, &mut observer)?;
+    for socket in reader.archive.skipped() {
+        events.warning(
+            Warning::SocketSkipped,
+            &format!(
+                "{socket} is a socket; sockets belong to running programs and are not unpacked"
+            ),
+        );
     }
     Ok(())
 }

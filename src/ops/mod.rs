@@ -34,10 +34,10 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{Config, Pool};
 use crate::error::{Code, Error, Result, Warning};
-use crate::image::{self, Format};
+use crate::image;
 use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::lock::VolumeLock;
-use crate::measure::{cache, measure_squashfs, measure_tar, Measurement};
+use crate::measure::{cache, measure_image, Measurement};
 use crate::plan::{plan_fill, Need, Plan};
 use crate::protocol::events::{Events, Phase as EventPhase};
 use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source, UnsupportedMetadata};

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use super::{run, Ctx};
 use crate::config::{Config, Pool, PoolSpec};
+use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::protocol::events::Events;
 use crate::protocol::request;
 
@@ -460,6 +461,14 @@ fn every_operation_survives_an_error_or_a_crash_at_every_fault_point() {
     );
 }
 
+/// The slots of volume `c1` a recovery case starts with, each holding one file named by its
+/// marker: `L` live, `N` new, `O` old.
+const SLOTS: [(SlotKind, &str); 3] = [
+    (SlotKind::Live, "L"),
+    (SlotKind::New, "N"),
+    (SlotKind::Old, "O"),
+];
+
 /// Which identity a `Committing` record names as the complete new volume.
 #[derive(Clone, Copy, Debug)]
 enum Named {
@@ -471,156 +480,144 @@ enum Named {
     Unknown,
 }
 
+/// One journal record to recover from: the operation, its phase, and for `Committing`
+/// which slot it names complete.
+type Record = (IntentOp, Phase, Option<Named>);
+
+/// Every (operation, phase) a request journals; `Committing` naming each slot in turn.
+fn records() -> Vec<Record> {
+    let mut all = vec![
+        (IntentOp::Create, Phase::Building, None),
+        (IntentOp::Rebuild, Phase::Building, None),
+        (IntentOp::RebuildInPlace, Phase::Detaching, None),
+        (IntentOp::RebuildInPlace, Phase::Building, None),
+        (IntentOp::RebuildInPlace, Phase::DestroyingOld, None),
+        (IntentOp::Delete, Phase::Deleting, None),
+    ];
+    for op in [
+        IntentOp::Create,
+        IntentOp::Rebuild,
+        IntentOp::RebuildInPlace,
+    ] {
+        for named in [Named::New, Named::Live, Named::Unknown] {
+            let phase = Phase::Committing {
+                new_id: String::new(),
+            };
+            all.push((op, phase, Some(named)));
+        }
+    }
+    all
+}
+
+/// What the volume must hold after recovering from `record` with the slots `present`
+/// (indexes into [`SLOTS`]): the new content once the record names it complete and it
+/// exists; the old content wherever it still is, unless the old volume was being
+/// destroyed; `-` for no volume.
+fn promised(record: &Record, present: &[usize]) -> &'static str {
+    let has = |i| present.contains(&i);
+    match (&record.1, record.2) {
+        (Phase::Committing { .. }, Some(Named::New)) if has(1) => "N",
+        (Phase::Committing { .. }, Some(Named::Live)) if has(0) => "L",
+        _ if has(0) => "L",
+        (Phase::DestroyingOld | Phase::Deleting, _) => "-",
+        _ if has(2) => "O",
+        _ => "-",
+    }
+}
+
+impl World {
+    /// A world with the slots `present` of volume `c1` and `record` in its journal.
+    fn interrupted(exchange: bool, present: &[usize], record: &Record, snapshots: bool) -> World {
+        let w = World::new("phases", exchange);
+        let volume = VolumeName::parse("c1").unwrap_or_else(|e| panic!("{e}"));
+        for &i in present {
+            let (kind, marker) = SLOTS[i];
+            let slot = Slot {
+                volume: &volume,
+                kind,
+            };
+            w.driver
+                .create(slot, None)
+                .unwrap_or_else(|e| panic!("{slot}: {e:?}"));
+            let dir = w
+                .driver
+                .content(&volume, kind)
+                .unwrap_or_else(|| panic!("{slot}: no content"));
+            std::fs::write(dir.join(marker), marker).unwrap_or_else(|e| panic!("{slot}: {e}"));
+        }
+        let id_of = |kind| {
+            let slot = Slot {
+                volume: &volume,
+                kind,
+            };
+            w.driver.identity(slot).ok().flatten()
+        };
+        let phase = match (&record.1, record.2) {
+            (Phase::Committing { .. }, Some(named)) => Phase::Committing {
+                new_id: match named {
+                    Named::New => id_of(SlotKind::New),
+                    Named::Live => id_of(SlotKind::Live),
+                    Named::Unknown => None,
+                }
+                .unwrap_or_else(|| "no-such-volume".into()),
+            },
+            (other, _) => other.clone(),
+        };
+        let intent = Intent {
+            op: record.0,
+            phase,
+            with_snapshots: snapshots,
+            pid: 1,
+        };
+        Journal::open(&w.state, "p")
+            .and_then(|j| j.write(&volume, &intent))
+            .unwrap_or_else(|e| panic!("{intent:?}: {}", e.message));
+        w
+    }
+}
+
 /// Recovery from every journal phase with every combination of slots present (each with
 /// content of its own), swapped by renames and by exchange, with and without snapshots:
 /// `recover` (and `recover` crashed at each of its own driver calls, then run again) leaves
-/// no journal record and no temporary slot, and the volume holds what the phase promises —
-/// the new content once the record names it complete and it exists, otherwise the old
-/// content wherever it still is; nothing else is ever lost.
+/// no journal record and no temporary slot, and the volume holds what the phase promises
+/// ([`promised`]); nothing else is ever lost.
 #[test]
 fn recovery_from_every_phase_with_every_combination_of_slots() {
-    use crate::journal::{Intent, IntentOp, Journal, Phase};
-    let phases: Vec<(IntentOp, Option<Named>, Phase)> = {
-        let committing = |op| {
-            [Named::New, Named::Live, Named::Unknown].map(|named| {
-                let phase = Phase::Committing {
-                    new_id: String::new(),
-                };
-                (op, Some(named), phase)
-            })
-        };
-        let mut all = vec![
-            (IntentOp::Create, None, Phase::Building),
-            (IntentOp::Rebuild, None, Phase::Building),
-            (IntentOp::RebuildInPlace, None, Phase::Detaching),
-            (IntentOp::RebuildInPlace, None, Phase::Building),
-            (IntentOp::RebuildInPlace, None, Phase::DestroyingOld),
-            (IntentOp::Delete, None, Phase::Deleting),
-        ];
-        for op in [
-            IntentOp::Create,
-            IntentOp::Rebuild,
-            IntentOp::RebuildInPlace,
-        ] {
-            all.extend(committing(op));
-        }
-        all
-    };
-    let volume = VolumeName::parse("c1").unwrap_or_else(|e| panic!("{e}"));
-    let markers = [
-        (SlotKind::Live, "L"),
-        (SlotKind::New, "N"),
-        (SlotKind::Old, "O"),
-    ];
     let mut cases = 0usize;
-    for (op, named, phase) in &phases {
-        for present in 0..8u8 {
-            for exchange in [false, true] {
-                for with_snapshots in [false, true] {
-                    let has = |i: usize| present & (1 << i) != 0;
+    for record in records() {
+        for bits in 0..8usize {
+            let present: Vec<usize> = (0..3).filter(|i| bits & (1 << i) != 0).collect();
+            let expected = promised(&record, &present);
+            // `-` allows no volume at all (neither "old" nor "new" is a content).
+            let allowed = if expected == "-" {
+                Allowed::OldNewOrNone
+            } else {
+                Allowed::OldOrNew
+            };
+            for (exchange, snapshots) in
+                [(false, false), (false, true), (true, false), (true, true)]
+            {
+                // Recovered straight away (0), then with recover crashed at its n-th call
+                // first, until recover needs fewer calls than that.
+                for crash_at in 0.. {
                     let case = format!(
-                        "{op:?} {phase:?} naming {named:?}, slots {:?}, exchange {exchange}, snapshots {with_snapshots}",
-                        markers
-                            .iter()
-                            .enumerate()
-                            .filter(|(i, _)| has(*i))
-                            .map(|(_, (_, m))| *m)
-                            .collect::<Vec<_>>()
+                        "{:?} {:?} naming {:?}, slots {present:?}, exchange {exchange}, snapshots {snapshots}, recover crashed at call {crash_at}",
+                        record.0, record.1, record.2
                     );
-                    // What the volume must hold afterwards.
-                    let old = if has(0) {
-                        "L"
-                    } else if has(2) {
-                        "O"
-                    } else {
-                        "-"
-                    };
-                    let expected = match (phase, named) {
-                        (Phase::Committing { .. }, Some(Named::New)) if has(1) => "N",
-                        (Phase::Committing { .. }, Some(Named::Live)) if has(0) => "L",
-                        (Phase::DestroyingOld | Phase::Deleting, _) if !has(0) => "-",
-                        _ => old,
-                    };
-                    // The same case, recovered straight away or with recover crashed at each
-                    // of its calls first (until one run needs no more calls than that).
-                    let mut crash_at = 0usize;
-                    loop {
-                        let w = World::new("phases", exchange);
-                        for (i, (kind, marker)) in markers.iter().enumerate() {
-                            if has(i) {
-                                let slot = Slot {
-                                    volume: &volume,
-                                    kind: *kind,
-                                };
-                                w.driver
-                                    .create(slot, None)
-                                    .unwrap_or_else(|e| panic!("{case}: {e:?}"));
-                                let dir = w
-                                    .driver
-                                    .content(&volume, *kind)
-                                    .unwrap_or_else(|| panic!("{case}: no content dir"));
-                                std::fs::write(dir.join(marker), marker)
-                                    .unwrap_or_else(|e| panic!("{case}: {e}"));
-                            }
-                        }
-                        let id_of = |kind| {
-                            w.driver
-                                .identity(Slot {
-                                    volume: &volume,
-                                    kind,
-                                })
-                                .ok()
-                                .flatten()
-                        };
-                        let phase = match (phase, named) {
-                            (Phase::Committing { .. }, Some(named)) => Phase::Committing {
-                                new_id: match named {
-                                    Named::New => id_of(SlotKind::New),
-                                    Named::Live => id_of(SlotKind::Live),
-                                    Named::Unknown => None,
-                                }
-                                .unwrap_or_else(|| "no-such-volume".into()),
-                            },
-                            (other, _) => other.clone(),
-                        };
-                        let journal = Journal::open(&w.state, "p")
-                            .unwrap_or_else(|e| panic!("{case}: {}", e.message));
-                        let intent = Intent {
-                            op: *op,
-                            phase,
-                            with_snapshots,
-                            pid: 1,
-                        };
-                        journal
-                            .write(&volume, &intent)
-                            .unwrap_or_else(|e| panic!("{case}: {}", e.message));
-                        let case = format!("{case}, recover crashed at call {crash_at}");
-                        let before = w.driver.calls().len();
-                        if crash_at > 0 {
-                            w.driver.inject(crash_at, Injected::Crash);
-                            if w.recover().is_ok() {
-                                // Recovery needed fewer calls than that: every point is done.
-                                break;
-                            }
-                        }
-                        let recovered = w.recover();
-                        assert!(
-                            matches!(recovered, Ok(Ok(_))),
-                            "{case}: recover: {recovered:?}"
-                        );
-                        // `-`: no volume may be left (OldNewOrNone with neither allows none only).
-                        let allowed = if expected == "-" {
-                            Allowed::OldNewOrNone
-                        } else {
-                            Allowed::OldOrNew
-                        };
-                        w.check(&case, expected, expected, allowed);
-                        cases += 1;
-                        if crash_at == 0 && w.driver.calls().len() == before {
+                    let w = World::interrupted(exchange, &present, &record, snapshots);
+                    if crash_at > 0 {
+                        w.driver.inject(crash_at, Injected::Crash);
+                        if w.recover().is_ok() {
                             break;
                         }
-                        crash_at += 1;
                     }
+                    let recovered = w.recover();
+                    assert!(
+                        matches!(recovered, Ok(Ok(_))),
+                        "{case}: recover: {recovered:?}"
+                    );
+                    w.check(&case, expected, expected, allowed);
+                    cases += 1;
                 }
             }
         }
