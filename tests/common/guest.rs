@@ -25,19 +25,19 @@ pub fn rich_name(name: &str, seed: u64, format: TarFormat, compression: Compress
     format!("rich-{seed}-{format:?}-{compression:?}-{name}")
 }
 
-/// The bulky images the cases use (64 and 96 files of 4 MiB of noise), made on the host,
-/// where it takes seconds rather than minutes; removed when dropped.
+/// The bulky images the cases use (64 or 96 files of 4 MiB of noise) and the rich images,
+/// made on the host, where it takes seconds rather than minutes; removed when dropped.
 struct HostFixtures {
     dir: PathBuf,
 }
 
 impl HostFixtures {
-    fn make() -> HostFixtures {
+    fn make(bulky: &[usize]) -> HostFixtures {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("guest-fixtures-{}", std::process::id()));
         let fixtures = HostFixtures { dir };
         std::fs::create_dir_all(&fixtures.dir).unwrap();
-        for files in [64, 96] {
+        for &files in bulky {
             make_bulky(&fixtures.dir, files);
         }
         for (name, seed, format, compression) in RICH {
@@ -84,11 +84,12 @@ export REIMAGE_TEST_DIR=/scratch
 
 /// Runs the ignored tests matching `filters` of the current test binary inside the guest,
 /// after the shell command `banner` (which prints the backend's version into the log), and
-/// fails unless all of them pass. Tests run two at a time (the guest has two CPUs).
-pub fn run_cases(filters: &[&str], banner: &str) {
+/// fails unless all of them pass. Tests run two at a time (the guest has two CPUs). `bulky`:
+/// the sizes (in files) of the bulky images the cases use.
+pub fn run_cases(filters: &[&str], banner: &str, bulky: &[usize]) {
     let exe = std::env::current_exe().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
-    let fixtures = HostFixtures::make();
+    let fixtures = HostFixtures::make(bulky);
     let script = format!(
         "set -e\nmodprobe zfs 2>/dev/null || true\n{SCRATCH}export {FIXTURES_VAR}={}\n{banner}\n{} --ignored --test-threads 2 --show-output {}\n",
         fixtures.dir.display(),
