@@ -15,15 +15,12 @@ pub fn open(pool: &Pool, state: &RecordDir) -> Result<Box<dyn Driver>> {
     Ok(match &pool.spec {
         PoolSpec::Dir { path, quota } => Box::new(DirDriver::open(path, *quota)?),
         PoolSpec::Btrfs { path, quota } => {
-            let lineage = state
-                .sub("lineage")
-                .and_then(|l| l.sub(&pool.name))
-                .map_err(|e| {
-                    Error::internal(format!(
-                        "cannot open the snapshot lineage in {}: {e}",
-                        state.path().display()
-                    ))
-                })?;
+            let lineage = state.area(&["lineage", &pool.name]).map_err(|e| {
+                Error::internal(format!(
+                    "cannot open the snapshot lineage in {}: {e}",
+                    state.path().display()
+                ))
+            })?;
             Box::new(BtrfsDriver::open(path, *quota, lineage)?)
         }
         PoolSpec::Zfs {

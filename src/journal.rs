@@ -63,15 +63,12 @@ pub struct Journal {
 impl Journal {
     /// The journal of `pool` in the state directory (made when missing).
     pub fn open(state: &RecordDir, pool: &str) -> Result<Journal> {
-        let dir = state
-            .sub("journal")
-            .and_then(|j| j.sub(pool))
-            .map_err(|e| {
-                Error::internal(format!(
-                    "cannot open the journal in {}: {e}",
-                    state.path().display()
-                ))
-            })?;
+        let dir = state.area(&["journal", pool]).map_err(|e| {
+            Error::internal(format!(
+                "cannot open the journal in {}: {e}",
+                state.path().display()
+            ))
+        })?;
         Ok(Journal { dir })
     }
 

@@ -21,15 +21,12 @@ pub struct VolumeLock {
 
 impl VolumeLock {
     pub fn acquire(state: &RecordDir, pool: &str, volume: &str) -> Result<VolumeLock> {
-        let dir = state
-            .sub("locks")
-            .and_then(|locks| locks.sub(pool))
-            .map_err(|e| {
-                Error::internal(format!(
-                    "cannot make the lock directory in {}: {e}",
-                    state.path().display()
-                ))
-            })?;
+        let dir = state.area(&["locks", pool]).map_err(|e| {
+            Error::internal(format!(
+                "cannot make the lock directory in {}: {e}",
+                state.path().display()
+            ))
+        })?;
         let name = format!("{volume}.lock");
         let failed = |what: &str, e: std::io::Error| {
             Error::internal(format!(

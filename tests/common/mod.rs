@@ -18,6 +18,11 @@ pub use backend::{Backend, Snapshot, Storage, View};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_reimage");
 
+/// Whether a command succeeds (its output is not kept).
+pub fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().unwrap().status.success()
+}
+
 /// Runs a command the test needs to succeed; returns its stdout.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

@@ -64,6 +64,16 @@ impl RecordDir {
         })
     }
 
+    /// The subdirectory at `names` below this one (each made with mode 0700 when missing):
+    /// `["journal", POOL]`.
+    pub fn area(&self, names: &[&str]) -> io::Result<RecordDir> {
+        let (first, rest) = names
+            .split_first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no directory named"))?;
+        rest.iter()
+            .try_fold(self.sub(first)?, |dir, name| dir.sub(name))
+    }
+
     /// Where the directory is, for messages.
     pub fn path(&self) -> &Path {
         &self.path

@@ -7,7 +7,7 @@ use std::process::Command;
 use reimage_driver::{Slot, SlotKind, VolumeName};
 
 use super::{global_name, Devices, Snapshot, Storage, View};
-use crate::common::sh;
+use crate::common::{sh, succeeds};
 
 pub struct Lvm {
     vg: String,
@@ -56,12 +56,7 @@ impl Lvm {
     }
 
     fn exists_named(lv: &str) -> bool {
-        Command::new("lvs")
-            .arg(lv)
-            .output()
-            .unwrap()
-            .status
-            .success()
+        succeeds(Command::new("lvs").arg(lv))
     }
 
     /// The device of an LV (`VG/LV`), activated first if it is not (thin snapshots are

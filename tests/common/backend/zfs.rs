@@ -7,7 +7,7 @@ use std::process::Command;
 use reimage_driver::{Slot, SlotKind, VolumeName};
 
 use super::{global_name, Devices, Snapshot, Storage, View};
-use crate::common::sh;
+use crate::common::{sh, succeeds};
 
 pub struct Zfs {
     zpool: String,
@@ -48,12 +48,7 @@ impl Zfs {
     }
 
     fn exists_named(name: &str) -> bool {
-        Command::new("zfs")
-            .args(["list", "-H", name])
-            .output()
-            .unwrap()
-            .status
-            .success()
+        succeeds(Command::new("zfs").args(["list", "-H", name]))
     }
 
     /// Every dataset and snapshot under the volumes' dataset.
