@@ -23,7 +23,7 @@
 
 mod report;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
@@ -91,6 +91,9 @@ pub struct LvmDriver {
     /// The volume group's LVs as last listed, dropped by every change this driver makes:
     /// one request reads the list many times, and every `lvm` run costs a device scan.
     listed: RefCell<Option<Vec<Lv>>>,
+    /// An LV was removed since the listing: its rows are right about names, sizes and tags,
+    /// but the space figures they carry are stale.
+    space_stale: Cell<bool>,
 }
 
 /// The LV name of a volume's slot: `v+`, `n+` or `o+` and the volume name with `_` as `+`
@@ -105,7 +108,7 @@ pub fn lv_name(slot: Slot<'_>) -> String {
 }
 
 /// The device-mapper node of an LV: `/dev/mapper/VG-LV`, each `-` inside a name doubled.
-fn dm_path(vg: &str, lv: &str) -> String {
+pub fn dm_path(vg: &str, lv: &str) -> String {
     format!(
         "/dev/mapper/{}-{}",
         vg.replace('-', "--"),
@@ -173,6 +176,7 @@ impl LvmDriver {
             fs,
             mount_dir,
             listed: RefCell::new(None),
+            space_stale: Cell::new(false),
         };
         driver.lvs().map_err(|e| {
             Error::new(
@@ -213,6 +217,7 @@ impl LvmDriver {
             return Ok(listed.clone());
         }
         let listed = self.list()?;
+        self.space_stale.set(false);
         self.listed.replace(Some(listed.clone()));
         Ok(listed)
     }
@@ -307,8 +312,21 @@ impl LvmDriver {
     }
 
     fn remove(&self, lv_name: &str) -> Result<()> {
-        self.change(&["lvremove", "-q", "-y", &format!("{}/{lv_name}", self.vg)])
-            .map(drop)
+        // The listing is brought up to date here rather than read again: the LV goes, and
+        // thin snapshots of it lose their origin (the space figures are read again if asked).
+        let listed = self.listed.take();
+        let removed = lvm(&["lvremove", "-q", "-y", &format!("{}/{lv_name}", self.vg)]);
+        if let (Ok(_), Some(mut lvs)) = (&removed, listed) {
+            lvs.retain(|lv| lv.lv_name != lv_name);
+            for lv in &mut lvs {
+                if lv.origin == lv_name {
+                    lv.origin.clear();
+                }
+            }
+            self.listed.replace(Some(lvs));
+            self.space_stale.set(true);
+        }
+        removed.map(drop)
     }
 
     /// The LV size for a volume of `bytes`: whole MiB (LVM rounds on to whole extents), and
@@ -616,6 +634,9 @@ impl Driver for LvmDriver {
     }
 
     fn pool_space(&self) -> Result<PoolSpace> {
+        if self.space_stale.replace(false) {
+            self.listed.replace(None);
+        }
         match &self.thin_pool {
             None => {
                 // Every LV's row carries the VG's figures; only an empty VG needs a `vgs`.

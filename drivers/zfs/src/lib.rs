@@ -113,6 +113,9 @@ pub struct ZfsDriver {
     listed: RefCell<Option<Listing>>,
     /// A slot was mounted for writing since the listing: its space figures are stale.
     written: Cell<bool>,
+    /// The parent's space as read when the driver opened, until the driver changes or
+    /// writes anything.
+    space: Cell<Option<PoolSpace>>,
 }
 
 /// What a failed `zfs` command means, from its message (LC_ALL=C keeps them in English).
@@ -152,6 +155,18 @@ fn zfs_retrying_busy(args: &[&str]) -> Result<String> {
     }
 }
 
+/// The pool's space from the values of `available` and `used`, in that order.
+fn pool_space_from<'a>(mut values: impl Iterator<Item = &'a str>) -> Result<PoolSpace> {
+    let available = parse_u64("available", values.next().unwrap_or(""))?;
+    let used = parse_u64("used", values.next().unwrap_or(""))?;
+    Ok(PoolSpace {
+        available,
+        total: available.saturating_add(used),
+        inodes_available: None,
+        provisioned: None,
+    })
+}
+
 fn parse_u64(what: &str, text: &str) -> Result<u64> {
     text.trim().parse().map_err(|_| {
         Error::new(
@@ -164,8 +179,10 @@ fn parse_u64(what: &str, text: &str) -> Result<u64> {
 impl ZfsDriver {
     /// A driver for the volumes under `parent`, which must be an existing filesystem dataset.
     pub fn open(parent: &str, quota: QuotaProperty, mount_dir: PathBuf) -> Result<ZfsDriver> {
-        let kind = match zfs(&["get", "-H", "-p", "-o", "value", "type", parent]) {
-            Ok(kind) => kind,
+        // The type and the space in one command: an operation asks for the space once,
+        // before it changes anything.
+        let out = match zfs(&["get", "-H", "-p", "-o", "value", "type,available,used", parent]) {
+            Ok(out) => out,
             Err(e) if e.kind == ErrorKind::NotFound => {
                 return Err(Error::new(
                     ErrorKind::NotFound,
@@ -176,21 +193,22 @@ impl ZfsDriver {
             }
             Err(e) => return Err(e),
         };
-        if kind.trim() != "filesystem" {
+        let mut values = out.lines();
+        let kind = values.next().unwrap_or("").trim();
+        if kind != "filesystem" {
             return Err(Error::new(
                 ErrorKind::Failed,
-                format!(
-                    "the pool's dataset {parent} is a {}, not a filesystem",
-                    kind.trim()
-                ),
+                format!("the pool's dataset {parent} is a {kind}, not a filesystem"),
             ));
         }
+        let space = pool_space_from(values)?;
         Ok(ZfsDriver {
             parent: parent.to_owned(),
             quota,
             mount_dir,
             listed: RefCell::new(None),
             written: Cell::new(false),
+            space: Cell::new(Some(space)),
         })
     }
 
@@ -198,6 +216,7 @@ impl ZfsDriver {
     /// asked); the listing is read again afterwards.
     fn change(&self, args: &[&str], retry_busy: bool) -> Result<String> {
         self.listed.replace(None);
+        self.space.set(None);
         let out = if retry_busy {
             zfs_retrying_busy(args)
         } else {
@@ -266,8 +285,16 @@ impl ZfsDriver {
         }
     }
 
-    /// Every snapshot in the dataset's subtree as `(name, clones)`, oldest first.
-    fn subtree_snapshots(&self, dataset: &str) -> Result<Vec<(String, Vec<String>)>> {
+    /// Every snapshot in the slot's subtree as `(name, clones)`, oldest first: from the
+    /// listing unless datasets are nested below the slot.
+    fn subtree_snapshots(&self, slot: Slot<'_>) -> Result<Vec<(String, Vec<String>)>> {
+        let dataset = self.dataset(slot);
+        if let Some(found) = self
+            .listing(slot.volume, false)?
+            .subtree_snapshots(&dataset)
+        {
+            return Ok(found);
+        }
         let out = zfs(&[
             "list",
             "-H",
@@ -279,18 +306,13 @@ impl ZfsDriver {
             "createtxg",
             "-o",
             "name,clones",
-            dataset,
+            &dataset,
         ])?;
         Ok(out
             .lines()
             .filter_map(|line| {
                 let (name, clones) = line.split_once('\t')?;
-                let clones = clones
-                    .split(',')
-                    .filter(|c| !c.is_empty() && *c != "-")
-                    .map(str::to_owned)
-                    .collect();
-                Some((name.to_owned(), clones))
+                Some((name.to_owned(), listing::clone_list(clones)))
             })
             .collect())
     }
@@ -366,7 +388,7 @@ impl Driver for ZfsDriver {
         }
         let dataset = self.dataset(slot);
         let guard = self.guard(slot);
-        let snapshots = self.subtree_snapshots(&dataset)?;
+        let snapshots = self.subtree_snapshots(slot)?;
         let clones: Vec<String> = snapshots
             .iter()
             .flat_map(|(_, c)| c.iter())
@@ -423,7 +445,7 @@ impl Driver for ZfsDriver {
         let dataset = self.dataset(slot);
         let below = format!("{dataset}/");
         Ok(self
-            .subtree_snapshots(&dataset)?
+            .subtree_snapshots(slot)?
             .into_iter()
             .flat_map(|(_, c)| c)
             .filter(|c| !c.starts_with(&below))
@@ -485,6 +507,9 @@ impl Driver for ZfsDriver {
     }
 
     fn pool_space(&self) -> Result<PoolSpace> {
+        if let Some(space) = self.space.get() {
+            return Ok(space);
+        }
         let out = zfs(&[
             "get",
             "-H",
@@ -494,20 +519,13 @@ impl Driver for ZfsDriver {
             "available,used",
             &self.parent,
         ])?;
-        let mut lines = out.lines();
-        let available = parse_u64("available", lines.next().unwrap_or(""))?;
-        let used = parse_u64("used", lines.next().unwrap_or(""))?;
-        Ok(PoolSpace {
-            available,
-            total: available.saturating_add(used),
-            inodes_available: None,
-            provisioned: None,
-        })
+        pool_space_from(out.lines())
     }
 
     fn open_root(&self, slot: Slot<'_>) -> Result<Mounted> {
         self.require(slot)?;
         self.written.set(true);
+        self.space.set(None);
         mount::mount_for_filling(
             &self.dataset(slot),
             "zfs",

@@ -20,6 +20,8 @@ pub struct Row {
     pub used: String,
     pub referenced: String,
     pub limit: String,
+    /// For a snapshot, its clones, comma-separated (`-` or empty if none).
+    pub clones: String,
 }
 
 #[derive(Clone, Debug)]
@@ -35,7 +37,7 @@ impl Listing {
     /// Lists `datasets` (any of which may be missing), their snapshots and their direct
     /// children, with the size limit property `limit`.
     pub fn read(datasets: Vec<String>, limit: &str) -> Result<Listing> {
-        let fields = format!("name,type,guid,used,referenced,{limit}");
+        let fields = format!("name,type,guid,used,referenced,{limit},clones");
         let mut args = vec![
             "list",
             "-H",
@@ -68,6 +70,7 @@ impl Listing {
                     used: fields.next()?,
                     referenced: fields.next()?,
                     limit: fields.next()?,
+                    clones: fields.next()?,
                 })
             })
             .collect();
@@ -104,6 +107,24 @@ impl Listing {
         }
     }
 
+    /// Every snapshot in the dataset's subtree as `(name, clones)`, oldest first, if the
+    /// listing holds them all: when the dataset has no datasets below it (the listing goes
+    /// one level down, so it would show them).
+    pub fn subtree_snapshots(&self, dataset: &str) -> Option<Vec<(String, Vec<String>)>> {
+        let below = format!("{dataset}/");
+        if self.rows.iter().any(|r| r.name.starts_with(&below)) {
+            return None;
+        }
+        let own = format!("{dataset}@");
+        Some(
+            self.rows
+                .iter()
+                .filter(|r| r.name.starts_with(&own))
+                .map(|r| (r.name.clone(), clone_list(&r.clones)))
+                .collect(),
+        )
+    }
+
     /// The names (after the `@`) of the dataset's snapshots, oldest first.
     pub fn snapshots<'a>(&'a self, dataset: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.rows.iter().filter_map(move |r| {
@@ -111,5 +132,54 @@ impl Listing {
                 .strip_prefix(dataset)
                 .and_then(|rest| rest.strip_prefix('@'))
         })
+    }
+}
+
+/// The clones in a `clones` field: comma-separated, `-` or empty for none.
+pub fn clone_list(field: &str) -> Vec<String> {
+    field
+        .split(',')
+        .filter(|c| !c.is_empty() && *c != "-")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, kind: &str, clones: &str) -> Row {
+        Row {
+            name: name.into(),
+            kind: kind.into(),
+            guid: "1".into(),
+            used: "0".into(),
+            referenced: "0".into(),
+            limit: "0".into(),
+            clones: clones.into(),
+        }
+    }
+
+    #[test]
+    fn subtree_snapshots_come_from_the_listing_only_without_nested_datasets() {
+        let mut listing = Listing {
+            of: vec!["p/v".into()],
+            rows: vec![
+                row("p/v", "filesystem", "-"),
+                row("p/v@a", "snapshot", ""),
+                row("p/v@b", "snapshot", "p/x,p/y"),
+                row("p/vw", "filesystem", "-"),
+                row("p/vw@c", "snapshot", ""),
+            ],
+        };
+        assert_eq!(
+            listing.subtree_snapshots("p/v"),
+            Some(vec![
+                ("p/v@a".to_owned(), vec![]),
+                ("p/v@b".to_owned(), vec!["p/x".to_owned(), "p/y".to_owned()]),
+            ])
+        );
+        listing.rows.push(row("p/v/inner", "filesystem", "-"));
+        assert_eq!(listing.subtree_snapshots("p/v"), None);
     }
 }

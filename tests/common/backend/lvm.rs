@@ -55,20 +55,24 @@ impl Lvm {
         format!("{}/{}", self.vg, reimage_driver_lvm::lv_name(slot))
     }
 
+    /// Whether the LV (`VG/LV`) exists: at once if its device node is there (it is active),
+    /// otherwise as `lvs` says (thin snapshots are created inactive).
     fn exists_named(lv: &str) -> bool {
-        succeeds(Command::new("lvs").arg(lv))
+        Path::new(&Self::dm_path(lv)).exists() || succeeds(Command::new("lvs").arg(lv))
     }
 
-    /// The device of an LV (`VG/LV`), activated first if it is not (thin snapshots are
-    /// created inactive).
+    fn dm_path(lv: &str) -> String {
+        let (vg, name) = lv.split_once('/').unwrap();
+        reimage_driver_lvm::dm_path(vg, name)
+    }
+
+    /// The device of an LV (`VG/LV`), activated first if it is not.
     fn device(&self, lv: &str) -> String {
-        let report =
-            sh(Command::new("lvs").args(["--noheadings", "-o", "lv_active,lv_dm_path", lv]));
-        let fields: Vec<&str> = report.split_whitespace().collect();
-        if fields.first() != Some(&"active") {
+        let path = Self::dm_path(lv);
+        if !Path::new(&path).exists() {
             sh(Command::new("lvchange").args(["-q", "-ay", "-K", lv]));
         }
-        fields.last().copied().unwrap_or_default().to_owned()
+        path
     }
 
     fn mount(&self, lv: &str, at: PathBuf) -> View {
