@@ -84,7 +84,8 @@ export REIMAGE_TEST_DIR=/scratch
 
 /// Runs the ignored tests matching `filters` of the current test binary inside the guest,
 /// after the shell command `banner` (which prints the backend's version into the log), and
-/// fails unless all of them pass. Tests run two at a time (the guest has two CPUs). `bulky`:
+/// fails unless all of them pass. Tests run two at a time on the guest's one CPU (one runs
+/// while the other waits for its commands' I/O). `bulky`:
 /// the sizes (in files) of the bulky images the cases use.
 pub fn run_cases(filters: &[&str], banner: &str, bulky: &[usize]) {
     let exe = std::env::current_exe().unwrap();
