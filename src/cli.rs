@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use reimage_driver::records::RecordDir;
 
+use crate::audit;
 use crate::config::{Config, DriverKind, DEFAULT_CONFIG};
 use crate::error::{Code, Error, Result};
 use crate::ops::{self, Ctx};
@@ -16,7 +17,8 @@ use crate::{drivers, signals};
 
 pub const USAGE: &str =
     "usage: reimage [--config PATH] [--progress auto|always|never] DRIVER < request.json
-  DRIVER is one of dir, btrfs, zfs, lvm; the request and events are described in the README.";
+  DRIVER is one of dir, btrfs, zfs, lvm; the request and events are described in
+  docs/protocol.md.";
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Args {
@@ -40,10 +42,27 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
     let mut bar = BarMode::Auto;
     let mut driver = None;
     let mut it = args.iter().skip(1);
+    let mut options_ended = false;
     while let Some(arg) = it.next() {
         let text = arg
             .to_str()
             .ok_or_else(|| usage_error("arguments must be UTF-8"))?;
+        if text == "--" && !options_ended {
+            options_ended = true;
+            continue;
+        }
+        // After `--` every argument is an operand, even one that starts with `-`.
+        if options_ended || !text.starts_with('-') {
+            if driver.is_some() {
+                return Err(usage_error(format!("unexpected argument {text:?}")));
+            }
+            driver = Some(DriverKind::parse(text).ok_or_else(|| {
+                usage_error(format!(
+                    "unknown driver {text:?}; one of dir, btrfs, zfs, lvm"
+                ))
+            })?);
+            continue;
+        }
         let (flag, inline) = match text.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
             _ => (text, None),
@@ -73,17 +92,7 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
                     }
                 }
             }
-            f if f.starts_with('-') => return Err(usage_error(format!("unknown option {f}"))),
-            name => {
-                if driver.is_some() {
-                    return Err(usage_error(format!("unexpected argument {name:?}")));
-                }
-                driver = Some(DriverKind::parse(name).ok_or_else(|| {
-                    usage_error(format!(
-                        "unknown driver {name:?}; one of dir, btrfs, zfs, lvm"
-                    ))
-                })?);
-            }
+            f => return Err(usage_error(format!("unknown option {f}"))),
         }
     }
     let driver = driver.ok_or_else(|| usage_error("missing DRIVER"))?;
@@ -114,9 +123,18 @@ fn execute(
     args: &Args,
     stdin: &mut dyn Read,
     events: &mut Events,
+    audit: &mut Audit,
 ) -> Result<(String, serde_json::Map<String, serde_json::Value>)> {
     let config = Config::load(&args.config)?;
+    audit.socket = config.audit_socket.clone();
+    reimage_driver::command::set_timeout(config.command_timeout);
     let op = request::parse(&read_request(stdin)?)?;
+    audit.record.op = Some(op.name().to_owned());
+    audit.record.pool = op.pool().map(str::to_owned);
+    audit.record.volume = op.volume().map(|v| v.as_str().to_owned());
+    if let Some(request::Source::Image { path, .. }) = op.source() {
+        audit.record.image = Some(path.clone());
+    }
     let pool = match op.pool() {
         Some(name) => Some(config.pool_for(name, args.driver)?),
         None => None,
@@ -153,13 +171,39 @@ fn execute(
     Ok((op.name().to_owned(), body))
 }
 
-/// Runs one request; returns the process exit status.
+/// What `--version` prints.
+fn version() -> String {
+    format!(
+        "reimage {} (protocol api {}){}",
+        env!("CARGO_PKG_VERSION"),
+        request::API_VERSION,
+        if crate::fault::ENABLED {
+            " with fault injection"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Runs one request; returns the process exit status. `--help` and `--version` print on
+/// stdout and return before anything else happens (no privilege is given up, no warning).
 pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
+    let parsed = parse_args(args);
+    match parsed {
+        Ok(Parsed::Help) => {
+            println!("{USAGE}");
+            return 0;
+        }
+        Ok(Parsed::Version) => {
+            println!("{}", version());
+            return 0;
+        }
+        _ => {}
+    }
     let hardening = crate::privilege::reduce();
     signals::install();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let stderr_tty = std::io::stderr().is_terminal();
-    let parsed = parse_args(args);
     let bar = match &parsed {
         Ok(Parsed::Run(a)) => match a.bar {
             BarMode::Always => true,
@@ -176,38 +220,56 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
     for note in &hardening {
         events.log(&format!("warning: {note}"));
     }
-    let args = match parsed {
-        Ok(Parsed::Run(a)) => a,
-        Ok(Parsed::Help) => {
-            eprintln!("{USAGE}");
-            return 0;
-        }
-        Ok(Parsed::Version) => {
-            eprintln!(
-                "reimage {} (protocol api {}){}",
-                env!("CARGO_PKG_VERSION"),
-                request::API_VERSION,
-                if crate::fault::ENABLED {
-                    " with fault injection"
-                } else {
-                    ""
-                }
-            );
-            return 0;
-        }
-        Err(e) => {
-            events.error(&e);
-            return e.code.exit_status();
-        }
+    let mut audit = Audit {
+        record: audit::Record::start(),
+        socket: Some(PathBuf::from(audit::DEFAULT_SOCKET)),
     };
-    match execute(&args, stdin, &mut events) {
+    let outcome = match parsed {
+        Ok(Parsed::Run(args)) => {
+            audit.record.driver = Some(args.driver.as_str().to_owned());
+            execute(&args, stdin, &mut events, &mut audit)
+        }
+        Ok(Parsed::Help | Parsed::Version) => return 0,
+        Err(e) => Err(e),
+    };
+    let (status, code) = match outcome {
         Ok((op, body)) => {
             events.result(&op, body);
-            0
+            (0, "ok")
         }
         Err(e) => {
             events.error(&e);
-            e.code.exit_status()
+            (e.code.exit_status(), e.code.as_str())
+        }
+    };
+    audit.send(code, &mut events);
+    status
+}
+
+/// The audit record of this request and where it goes (`None`: nowhere, as configured).
+struct Audit {
+    record: audit::Record,
+    socket: Option<PathBuf>,
+}
+
+impl Audit {
+    /// Sends the record with the request's outcome. No syslog listening (no socket, nobody
+    /// at it) is not an error; anything else is said on stderr.
+    fn send(&self, outcome: &str, events: &mut Events) {
+        let Some(socket) = &self.socket else {
+            return;
+        };
+        match audit::send(socket, &self.record.line(outcome)) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => events.log(&format!(
+                "warning: the audit record could not be sent to {}: {e}",
+                socket.display()
+            )),
         }
     }
 }

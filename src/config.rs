@@ -101,6 +101,10 @@ impl Pool {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub state_dir: PathBuf,
+    /// How long a storage program (`zfs`, `lvm`, `mkfs`, ...) may run before it is killed.
+    pub command_timeout: std::time::Duration,
+    /// The syslog socket the audit record goes to; `None`: no audit record.
+    pub audit_socket: Option<PathBuf>,
     pub image_roots: Vec<PathBuf>,
     pub pools: BTreeMap<String, Pool>,
 }
@@ -109,9 +113,19 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 struct WireConfig {
     state_dir: Option<PathBuf>,
+    /// Seconds.
+    command_timeout: Option<u64>,
     images: Option<WireImages>,
+    audit: Option<WireAudit>,
     #[serde(default)]
     pools: BTreeMap<String, WirePool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireAudit {
+    syslog: Option<bool>,
+    socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -229,6 +243,30 @@ impl Config {
         if !state_dir.is_absolute() {
             return Err(invalid("state_dir must be an absolute path"));
         }
+        let command_timeout =
+            match wire.command_timeout {
+                None => reimage_driver::command::DEFAULT_TIMEOUT,
+                Some(0) => return Err(invalid(
+                    "command_timeout must be at least 1 (seconds); leave it out for the default",
+                )),
+                Some(seconds) => std::time::Duration::from_secs(seconds),
+            };
+        let audit_socket = match wire.audit {
+            Some(WireAudit {
+                syslog: Some(false),
+                ..
+            }) => None,
+            Some(WireAudit {
+                socket: Some(socket),
+                ..
+            }) => {
+                if !socket.is_absolute() {
+                    return Err(invalid("audit.socket must be an absolute path"));
+                }
+                Some(socket)
+            }
+            _ => Some(PathBuf::from(crate::audit::DEFAULT_SOCKET)),
+        };
         let image_roots = wire.images.map(|i| i.allow).unwrap_or_default();
         for root in &image_roots {
             if !root.is_absolute() {
@@ -244,6 +282,8 @@ impl Config {
         }
         Ok(Config {
             state_dir,
+            command_timeout,
+            audit_socket,
             image_roots,
             pools,
         })

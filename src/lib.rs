@@ -5,6 +5,7 @@
 //! anything changes, then drives the storage [`drivers`] and the [`unpack`] engine, journaling
 //! every destructive step ([`journal`]) so that [`recover`] can finish or undo it.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod drivers;

@@ -237,7 +237,40 @@ fn bad_configs_pools_and_drivers_are_refused() {
         2,
     );
     env.write_config(&env.default_config());
+    // `--` ends the options: what follows is the driver, as for any command.
+    env.run_with(&["--", "dir"], inspect.as_bytes()).ok();
+    rejected(
+        &env,
+        &env.run_with(&["--", "--bogus"], inspect.as_bytes()),
+        "invalid_request",
+        2,
+    );
     assert_eq!(before, env.snapshot());
+}
+
+/// `--help` and `--version` answer on stdout with status 0, whoever runs them, and say nothing
+/// else: no request is read, no privilege is given up, no warning is printed.
+#[test]
+fn help_and_version_answer_on_stdout() {
+    for (flag, expected) in [
+        ("--help", "usage: reimage"),
+        ("--version", "reimage "),
+        ("-V", "protocol api 1"),
+    ] {
+        let out = std::process::Command::new(common::BIN)
+            .arg(flag)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        assert!(stdout.contains(expected), "{flag}: {stdout}");
+        assert!(
+            out.stderr.is_empty(),
+            "{flag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Hostile and broken images fail with a clear code, the old volume stays as it was, and

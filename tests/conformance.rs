@@ -473,7 +473,7 @@ fn crash_at_every_step(backend: Backend) {
         .output()
         .unwrap();
     assert!(
-        String::from_utf8_lossy(&version.stderr).contains("fault injection"),
+        String::from_utf8_lossy(&version.stdout).contains("fault injection"),
         "the crash tests need a build with --features fault-injection"
     );
     // `c1` holds `current` (as reimage unpacked it: `old`); rebuilds go to `other`.

@@ -193,3 +193,54 @@ fn a_volume_in_use_is_busy_and_names_its_holder() {
     assert_eq!(old, env.manifest_of("c1"));
     env.rebuild_from("c1", &b).ok();
 }
+
+/// A storage program that hangs is killed, with what it started, once the config's
+/// `command_timeout` has passed: the request fails with `driver_error` naming the command,
+/// instead of holding the volume's lock forever. Here `zfs` is a stand-in that never returns,
+/// bound over the real one in a mount namespace of the test's own.
+#[test]
+fn a_storage_program_that_hangs_is_killed_and_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("hung");
+    let real = std::path::Path::new("/usr/sbin/zfs");
+    assert!(
+        real.exists(),
+        "scripts/setup installs zfsutils-linux (for the guest tier)"
+    );
+    // A sleep of its own that the stand-in waits for: both must go.
+    let stub = env.dir.join("zfs-that-hangs");
+    std::fs::write(&stub, "#!/bin/sh\nsleep 3607 &\nwait\n").unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.write_config(&format!(
+        "command_timeout = 2\n{}\n[pools.tank]\ndriver = \"zfs\"\ndataset = \"tank/reimage\"\n",
+        env.default_config()
+    ));
+    let started = std::time::Instant::now();
+    let r = env.run_under(
+        &[
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /usr/sbin/zfs && exec \"$@\"",
+            stub.to_str().unwrap(),
+        ],
+        "zfs",
+        &json!({"api":1,"op":"inspect","pool":"tank","volume":"c1"}),
+    );
+    let e = r.failed("driver_error", 1);
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("`zfs get") && message.contains("still running after 2 s"),
+        "{e}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.trim() == "sleep 3607")
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+}

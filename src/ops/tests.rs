@@ -84,6 +84,8 @@ impl World {
             state,
             config: Config {
                 state_dir: dir.join("state"),
+                command_timeout: reimage_driver::command::DEFAULT_TIMEOUT,
+                audit_socket: None,
                 image_roots: vec![dir.join("images")],
                 pools: Default::default(),
             },

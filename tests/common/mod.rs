@@ -175,6 +175,21 @@ impl Env {
         Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
     }
 
+    /// Runs `reimage DRIVER` under `wrapper`, a command that ends by running the arguments
+    /// it is given (`unshare -m sh -c '...; exec "$@"' ARG0`), with `request` on stdin.
+    pub fn run_under(&self, wrapper: &[&str], driver: &str, request: &Value) -> Run {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..])
+            .arg(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg(driver)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Self::finish(cmd, request)
+    }
+
     /// Runs a request with extra environment variables (fault injection).
     pub fn run_env(&self, request: &Value, vars: &[(&str, &str)]) -> Run {
         let mut cmd = self.command();

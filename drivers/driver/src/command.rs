@@ -2,13 +2,39 @@
 //! never a shell; a cleared environment with a fixed `PATH` and `LC_ALL=C`, so that nothing in
 //! the caller's environment changes what runs or how its output and messages read; stdin
 //! from /dev/null, so a program that asks a question gets no answer instead of hanging.
+//!
+//! Each program runs in a process group of its own and for at most the command timeout
+//! (the config's `command_timeout`, [`DEFAULT_TIMEOUT`] otherwise): a program that hangs (a
+//! `zfs` waiting on a stuck pool) is killed with everything it started, and reported as a
+//! failure that names it, instead of holding the volume's lock forever.
 
 use std::ffi::OsStr;
 use std::fmt;
-use std::process::{Command, Stdio};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// Where the programs are looked up, whatever `PATH` the caller had.
 pub const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long a program may run when the config does not say.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The command timeout in seconds, set once at start from the config.
+static TIMEOUT_SECONDS: AtomicU64 = AtomicU64::new(DEFAULT_TIMEOUT.as_secs());
+
+/// Sets how long every program run from now on may take (at least a second).
+pub fn set_timeout(limit: Duration) {
+    TIMEOUT_SECONDS.store(limit.as_secs().max(1), Ordering::Relaxed);
+}
+
+/// The command timeout in force.
+pub fn timeout() -> Duration {
+    Duration::from_secs(TIMEOUT_SECONDS.load(Ordering::Relaxed))
+}
 
 /// A program that ran and failed, or could not be started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +62,25 @@ impl fmt::Display for Failure {
     }
 }
 
-/// Runs `program` with `args` and returns its stdout, or the failure with its stderr.
+/// Runs `program` with `args` and returns its stdout, or the failure with its stderr; a
+/// program still running after the command timeout is killed and fails.
 pub fn run<I, S>(program: &str, args: I) -> Result<String, Failure>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_for(program, args, timeout())
+}
+
+/// What the threads watching a child report.
+enum Watched {
+    Exited(std::io::Result<ExitStatus>),
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// [`run`] with an explicit time limit.
+pub fn run_for<I, S>(program: &str, args: I, limit: Duration) -> Result<String, Failure>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -50,7 +93,13 @@ where
         )
         .collect::<Vec<_>>()
         .join(" ");
-    let output = Command::new(program)
+    let failure = |status: Option<i32>, stderr: String, stdout: String| Failure {
+        command: command.clone(),
+        status,
+        stderr,
+        stdout,
+    };
+    let mut child = match Command::new(program)
         .args(&args)
         .env_clear()
         .env("PATH", PATH)
@@ -58,27 +107,88 @@ where
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output();
-    let output = match output {
-        Ok(o) => o,
+        .process_group(0)
+        .spawn()
+    {
+        Ok(child) => child,
         Err(e) => {
-            return Err(Failure {
-                command,
-                status: None,
-                stderr: format!("cannot run {program}: {e} (is it installed in {PATH}?)"),
-                stdout: String::new(),
-            })
+            return Err(failure(
+                None,
+                format!("cannot run {program}: {e} (is it installed in {PATH}?)"),
+                String::new(),
+            ))
         }
     };
-    if output.status.success() {
-        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+    let group = child.id();
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut out) = child.stdout.take() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = out.read_to_end(&mut bytes);
+            let _ = tx.send(Watched::Stdout(bytes));
+        });
     }
-    Err(Failure {
-        command,
-        status: output.status.code(),
-        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-    })
+    if let Some(mut err) = child.stderr.take() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = err.read_to_end(&mut bytes);
+            let _ = tx.send(Watched::Stderr(bytes));
+        });
+    }
+    std::thread::spawn(move || {
+        let _ = tx.send(Watched::Exited(child.wait()));
+    });
+    let mut deadline = Instant::now() + limit;
+    let (mut status, mut stdout, mut stderr) = (None, None, None);
+    let mut timed_out = false;
+    while status.is_none() || stdout.is_none() || stderr.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Watched::Exited(s)) => status = Some(s),
+            Ok(Watched::Stdout(b)) => stdout = Some(b),
+            Ok(Watched::Stderr(b)) => stderr = Some(b),
+            Err(mpsc::RecvTimeoutError::Timeout) if !timed_out => {
+                timed_out = true;
+                // The whole group: the program and whatever it started. Then a moment for
+                // what they printed; a descendant that left the group and kept the pipes
+                // open is not waited for.
+                if let Some(pid) = i32::try_from(group)
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                {
+                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                }
+                deadline = Instant::now() + Duration::from_secs(1);
+            }
+            Err(_) => break,
+        }
+    }
+    let text =
+        |bytes: Option<Vec<u8>>| String::from_utf8_lossy(&bytes.unwrap_or_default()).into_owned();
+    let (stdout, stderr) = (text(stdout), text(stderr).trim().to_owned());
+    if timed_out {
+        let printed = if stderr.is_empty() {
+            String::new()
+        } else {
+            format!("; it said: {stderr}")
+        };
+        return Err(failure(
+            None,
+            format!(
+                "it was still running after {} s and was killed (the limit is `command_timeout` in the config){printed}",
+                limit.as_secs()
+            ),
+            stdout,
+        ));
+    }
+    match status {
+        Some(Ok(s)) if s.success() => Ok(stdout),
+        Some(Ok(s)) => Err(failure(s.code(), stderr, stdout)),
+        Some(Err(e)) => Err(failure(None, format!("waiting for {program}: {e}"), stdout)),
+        None => Err(failure(None, format!("lost track of {program}"), stdout)),
+    }
 }
 
 #[cfg(test)]
@@ -105,5 +215,21 @@ mod tests {
         let missing = run("reimage-no-such-program", ["x"]).unwrap_err();
         assert_eq!(missing.status, None);
         assert!(missing.stderr.contains("is it installed"), "{missing}");
+    }
+
+    #[test]
+    fn a_program_that_hangs_is_killed_with_what_it_started() {
+        let started = Instant::now();
+        // The shell starts a sleep of its own and waits for it; both are in the group.
+        let e = run_for(
+            "sh",
+            ["-c", "echo begun; sleep 60 & echo $! > /dev/null; wait"],
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10), "{e}");
+        assert_eq!(e.status, None);
+        assert!(e.stderr.contains("still running after 1 s"), "{e}");
+        assert!(e.to_string().contains("`sh -c"), "{e}");
     }
 }
