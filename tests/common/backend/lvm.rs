@@ -77,12 +77,8 @@ impl Lvm {
 
     fn mount(&self, lv: &str, at: PathBuf) -> View {
         // xfs refuses a second mount of a snapshot with the same uuid unless told.
-        let (fstype, options) = if self.xfs {
-            ("xfs", "nouuid")
-        } else {
-            ("ext4", "")
-        };
-        View::mount(fstype, options, &self.device(lv), at)
+        let options = if self.xfs { "nouuid" } else { "defaults" };
+        View::mount(&["-o", options], &self.device(lv), at)
     }
 }
 

@@ -99,7 +99,7 @@ impl Storage for Zfs {
     }
 
     fn view(&self, volume: &str, at: PathBuf) -> View {
-        View::mount("zfs", "", &self.volume(volume), at)
+        View::mount(&["-t", "zfs"], &self.volume(volume), at)
     }
 
     fn take_snapshot(&self, volume: &str, name: &str) -> Snapshot {
@@ -109,7 +109,7 @@ impl Storage for Zfs {
     }
 
     fn snapshot_view(&self, snap: &Snapshot, at: PathBuf) -> Option<View> {
-        Self::exists_named(&snap.0).then(|| View::mount("zfs", "", &snap.0, at))
+        Self::exists_named(&snap.0).then(|| View::mount(&["-t", "zfs"], &snap.0, at))
     }
 
     fn drop_snapshot(&self, snap: Snapshot) {
