@@ -79,6 +79,19 @@ enum Watched {
     Stderr(Vec<u8>),
 }
 
+/// Reads `pipe` to its end on a thread of its own and sends what it read, as `wrap` says.
+fn read_to_end<R: Read + Send + 'static>(
+    mut pipe: R,
+    tx: mpsc::Sender<Watched>,
+    wrap: fn(Vec<u8>) -> Watched,
+) {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        let _ = tx.send(wrap(bytes));
+    });
+}
+
 /// [`run`] with an explicit time limit.
 pub fn run_for<I, S>(program: &str, args: I, limit: Duration) -> Result<String, Failure>
 where
@@ -121,21 +134,11 @@ where
     };
     let group = child.id();
     let (tx, rx) = mpsc::channel();
-    if let Some(mut out) = child.stdout.take() {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = out.read_to_end(&mut bytes);
-            let _ = tx.send(Watched::Stdout(bytes));
-        });
+    if let Some(out) = child.stdout.take() {
+        read_to_end(out, tx.clone(), Watched::Stdout);
     }
-    if let Some(mut err) = child.stderr.take() {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = err.read_to_end(&mut bytes);
-            let _ = tx.send(Watched::Stderr(bytes));
-        });
+    if let Some(err) = child.stderr.take() {
+        read_to_end(err, tx.clone(), Watched::Stderr);
     }
     std::thread::spawn(move || {
         let _ = tx.send(Watched::Exited(child.wait()));
