@@ -509,7 +509,14 @@ fn crash_at_every_step(backend: Backend) {
             let (op, request) = request_at(point, &other);
             let spec = interrupt(&env, point, action, &request);
             let r = env.run(&json!({"api": 1, "op": "recover", "pool": "default"}));
-            r.ok();
+            assert_eq!(
+                r.last()["event"],
+                "result",
+                "{spec}: recover (exit {}): {}\nstderr: {}",
+                r.status,
+                r.last(),
+                r.stderr
+            );
             assert_eq!(
                 env.run(&json!({"api": 1, "op": "recover", "pool": "default"}))
                     .ok()["recovered"],
