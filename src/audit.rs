@@ -110,10 +110,25 @@ fn quoted(value: &str) -> String {
     out
 }
 
-/// Sends `line` to the syslog socket at `socket`; the error says why it could not.
-pub fn send(socket: &Path, line: &str) -> std::io::Result<()> {
-    let sender = UnixDatagram::unbound()?;
-    sender.send_to(line.as_bytes(), socket).map(drop)
+/// Sends `line` to the syslog socket at `socket`. No syslog listening (no socket, nobody
+/// at it) is not a problem; anything else is returned, for stderr.
+pub fn deliver(socket: &Path, line: &str) -> Option<String> {
+    let sent = UnixDatagram::unbound().and_then(|s| s.send_to(line.as_bytes(), socket));
+    match sent {
+        Ok(_) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            None
+        }
+        Err(e) => Some(format!(
+            "the audit record could not be sent to {}: {e}",
+            socket.display()
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -253,23 +253,11 @@ struct Audit {
 }
 
 impl Audit {
-    /// Sends the record with the request's outcome. No syslog listening (no socket, nobody
-    /// at it) is not an error; anything else is said on stderr.
     fn send(&self, outcome: &str, events: &mut Events) {
-        let Some(socket) = &self.socket else {
-            return;
-        };
-        match audit::send(socket, &self.record.line(outcome)) {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) => {}
-            Err(e) => events.log(&format!(
-                "warning: the audit record could not be sent to {}: {e}",
-                socket.display()
-            )),
+        if let Some(socket) = &self.socket {
+            if let Some(problem) = audit::deliver(socket, &self.record.line(outcome)) {
+                events.log(&format!("warning: {problem}"));
+            }
         }
     }
 }
