@@ -10,12 +10,14 @@
 
 use std::ffi::OsStr;
 use std::fmt;
-use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags, Signal};
 
 /// Where the programs are looked up, whatever `PATH` the caller had.
 pub const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -72,24 +74,101 @@ where
     run_for(program, args, timeout())
 }
 
-/// What the threads watching a child report.
-enum Watched {
-    Exited(std::io::Result<ExitStatus>),
-    Stdout(Vec<u8>),
-    Stderr(Vec<u8>),
+/// What became of a child: its exit status (if it was seen to exit), what it printed, and
+/// whether it had to be killed.
+struct Outcome {
+    status: Option<std::io::Result<ExitStatus>>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    timed_out: bool,
 }
 
-/// Reads `pipe` to its end on a thread of its own and sends what it read, as `wrap` says.
-fn read_to_end<R: Read + Send + 'static>(
-    mut pipe: R,
-    tx: mpsc::Sender<Watched>,
-    wrap: fn(Vec<u8>) -> Watched,
-) {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        let _ = tx.send(wrap(bytes));
-    });
+/// Waits for `child` to exit and close both pipes, reading them as it goes, on this thread
+/// alone: one poll(2) over the two pipes and the child's pidfd (where the kernel has pidfds;
+/// elsewhere the child is checked for every few milliseconds). After `limit` the child's
+/// process group is killed, and a second later the watch ends whatever is still open: a
+/// descendant that left the group and kept the pipes open is not waited for.
+fn watch(child: &mut Child, limit: Duration) -> Outcome {
+    let mut pipes = [
+        child.stdout.take().map(OwnedFd::from),
+        child.stderr.take().map(OwnedFd::from),
+    ];
+    let mut printed = [Vec::new(), Vec::new()];
+    let pidfd = rustix::process::pidfd_open(Pid::from_child(child), PidfdFlags::empty()).ok();
+    let mut status = None;
+    let mut timed_out = false;
+    let mut deadline = Instant::now() + limit;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if status.is_none() {
+            match child.try_wait() {
+                Ok(Some(s)) => status = Some(Ok(s)),
+                Ok(None) => {}
+                Err(e) => status = Some(Err(e)),
+            }
+        }
+        if status.is_some() && pipes.iter().all(Option::is_none) {
+            break;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            if timed_out {
+                break;
+            }
+            timed_out = true;
+            // The whole group: the program and whatever it started.
+            if let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) {
+                let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            }
+            deadline = now + Duration::from_secs(1);
+            continue;
+        }
+        let mut wait = deadline - now;
+        let exit_seen_by_poll = status.is_none() && pidfd.is_some();
+        if status.is_none() && pidfd.is_none() {
+            wait = wait.min(Duration::from_millis(5));
+        }
+        let mut fds: Vec<PollFd<'_>> = pipes
+            .iter()
+            .flatten()
+            .map(|fd| PollFd::new(fd, PollFlags::IN))
+            .collect();
+        if let (true, Some(fd)) = (exit_seen_by_poll, &pidfd) {
+            fds.push(PollFd::new(fd, PollFlags::IN));
+        }
+        if fds.is_empty() {
+            std::thread::sleep(wait);
+            continue;
+        }
+        let timeout = Timespec::try_from(wait).ok();
+        if rustix::event::poll(&mut fds, timeout.as_ref()).is_err() {
+            // EINTR, or no memory for the poll: look again.
+            continue;
+        }
+        let mut ready = fds.iter().map(|fd| !fd.revents().is_empty());
+        let ready: [bool; 2] =
+            std::array::from_fn(|i| pipes[i].is_some() && ready.next().unwrap_or(false));
+        drop(fds);
+        for (i, pipe) in pipes.iter_mut().enumerate() {
+            let Some(fd) = pipe.as_ref().filter(|_| ready[i]) else {
+                continue;
+            };
+            // One read per wake: poll said it will not block.
+            match rustix::io::read(fd, &mut chunk) {
+                Ok(0) => *pipe = None,
+                Ok(n) => printed[i].extend_from_slice(&chunk[..n]),
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+                Err(_) => *pipe = None,
+            }
+        }
+    }
+    let [stdout, stderr] = printed;
+    Outcome {
+        status,
+        stdout,
+        stderr,
+        timed_out,
+    }
 }
 
 /// [`run`] with an explicit time limit.
@@ -132,46 +211,10 @@ where
             ))
         }
     };
-    let group = child.id();
-    let (tx, rx) = mpsc::channel();
-    if let Some(out) = child.stdout.take() {
-        read_to_end(out, tx.clone(), Watched::Stdout);
-    }
-    if let Some(err) = child.stderr.take() {
-        read_to_end(err, tx.clone(), Watched::Stderr);
-    }
-    std::thread::spawn(move || {
-        let _ = tx.send(Watched::Exited(child.wait()));
-    });
-    let mut deadline = Instant::now() + limit;
-    let (mut status, mut stdout, mut stderr) = (None, None, None);
-    let mut timed_out = false;
-    while status.is_none() || stdout.is_none() || stderr.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(Watched::Exited(s)) => status = Some(s),
-            Ok(Watched::Stdout(b)) => stdout = Some(b),
-            Ok(Watched::Stderr(b)) => stderr = Some(b),
-            Err(mpsc::RecvTimeoutError::Timeout) if !timed_out => {
-                timed_out = true;
-                // The whole group: the program and whatever it started. Then a moment for
-                // what they printed; a descendant that left the group and kept the pipes
-                // open is not waited for.
-                if let Some(pid) = i32::try_from(group)
-                    .ok()
-                    .and_then(rustix::process::Pid::from_raw)
-                {
-                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                }
-                deadline = Instant::now() + Duration::from_secs(1);
-            }
-            Err(_) => break,
-        }
-    }
-    let text =
-        |bytes: Option<Vec<u8>>| String::from_utf8_lossy(&bytes.unwrap_or_default()).into_owned();
-    let (stdout, stderr) = (text(stdout), text(stderr).trim().to_owned());
-    if timed_out {
+    let outcome = watch(&mut child, limit);
+    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&outcome.stderr).trim().to_owned();
+    if outcome.timed_out {
         let printed = if stderr.is_empty() {
             String::new()
         } else {
@@ -186,7 +229,7 @@ where
             stdout,
         ));
     }
-    match status {
+    match outcome.status {
         Some(Ok(s)) if s.success() => Ok(stdout),
         Some(Ok(s)) => Err(failure(s.code(), stderr, stdout)),
         Some(Err(e)) => Err(failure(None, format!("waiting for {program}: {e}"), stdout)),
@@ -218,6 +261,24 @@ mod tests {
         let missing = run("reimage-no-such-program", ["x"]).unwrap_err();
         assert_eq!(missing.status, None);
         assert!(missing.stderr.contains("is it installed"), "{missing}");
+    }
+
+    #[test]
+    fn both_pipes_are_read_in_full_whatever_their_order() {
+        // More than a pipe holds on each, the larger on stderr: a reader that finished one
+        // pipe before starting the other would wait forever.
+        let e = run(
+            "sh",
+            [
+                "-c",
+                "head -c 200000 /dev/zero | tr '\\0' o; head -c 300000 /dev/zero | tr '\\0' e >&2; exit 1",
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(e.status, Some(1));
+        assert_eq!(e.stdout.len(), 200_000);
+        assert!(e.stdout.bytes().all(|b| b == b'o'));
+        assert_eq!(e.stderr.len(), 300_000);
     }
 
     #[test]
