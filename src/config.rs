@@ -69,8 +69,13 @@ pub struct Pool {
 pub enum PoolSpec {
     /// Each volume a directory in `path`; `quota`: a project quota per volume.
     Dir { path: PathBuf, quota: bool },
-    /// Each volume a subvolume in `path`; `quota`: qgroup limits.
-    Btrfs { path: PathBuf, quota: bool },
+    /// Each volume a subvolume in `path`; `quota`: qgroup limits; `image_volumes`: each
+    /// image unpacked once into an image volume that volumes are snapshots of.
+    Btrfs {
+        path: PathBuf,
+        quota: bool,
+        image_volumes: bool,
+    },
     /// Each volume a dataset below `dataset`, limited by `quota_property`, mounted in
     /// `mount_dir` while it is filled.
     Zfs {
@@ -147,6 +152,7 @@ struct WirePool {
     mount_dir: Option<PathBuf>,
     quota: Option<bool>,
     quota_property: Option<String>,
+    image_volumes: Option<bool>,
 }
 
 fn invalid(message: impl Into<String>) -> Error {
@@ -341,15 +347,21 @@ impl Config {
                 let path = needed(p.path.clone(), "path")?;
                 let quota = p.quota.unwrap_or(false);
                 if driver == DriverKind::Dir {
+                    not_for(p.image_volumes.is_some(), "image_volumes")?;
                     PoolSpec::Dir { path, quota }
                 } else {
-                    PoolSpec::Btrfs { path, quota }
+                    PoolSpec::Btrfs {
+                        path,
+                        quota,
+                        image_volumes: p.image_volumes.unwrap_or(true),
+                    }
                 }
             }
             DriverKind::Zfs => {
                 for (set, field) in [
                     (p.path.is_some(), "path"),
                     (p.quota.is_some(), "quota"),
+                    (p.image_volumes.is_some(), "image_volumes"),
                     (p.vg.is_some(), "vg"),
                     (p.thin_pool.is_some(), "thin_pool"),
                     (p.fs.is_some(), "fs"),
@@ -383,6 +395,7 @@ impl Config {
                 for (set, field) in [
                     (p.path.is_some(), "path"),
                     (p.quota.is_some(), "quota"),
+                    (p.image_volumes.is_some(), "image_volumes"),
                     (p.dataset.is_some(), "dataset"),
                     (p.quota_property.is_some(), "quota_property"),
                 ] {
@@ -570,7 +583,8 @@ mod tests {
             c.pools["default"].spec,
             PoolSpec::Btrfs {
                 path: "/srv/reimage/default".into(),
-                quota: true
+                quota: true,
+                image_volumes: true,
             }
         );
         assert!(matches!(
@@ -607,6 +621,7 @@ mod tests {
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank\"\nquota_property = \"reservation\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank\"\npath = \"/x\"",
             "[pools.a]\ndriver = \"dir\"\npath = \"/x\"\nquota_property = \"quota\"",
+            "[pools.a]\ndriver = \"dir\"\npath = \"/x\"\nimage_volumes = true",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"-o\"",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"vg0\"\nthin_pool = \"a b\"",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"vg0\"\nmount_dir = \"rel\"",

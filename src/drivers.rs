@@ -14,14 +14,18 @@ use crate::error::{Error, Result};
 pub fn open(pool: &Pool, state: &RecordDir) -> Result<Box<dyn Driver>> {
     Ok(match &pool.spec {
         PoolSpec::Dir { path, quota } => Box::new(DirDriver::open(path, *quota)?),
-        PoolSpec::Btrfs { path, quota } => {
+        PoolSpec::Btrfs {
+            path,
+            quota,
+            image_volumes,
+        } => {
             let lineage = state.area(&["lineage", &pool.name]).map_err(|e| {
                 Error::internal(format!(
                     "cannot open the snapshot lineage in {}: {e}",
                     state.path().display()
                 ))
             })?;
-            Box::new(BtrfsDriver::open(path, *quota, lineage)?)
+            Box::new(BtrfsDriver::open(path, *quota, *image_volumes, lineage)?)
         }
         PoolSpec::Zfs {
             dataset,

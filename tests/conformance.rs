@@ -24,6 +24,8 @@ struct Caps {
     shrink: bool,
     /// `keep` refills the volume in place under a guard snapshot.
     refill: bool,
+    /// The pool fills volumes by cloning image volumes.
+    image_volumes: bool,
 }
 
 fn caps(env: &Env) -> Caps {
@@ -35,6 +37,7 @@ fn caps(env: &Env) -> Caps {
         sized: c["size_limit"] != "none",
         shrink: c["shrink"] == true,
         refill: c["keep_snapshots_by"] == "refill",
+        image_volumes: c["image_volumes"] == true,
     }
 }
 
@@ -488,6 +491,11 @@ fn crash_at_every_step(backend: Backend) {
     // kill and injected error alternating from point to point; on the host, both ways.
     let in_guest = std::env::var_os(common::guest::FIXTURES_VAR).is_some();
     for (index, point) in reimage::fault::POINTS.iter().enumerate() {
+        let building_image = point.starts_with("image:");
+        if building_image && !caps(&env).image_volumes {
+            not_applicable(point, backend, "the pool keeps no image volumes");
+            continue;
+        }
         let refilling = point.starts_with("refill:");
         if refilling && !refill {
             not_applicable(
@@ -506,6 +514,11 @@ fn crash_at_every_step(backend: Backend) {
             (true, _) => &["error"],
         };
         for &action in actions {
+            if building_image {
+                // The rebuild below must build the image volume, not find it.
+                env.run(&json!({"api": 1, "op": "prune", "pool": "default"}))
+                    .ok();
+            }
             let (op, request) = request_at(point, &other);
             let spec = interrupt(&env, point, action, &request);
             let r = env.run(&json!({"api": 1, "op": "recover", "pool": "default"}));
@@ -603,7 +616,13 @@ fn an_exhausted_quota_is_quota_exceeded(backend: Backend) {
     );
     let e = r.failed(code, 1);
     assert!(e["message"].as_str().unwrap().contains(word), "{e}");
-    for number in ["volume_size", "measured", "free_bytes", "free_inodes"] {
+    // A clone of an image volume fails before anything is written: no free space to report.
+    let numbers: &[&str] = if caps(&env).image_volumes {
+        &["volume_size", "measured"]
+    } else {
+        &["volume_size", "measured", "free_bytes", "free_inodes"]
+    };
+    for &number in numbers {
         assert!(e["details"][number].is_u64(), "{number} in {e}");
     }
     assert_eq!(before, env.manifest_of("c1"));
@@ -839,6 +858,113 @@ fn deep_trees_under_a_low_open_file_limit(backend: Backend) {
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
 
+/// The `image.cache` a fill reported.
+fn cache_of(r: &common::Run) -> String {
+    r.ok()["image"]["cache"].as_str().unwrap_or("").to_owned()
+}
+
+/// Image volumes: the first fill from an image builds one (a miss), the next ones clone it
+/// (hits); hit and miss both give exactly GNU tar's extraction, `preserve` works on a clone,
+/// `images` names what depends on what, and `prune` removes only what no volume uses.
+fn image_volumes_are_built_once_and_cloned(backend: Backend) {
+    let (env, a, b) = populated("images", backend);
+    if !caps(&env).image_volumes {
+        return not_applicable("image volumes", backend, "the pool keeps no image volumes");
+    }
+    let (expected_a, expected_b) = (gnu_manifest(&env, &a), gnu_manifest(&env, &b));
+    let ignore = Ignore::default();
+    // `c1` was created from A by `populated`: A's image volume is there.
+    let r = env.create_from("c2", &a);
+    assert_eq!(cache_of(&r), "hit");
+    assert_eq!(r.ok()["image"]["sha256"].as_str().map(str::len), Some(64));
+    assert_same(&expected_a, &env.manifest_of("c2"), &ignore);
+    std::fs::write(env.volume("c1").join("kept-by-preserve"), b"mine").unwrap();
+    let r = env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": b}, "preserve": ["/kept-by-preserve"]}),
+    ));
+    assert_eq!(cache_of(&r), "miss");
+    assert_eq!(
+        std::fs::read(env.volume("c1").join("kept-by-preserve")).unwrap(),
+        b"mine"
+    );
+    // `c2`, a clone of the image volume the miss built, is checked whole below.
+    let r = env.rebuild_from("c2", &b);
+    assert_eq!(cache_of(&r), "hit");
+    assert_same(&expected_b, &env.manifest_of("c2"), &ignore);
+    // A's image volume has no clone left; B's has two.
+    let listed = env.run(&json!({"api": 1, "op": "images", "pool": "default"}));
+    let images = listed.ok()["images"].as_array().unwrap().clone();
+    assert_eq!(images.len(), 2, "{images:?}");
+    let in_use: Vec<&Value> = images
+        .iter()
+        .filter(|i| i["volumes"] != json!([]))
+        .collect();
+    assert_eq!(in_use.len(), 1, "{images:?}");
+    assert_eq!(in_use[0]["volumes"], json!(["c1", "c2"]));
+    assert_eq!(in_use[0]["sealed"], true);
+    // Nobody can name an image volume as a volume.
+    let key = in_use[0]["key"].as_str().unwrap();
+    env.run(&req("delete", &format!(".reimage-image.{key}"), json!({})))
+        .failed("invalid_request", 2);
+    let pruned = env.run(&json!({"api": 1, "op": "prune", "pool": "default"}));
+    assert_eq!(pruned.ok()["removed"].as_array().unwrap().len(), 1);
+    assert_eq!(pruned.ok()["kept"][0]["key"], key);
+    assert_same(&expected_b, &env.manifest_of("c2"), &ignore);
+    // Deleting a clone leaves the image volume; the last one gone, prune removes it.
+    env.run(&req("delete", "c2", json!({}))).ok();
+    env.run(&req("delete", "c1", json!({}))).ok();
+    let pruned = env.run(&json!({"api": 1, "op": "prune", "pool": "default"}));
+    assert_eq!(pruned.ok()["removed"].as_array().unwrap().len(), 1);
+    let listed = env.run(&json!({"api": 1, "op": "images", "pool": "default"}));
+    assert_eq!(listed.ok()["images"], json!([]));
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
+/// Eight requests that need the same new image volume at once build it once and clone it.
+fn concurrent_fills_build_an_image_volume_once(backend: Backend) {
+    let (env, _a, b) = populated("images-at-once", backend);
+    if !caps(&env).image_volumes {
+        return not_applicable("image volumes", backend, "the pool keeps no image volumes");
+    }
+    let expected = gnu_manifest(&env, &b);
+    let running: Vec<_> = (0..8)
+        .map(|i| {
+            env.spawn(&req(
+                "create",
+                &format!("v{i}"),
+                json!({"source": {"image": b}}),
+            ))
+        })
+        .collect();
+    let mut caches = Vec::new();
+    for spawned in running {
+        let (status, events) = spawned.finish();
+        let last = events.last().cloned().unwrap_or_default();
+        assert_eq!(status, Some(0), "{last}");
+        caches.push(last["image"]["cache"].as_str().unwrap_or("").to_owned());
+    }
+    caches.sort();
+    assert_eq!(
+        caches,
+        ["hit"; 7]
+            .iter()
+            .chain(&["miss"])
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    );
+    for i in 0..8 {
+        assert_same(
+            &expected,
+            &env.manifest_of(&format!("v{i}")),
+            &Ignore::default(),
+        );
+    }
+    let listed = env.run(&json!({"api": 1, "op": "images", "pool": "default"}));
+    assert_eq!(listed.ok()["images"].as_array().unwrap().len(), 2);
+}
+
 macro_rules! conformance {
     ($backend:ident = $value:expr; #[$attr:meta]; $($case:ident),* $(,)?) => {
         mod $backend {
@@ -887,6 +1013,11 @@ macro_rules! all_cases {
 all_cases!(dir = Backend::Dir);
 all_cases!(btrfs = Backend::Btrfs { quota: true });
 all_cases!(btrfs_without_quota = Backend::Btrfs { quota: false });
+// Image volumes: on the backends that keep them.
+conformance!(btrfs_image_volumes = Backend::Btrfs { quota: true }; #[cfg_attr(any(), ignore)];
+    image_volumes_are_built_once_and_cloned,
+    concurrent_fills_build_an_image_volume_once,
+);
 all_cases!(zfs = Backend::Zfs { quota: false }; guest);
 all_cases!(lvm_thin_ext4 = Backend::Lvm { thin: true, xfs: false }; guest);
 

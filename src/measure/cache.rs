@@ -36,6 +36,9 @@ struct Record {
     inodes: u64,
     entries: u64,
     rootfs_prefix: Option<String>,
+    /// The image file's SHA-256 (absent in records written before it was kept).
+    #[serde(default)]
+    sha256: Option<String>,
 }
 
 /// The cache key of `file` measured with these options, or `None` if the file cannot be read.
@@ -84,8 +87,8 @@ fn parse_compression(s: &str) -> Option<Compression> {
     Compression::ALL.into_iter().find(|c| c.as_str() == s)
 }
 
-/// The remembered measurement for `key`, if any.
-pub fn lookup(state: &RecordDir, key: &str) -> Option<Measurement> {
+/// The remembered measurement for `key`, if any, and the file's SHA-256 if it was kept.
+pub fn lookup(state: &RecordDir, key: &str) -> Option<(Measurement, Option<String>)> {
     let bytes = dir(state)?.read(&format!("{key}.json")).ok()??;
     let r: Record = serde_json::from_slice(&bytes).ok()?;
     if r.version != VERSION || r.key != key {
@@ -95,21 +98,26 @@ pub fn lookup(state: &RecordDir, key: &str) -> Option<Measurement> {
         Some(p) => Some(normalize(p.as_bytes()).ok()?),
         None => None,
     };
-    Some(Measurement {
-        format: parse_format(&r.format)?,
-        compression: parse_compression(&r.compression)?,
-        tally: Tally {
-            unpacked_bytes: r.unpacked_bytes,
-            allocated_bytes: r.allocated_bytes,
-            inodes: r.inodes,
-            entries: r.entries,
+    let sha256 = r.sha256;
+    Some((
+        Measurement {
+            format: parse_format(&r.format)?,
+            compression: parse_compression(&r.compression)?,
+            tally: Tally {
+                unpacked_bytes: r.unpacked_bytes,
+                allocated_bytes: r.allocated_bytes,
+                inodes: r.inodes,
+                entries: r.entries,
+            },
+            rootfs_prefix,
         },
-        rootfs_prefix,
-    })
+        sha256,
+    ))
 }
 
-/// Remembers `m` under `key`, best effort (a cache that cannot be written only costs time).
-pub fn store(state: &RecordDir, key: &str, m: &Measurement) {
+/// Remembers `m` and the file's `sha256` under `key`, best effort (a cache that cannot be
+/// written only costs time).
+pub fn store(state: &RecordDir, key: &str, m: &Measurement, sha256: &str) {
     let Some(dir) = dir(state) else {
         return;
     };
@@ -126,6 +134,7 @@ pub fn store(state: &RecordDir, key: &str, m: &Measurement) {
             .rootfs_prefix
             .as_ref()
             .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
+        sha256: Some(sha256.to_owned()),
     };
     let Ok(text) = serde_json::to_vec(&record) else {
         return;

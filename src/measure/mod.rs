@@ -6,6 +6,7 @@
 //! old volume is touched.
 
 pub mod cache;
+pub mod digest;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;

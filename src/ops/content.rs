@@ -10,6 +10,8 @@ pub(super) enum Content {
         file: File,
         path: PathBuf,
         measurement: Measurement,
+        /// The SHA-256 of the image file.
+        sha256: String,
     },
 }
 
@@ -25,10 +27,14 @@ impl Content {
         match self {
             Content::Empty => json!({"empty": true}),
             Content::Image {
-                path, measurement, ..
+                path,
+                measurement,
+                sha256,
+                ..
             } => {
                 let mut v = measurement.to_json();
                 v["path"] = path.display().to_string().into();
+                v["sha256"] = sha256.as_str().into();
                 v
             }
         }
@@ -82,28 +88,51 @@ pub(super) fn open_and_measure(
     let detected = image::detect(&file)?;
     let key = cache::key(&file, prefix, idmap.ranges());
     let remembered = key.as_deref().and_then(|k| cache::lookup(state, k));
-    let measurement = match remembered {
-        Some(m) => {
+    let hash = |file: &File| {
+        digest::sha256(file).map_err(|e| {
+            Error::new(
+                Code::ImageInvalid,
+                format!("reading {}: {e}", resolved.display()),
+            )
+        })
+    };
+    let (measurement, sha256) = match remembered {
+        Some((m, sha256)) => {
             timings.time("measure", || ());
             events.progress(EventPhase::Measure, 1, 1, "cached");
-            m
+            let sha256 = match sha256 {
+                Some(known) => known,
+                None => timings.time("hash", || hash(&file))?,
+            };
+            (m, sha256)
         }
         None => {
-            let m = timings.time("measure", || {
-                measure_image(&file, detected, prefix, idmap, &mut |done, total| {
-                    events.progress(EventPhase::Measure, done, total, "bytes")
+            // The hash reads the file beside the measure pass, on the other core, from the
+            // same page cache.
+            let (m, sha256) = timings.time("measure", || {
+                std::thread::scope(|scope| {
+                    let hashing = scope.spawn(|| hash(&file));
+                    let m = measure_image(&file, detected, prefix, idmap, &mut |done, total| {
+                        events.progress(EventPhase::Measure, done, total, "bytes")
+                    });
+                    let sha256 = hashing
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::internal("the image hash panicked")));
+                    (m, sha256)
                 })
-            })?;
+            });
+            let (m, sha256) = (m?, sha256?);
             if let Some(k) = &key {
-                cache::store(state, k, &m);
+                cache::store(state, k, &m, &sha256);
             }
-            m
+            (m, sha256)
         }
     };
     Ok(Content::Image {
         file,
         path: resolved,
         measurement,
+        sha256,
     })
 }
 

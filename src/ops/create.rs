@@ -9,6 +9,7 @@ pub(super) fn create(
 ) -> Result<Map<String, Value>> {
     let mut timings = Timings::start();
     let config = ctx.config;
+    let pool = needs(&ctx)?.0.name.clone();
     let mut held = lock_volume(&mut ctx, volume)?;
     let driver = held.driver;
     if !fill.dry_run {
@@ -43,6 +44,8 @@ pub(super) fn create(
         ));
     }
     cancelled_check()?;
+    let key = image_key(driver, &content, &idmap);
+    let mut cache = Cache::Off;
     let filling = Filling {
         content: &content,
         idmap: &idmap,
@@ -55,8 +58,15 @@ pub(super) fn create(
         false,
         |held| {
             fault::point("create:journaled")?;
-            let root = create_new(held, plan.target_size, "create:created", &mut timings)?;
-            unpack_step(held, &root, &filling, &[], &mut timings)?;
+            let (root, used) = build_new(
+                held,
+                &pool,
+                key.as_ref(),
+                &filling,
+                "create:created",
+                &mut timings,
+            )?;
+            cache = used;
             fault::point("create:unpacked")?;
             seal(
                 driver,
@@ -69,5 +79,5 @@ pub(super) fn create(
         LockedVolume::roll_back_new,
     )?;
     held.commit(IntentOp::Create, new_id, false, &mut timings)?;
-    fill_result(driver, volume, &content, &timings)
+    fill_result(driver, volume, &content, cache, &timings)
 }

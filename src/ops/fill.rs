@@ -219,11 +219,16 @@ pub(super) fn fill_result(
     driver: &dyn Driver,
     volume: &VolumeName,
     content: &Content,
+    cache: Cache,
     timings: &Timings,
 ) -> Result<Map<String, Value>> {
     let mut out = Map::new();
     out.insert("volume".into(), volume_json_with(driver, volume, false)?);
-    out.insert("image".into(), content.to_json());
+    let mut image = content.to_json();
+    if let Content::Image { .. } = content {
+        image["cache"] = cache.as_str().into();
+    }
+    out.insert("image".into(), image);
     out.insert("timings_ms".into(), timings.to_json());
     Ok(out)
 }

@@ -31,6 +31,7 @@ pub(super) fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, V
             reimage_driver::SizeModel::Allocated => "allocated",
         },
         "shrink": caps.shrink,
+        "image_volumes": caps.image_volumes,
     });
     let mut out = Map::new();
     out.insert("volume".into(), info);

@@ -10,9 +10,12 @@ mod content;
 mod create;
 mod delete;
 mod fill;
+mod image_volume;
+mod images;
 mod inspect;
 mod locked_volume;
 mod measure;
+mod prune;
 mod rebuild;
 mod recover;
 mod refill;
@@ -37,7 +40,7 @@ use crate::error::{Code, Error, Result, Warning};
 use crate::image;
 use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::lock::VolumeLock;
-use crate::measure::{cache, measure_image, Measurement};
+use crate::measure::{cache, digest, measure_image, Measurement};
 use crate::plan::{plan_fill, Need, Plan};
 use crate::protocol::events::{Events, Phase as EventPhase};
 use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source, UnsupportedMetadata};
@@ -51,9 +54,12 @@ use content::*;
 use create::*;
 use delete::*;
 use fill::*;
+use image_volume::*;
+use images::*;
 use inspect::*;
 use locked_volume::*;
 use measure::*;
+use prune::*;
 use rebuild::*;
 use recover::*;
 use refill::*;
@@ -101,6 +107,12 @@ pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
             volume, snapshots, ..
         } => delete(ctx, volume, *snapshots),
         Op::Resize { volume, size, .. } => resize(ctx, volume, *size),
+        Op::Images { .. } => images(ctx),
+        Op::Prune {
+            older_than,
+            dry_run,
+            ..
+        } => prune(ctx, *older_than, *dry_run),
     }
 }
 

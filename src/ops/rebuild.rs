@@ -13,6 +13,7 @@ pub(super) fn rebuild(
 ) -> Result<Map<String, Value>> {
     let mut timings = Timings::start();
     let config = ctx.config;
+    let pool = needs(&ctx)?.0.name.clone();
     let mut held = lock_volume(&mut ctx, volume)?;
     let driver = held.driver;
     let pending = held.journal.read(volume)?.is_some();
@@ -105,8 +106,10 @@ pub(super) fn rebuild(
             &preserved,
             &mut timings,
         )?;
-        return fill_result(driver, volume, &content, &timings);
+        return fill_result(driver, volume, &content, Cache::Off, &timings);
     }
+    let key = image_key(driver, &content, &idmap);
+    let mut cache = Cache::Off;
     let filling = Filling {
         content: &content,
         idmap: &idmap,
@@ -122,8 +125,15 @@ pub(super) fn rebuild(
                 with_snapshots,
                 |held| {
                     fault::point("rebuild:journaled")?;
-                    let root = create_new(held, plan.target_size, "rebuild:created", &mut timings)?;
-                    unpack_step(held, &root, &filling, &[], &mut timings)?;
+                    let (root, used) = build_new(
+                        held,
+                        &pool,
+                        key.as_ref(),
+                        &filling,
+                        "rebuild:created",
+                        &mut timings,
+                    )?;
+                    cache = used;
                     fault::point("rebuild:unpacked")?;
                     preserve_step(
                         held,
@@ -202,7 +212,7 @@ pub(super) fn rebuild(
             held.commit(op, new_id, with_snapshots, &mut timings)?;
         }
     }
-    fill_result(driver, volume, &content, &timings)
+    fill_result(driver, volume, &content, cache, &timings)
 }
 
 /// Refuses to go on when the volume cannot be destroyed because other volumes are clones of

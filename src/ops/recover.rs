@@ -34,5 +34,9 @@ pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map
     }
     let mut out = Map::new();
     out.insert("recovered".into(), Value::Array(recovered));
+    if only.is_none() && driver.capabilities().image_volumes {
+        let removed = remove_unsealed(ctx.state, &pool.name, driver)?;
+        out.insert("unsealed_images_removed".into(), removed.into());
+    }
     Ok(out)
 }

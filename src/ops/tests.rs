@@ -56,7 +56,7 @@ fn image(dir: &Path, name: &str, marker: &[u8]) -> PathBuf {
 }
 
 impl World {
-    fn new(tag: &str, exchange: bool) -> World {
+    fn new(tag: &str, exchange: bool, image_volumes: bool) -> World {
         // On a tmpfs where there is one: the journal is fsynced at every step, which costs
         // nothing there, and thousands of worlds come and go.
         let shm = Path::new("/dev/shm");
@@ -76,6 +76,11 @@ impl World {
         let driver = FakeDriver::new(&dir.join("volumes"));
         let driver = if exchange {
             driver.with_exchange()
+        } else {
+            driver
+        };
+        let driver = if image_volumes {
+            driver.with_image_volumes()
         } else {
             driver
         };
@@ -155,6 +160,16 @@ impl World {
 
     /// The invariants after an interrupted request and a completed `recover`.
     fn check(&self, case: &str, old: &str, new: &str, allowed: Allowed) {
+        let unsealed: Vec<_> = self
+            .driver
+            .image_volumes()
+            .into_iter()
+            .filter(|(_, sealed)| !sealed)
+            .collect();
+        assert!(
+            unsealed.is_empty(),
+            "{case}: unsealed image volumes left: {unsealed:?}"
+        );
         let again = self.recover();
         let again = match again {
             Ok(Ok(v)) => v,
@@ -213,6 +228,8 @@ impl Drop for World {
 struct Scenario {
     name: &'static str,
     exchange: bool,
+    /// The pool keeps image volumes: the new content is a clone of one.
+    image_volumes: bool,
     /// The volume exists (with image A's content) before the request.
     existing: bool,
     request: fn(&World) -> Value,
@@ -234,6 +251,21 @@ fn scenarios() -> Vec<Scenario> {
         })
         .collect();
     all.extend(by_exchange);
+    // Create and the atomic rebuilds again, filled by cloning an image volume.
+    let from_image_volumes: Vec<Scenario> = all
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.name,
+                "create" | "rebuild by renames" | "rebuild by exchange"
+            )
+        })
+        .map(|s| Scenario {
+            image_volumes: true,
+            ..*s
+        })
+        .collect();
+    all.extend(from_image_volumes);
     all
 }
 
@@ -246,6 +278,7 @@ fn base_scenarios() -> Vec<Scenario> {
         Scenario {
             name: "create",
             exchange: false,
+            image_volumes: false,
             existing: false,
             request: |w| {
                 json!({"api": 1, "op": "create", "pool": "p", "volume": "c1",
@@ -258,6 +291,7 @@ fn base_scenarios() -> Vec<Scenario> {
         Scenario {
             name: "rebuild by renames",
             exchange: false,
+            image_volumes: false,
             existing: true,
             request: rebuild,
             old: "a",
@@ -267,6 +301,7 @@ fn base_scenarios() -> Vec<Scenario> {
         Scenario {
             name: "rebuild by exchange",
             exchange: true,
+            image_volumes: false,
             existing: true,
             request: rebuild,
             old: "a",
@@ -276,6 +311,7 @@ fn base_scenarios() -> Vec<Scenario> {
         Scenario {
             name: "rebuild in place",
             exchange: false,
+            image_volumes: false,
             existing: true,
             request: |w| {
                 json!({"api": 1, "op": "rebuild", "pool": "p", "volume": "c1",
@@ -289,6 +325,7 @@ fn base_scenarios() -> Vec<Scenario> {
         Scenario {
             name: "rebuild empty",
             exchange: true,
+            image_volumes: false,
             existing: true,
             request: |_| {
                 json!({"api": 1, "op": "rebuild", "pool": "p", "volume": "c1",
@@ -301,6 +338,7 @@ fn base_scenarios() -> Vec<Scenario> {
         Scenario {
             name: "delete",
             exchange: false,
+            image_volumes: false,
             existing: true,
             request: |_| json!({"api": 1, "op": "delete", "pool": "p", "volume": "c1"}),
             old: "a",
@@ -310,6 +348,7 @@ fn base_scenarios() -> Vec<Scenario> {
         Scenario {
             name: "resize",
             exchange: false,
+            image_volumes: false,
             existing: true,
             request: |_| json!({"api": 1, "op": "resize", "pool": "p", "volume": "c1", "size": "20MiB"}),
             old: "a",
@@ -320,7 +359,7 @@ fn base_scenarios() -> Vec<Scenario> {
 }
 
 fn world_for(s: &Scenario, tag: &str) -> World {
-    let w = World::new(tag, s.exchange);
+    let w = World::new(tag, s.exchange, s.image_volumes);
     if s.existing {
         let created = w.request(
             &json!({"api": 1, "op": "create", "pool": "p", "volume": "c1",
@@ -530,7 +569,7 @@ fn promised(record: &Record, present: &[usize]) -> &'static str {
 impl World {
     /// A world with the slots `present` of volume `c1` and `record` in its journal.
     fn interrupted(exchange: bool, present: &[usize], record: &Record, snapshots: bool) -> World {
-        let w = World::new("phases", exchange);
+        let w = World::new("phases", exchange, false);
         let volume = VolumeName::parse("c1").unwrap_or_else(|e| panic!("{e}"));
         for &i in present {
             let (kind, marker) = SLOTS[i];

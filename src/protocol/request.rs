@@ -103,6 +103,17 @@ pub enum Op {
         pool: String,
         volume: Option<VolumeName>,
     },
+    /// A pool's image volumes.
+    Images {
+        pool: String,
+    },
+    /// Removes the image volumes no volume depends on (and, with `older_than`, only those
+    /// unused for that many seconds).
+    Prune {
+        pool: String,
+        older_than: Option<u64>,
+        dry_run: bool,
+    },
 }
 
 impl Op {
@@ -115,6 +126,8 @@ impl Op {
             Op::Delete { .. } => "delete",
             Op::Resize { .. } => "resize",
             Op::Recover { .. } => "recover",
+            Op::Images { .. } => "images",
+            Op::Prune { .. } => "prune",
         }
     }
 
@@ -126,13 +139,15 @@ impl Op {
             | Op::Rebuild { pool, .. }
             | Op::Delete { pool, .. }
             | Op::Resize { pool, .. }
-            | Op::Recover { pool, .. } => Some(pool),
+            | Op::Recover { pool, .. }
+            | Op::Images { pool }
+            | Op::Prune { pool, .. } => Some(pool),
         }
     }
 
     pub fn volume(&self) -> Option<&VolumeName> {
         match self {
-            Op::Measure { .. } => None,
+            Op::Measure { .. } | Op::Images { .. } | Op::Prune { .. } => None,
             Op::Recover { volume, .. } => volume.as_ref(),
             Op::Inspect { volume, .. }
             | Op::Create { volume, .. }
@@ -254,6 +269,30 @@ struct WireRecover {
     op: String,
     pool: String,
     volume: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireImages {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    pool: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WirePrune {
+    #[allow(dead_code)]
+    api: u64,
+    #[allow(dead_code)]
+    op: String,
+    pool: String,
+    /// Seconds since an image volume was last used.
+    older_than: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
 }
 
 /// Only `api` and `op`, read first so that the op's own struct can be chosen.
@@ -563,12 +602,24 @@ pub fn parse(text: &str) -> Result<Op> {
                 volume: w.volume.map(volume_name).transpose()?,
             }
         }
+        "images" => {
+            let w: WireImages = strict(text)?;
+            Op::Images { pool: w.pool }
+        }
+        "prune" => {
+            let w: WirePrune = strict(text)?;
+            Op::Prune {
+                pool: w.pool,
+                older_than: w.older_than,
+                dry_run: w.dry_run,
+            }
+        }
         other => {
             let shown: String = other.chars().take(40).collect();
             return Err(invalid(
                 "op",
                 format!(
-                    "unknown op {shown:?}; one of measure, inspect, create, rebuild, delete, resize, recover"
+                    "unknown op {shown:?}; one of measure, inspect, create, rebuild, delete, resize, recover, images, prune"
                 ),
             ));
         }

@@ -10,6 +10,7 @@ use rustix::io::Errno;
 
 const IOC_SUBVOL_CREATE: libc::c_ulong = 0x5000_940e; // _IOW(0x94, 14, vol_args[4096])
 const IOC_SNAP_DESTROY_V2: libc::c_ulong = 0x5000_943f; // _IOW(0x94, 63, vol_args_v2[4096])
+const IOC_SNAP_CREATE_V2: libc::c_ulong = 0x5000_9417; // _IOW(0x94, 23, vol_args_v2[4096])
 const IOC_TREE_SEARCH: libc::c_ulong = 0xd000_9411; // _IOWR(0x94, 17, search_args[4096])
 const IOC_SPACE_INFO: libc::c_ulong = 0xc010_9414; // _IOWR(0x94, 20, space_args[16])
 const IOC_SUBVOL_GETFLAGS: libc::c_ulong = 0x8008_9419;
@@ -92,6 +93,19 @@ pub fn subvol_create(dir: BorrowedFd<'_>, name: &CStr) -> Result<(), Errno> {
     let mut buf = Buf::new(4096);
     name_field(&mut buf, 8, 4087, name)?;
     ioctl(dir, IOC_SUBVOL_CREATE, &mut buf)
+}
+
+/// Makes `name` in directory `dir` a writable snapshot of the subvolume `source` is the
+/// root of (`vol_args_v2`: the source fd at 0, flags at 16, the name at 56).
+pub fn snapshot_create(
+    source: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+) -> Result<(), Errno> {
+    let mut buf = Buf::new(4096);
+    buf.put_u64(0, source.as_raw_fd() as u64);
+    name_field(&mut buf, 56, 4039, name)?;
+    ioctl(dir, IOC_SNAP_CREATE_V2, &mut buf)
 }
 
 /// Deletes the subvolume with id `id` (any fd on the filesystem).

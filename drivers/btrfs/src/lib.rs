@@ -17,11 +17,12 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
+use reimage_driver::image::{image_name, parse_image_name};
 use reimage_driver::pooldir::PoolDir;
 use reimage_driver::records::RecordDir;
 use reimage_driver::{
-    tree, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, Result,
-    SizeModel, Slot, SlotKind, Usage, VolumeName,
+    temporary_slot, tree, Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume,
+    KeepSnapshots, Mounted, PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
@@ -33,11 +34,12 @@ const SUBVOL_ROOT_INO: u64 = 256;
 pub struct BtrfsDriver {
     pool: PoolDir,
     quota: bool,
+    /// Image volumes: subvolumes `.reimage-image-new.KEY` while built, read-only
+    /// `.reimage-image.KEY` once sealed; volumes are writable snapshots of them.
+    image_volumes: bool,
     /// `DIR/VOLUME` lists the uuids the volume had before its rebuilds, so that snapshots of
     /// earlier content are still its snapshots (a snapshot's parent uuid names the subvolume
     /// it was taken of, which a rebuild replaces).
-    /// The uuids each volume had before rebuilds (one record per volume), for finding the
-    /// snapshots of its earlier contents.
     lineage: RecordDir,
 }
 
@@ -69,7 +71,7 @@ fn open_dir(dir: BorrowedFd<'_>, name: &[u8]) -> std::result::Result<OwnedFd, Er
 impl BtrfsDriver {
     /// Opens the pool directory, which must be on btrfs; with `quota`, enables quotas on the
     /// filesystem if they are off.
-    pub fn open(path: &Path, quota: bool, lineage: RecordDir) -> Result<Self> {
+    pub fn open(path: &Path, quota: bool, image_volumes: bool, lineage: RecordDir) -> Result<Self> {
         let pool = PoolDir::open(path)?;
         let fs = rustix::fs::fstatfs(&pool.fd)
             .map_err(|e| Error::errno(format!("statfs {}", path.display()), e))?;
@@ -89,6 +91,7 @@ impl BtrfsDriver {
         Ok(BtrfsDriver {
             pool,
             quota,
+            image_volumes,
             lineage,
         })
     }
@@ -166,6 +169,36 @@ impl BtrfsDriver {
         Ok(Some(fd))
     }
 
+    /// The subvolume named `name` in the pool directory, or `None` when there is none.
+    fn subvol_named(&self, name: &str) -> Result<Option<OwnedFd>> {
+        match open_dir(self.pool.fd.as_fd(), name.as_bytes()) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(Error::errno(
+                format!("opening {}", self.pool.path.join(name).display()),
+                e,
+            )),
+        }
+    }
+
+    /// Deletes the subvolume `fd` is the root of, and every subvolume inside it, read-only
+    /// or not.
+    fn destroy_subvol(&self, fd: OwnedFd, info: &ioctl::SubvolInfo, shown: &str) -> Result<()> {
+        if info.flags & ioctl::SUBVOL_RDONLY != 0 {
+            ioctl::set_subvol_flags(fd.as_fd(), info.flags & !ioctl::SUBVOL_RDONLY)
+                .map_err(|e| Error::errno(format!("making {shown} writable"), e))?;
+        }
+        self.destroy_children(fd.as_fd(), shown)?;
+        drop(fd);
+        ioctl::subvol_destroy_by_id(self.pool.fd.as_fd(), info.id).map_err(|e| match e {
+            Errno::BUSY => Error::new(
+                ErrorKind::Busy { holder: None },
+                format!("{shown} is mounted somewhere; unmount it first"),
+            ),
+            e => Error::errno(format!("deleting subvolume {shown}"), e),
+        })
+    }
+
     fn info(&self, slot: Slot<'_>) -> Result<Option<ioctl::SubvolInfo>> {
         match self.subvol(slot)? {
             Some(fd) => ioctl::subvol_info(fd.as_fd())
@@ -228,6 +261,7 @@ impl Driver for BtrfsDriver {
             shrink: self.quota,
             exchange: true,
             cheap_usage: self.quota,
+            image_volumes: self.image_volumes,
         }
     }
 
@@ -261,22 +295,7 @@ impl Driver for BtrfsDriver {
                     .map_err(|e| Error::errno(format!("deleting snapshot {id} of {slot}"), e))?;
             }
         }
-        if info.flags & ioctl::SUBVOL_RDONLY != 0 {
-            ioctl::set_subvol_flags(fd.as_fd(), info.flags & !ioctl::SUBVOL_RDONLY)
-                .map_err(|e| Error::errno(format!("making {slot} writable"), e))?;
-        }
-        self.destroy_children(fd.as_fd(), &self.pool.path_of(slot).display().to_string())?;
-        drop(fd);
-        ioctl::subvol_destroy_by_id(self.pool.fd.as_fd(), info.id).map_err(|e| match e {
-            Errno::BUSY => Error::new(
-                ErrorKind::Busy { holder: None },
-                format!("{slot} is mounted somewhere; unmount it first"),
-            ),
-            e => Error::errno(
-                format!("deleting subvolume {}", self.pool.path_of(slot).display()),
-                e,
-            ),
-        })
+        self.destroy_subvol(fd, &info, &self.pool.path_of(slot).display().to_string())
     }
 
     fn snapshots(&self, slot: Slot<'_>) -> Result<Vec<String>> {
@@ -378,5 +397,123 @@ impl Driver for BtrfsDriver {
 
     fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
         self.pool.leftovers()
+    }
+
+    fn create_image(&self, key: &ImageKey) -> Result<()> {
+        let name = image_name(key, false);
+        let cname = CString::new(name.as_str())
+            .map_err(|_| Error::new(ErrorKind::Failed, "an image key holds a NUL"))?;
+        ioctl::subvol_create(self.pool.fd.as_fd(), &cname).map_err(|e| match e {
+            Errno::EXIST => Error::new(
+                ErrorKind::AlreadyExists,
+                format!("unsealed image volume {key} already exists"),
+            ),
+            e => Error::errno(
+                format!(
+                    "creating subvolume {}",
+                    self.pool.path.join(&name).display()
+                ),
+                e,
+            ),
+        })
+    }
+
+    fn open_image(&self, key: &ImageKey) -> Result<Mounted> {
+        self.subvol_named(&image_name(key, false))?
+            .map(Mounted::unmanaged)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("unsealed image volume {key} does not exist"),
+                )
+            })
+    }
+
+    fn seal_image(&self, key: &ImageKey) -> Result<()> {
+        let (unsealed, sealed) = (image_name(key, false), image_name(key, true));
+        let fd = self.subvol_named(&unsealed)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("unsealed image volume {key} does not exist"),
+            )
+        })?;
+        let flags = ioctl::subvol_flags(fd.as_fd())
+            .map_err(|e| Error::errno(format!("flags of image volume {key}"), e))?;
+        ioctl::set_subvol_flags(fd.as_fd(), flags | ioctl::SUBVOL_RDONLY)
+            .map_err(|e| Error::errno(format!("making image volume {key} read-only"), e))?;
+        // The rename is the seal: under the unsealed name it is still a leftover.
+        rustix::fs::renameat_with(
+            &self.pool.fd,
+            unsealed.as_str(),
+            &self.pool.fd,
+            sealed.as_str(),
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| Error::errno(format!("sealing image volume {key}"), e))
+    }
+
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
+        let source = self.subvol_named(&image_name(key, true))?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("image volume {key} does not exist"),
+            )
+        })?;
+        ioctl::snapshot_create(source.as_fd(), self.pool.fd.as_fd(), &PoolDir::cname(slot)).map_err(
+            |e| match e {
+                Errno::EXIST => {
+                    Error::new(ErrorKind::AlreadyExists, format!("{slot} already exists"))
+                }
+                e => Error::errno(format!("cloning image volume {key} into {slot}"), e),
+            },
+        )
+    }
+
+    fn images(&self) -> Result<Vec<ImageVolume>> {
+        let mut found = Vec::new();
+        for name in self.pool.names()? {
+            let Some((key, sealed)) = parse_image_name(&name) else {
+                continue;
+            };
+            let Some(fd) = self.subvol_named(&name)? else {
+                continue; // removed meanwhile
+            };
+            let info = ioctl::subvol_info(fd.as_fd())
+                .map_err(|e| Error::errno(format!("subvolume info of image volume {key}"), e))?;
+            let mut clones = Vec::new();
+            for id in self.snapshot_ids(&info.uuid)? {
+                let Some(clone) = ioctl::subvol_name(self.pool.fd.as_fd(), id)
+                    .map_err(|e| Error::errno("naming a clone of an image volume", e))?
+                else {
+                    continue;
+                };
+                // A volume, or the temporary slot of one being built or cleaned up.
+                let volume = match temporary_slot(&clone) {
+                    Some((volume, _)) => volume.as_str().to_owned(),
+                    None => clone,
+                };
+                if !clones.contains(&volume) {
+                    clones.push(volume);
+                }
+            }
+            clones.sort();
+            found.push(ImageVolume {
+                key,
+                sealed,
+                clones,
+            });
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    fn destroy_image(&self, key: &ImageKey, sealed: bool) -> Result<()> {
+        let name = image_name(key, sealed);
+        let Some(fd) = self.subvol_named(&name)? else {
+            return Ok(());
+        };
+        let info = ioctl::subvol_info(fd.as_fd())
+            .map_err(|e| Error::errno(format!("subvolume info of image volume {key}"), e))?;
+        self.destroy_subvol(fd, &info, &self.pool.path.join(&name).display().to_string())
     }
 }

@@ -81,6 +81,7 @@ impl Driver for DirDriver {
             shrink: self.quota,
             exchange: true,
             cheap_usage: self.quota,
+            image_volumes: false,
         }
     }
 

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{Mode, OFlags};
 
 use crate::{
-    Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, Result, SizeModel,
-    Slot, SlotKind, Usage, VolumeName,
+    Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume, KeepSnapshots, Mounted,
+    PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 
 /// What happens at the chosen call.
@@ -36,11 +36,15 @@ struct Object {
     id: String,
     dir: PathBuf,
     size: Option<u64>,
+    /// The image volume it is a clone of.
+    origin: Option<ImageKey>,
 }
 
 #[derive(Default)]
 struct State {
     slots: BTreeMap<(String, SlotKind), Object>,
+    /// Image volumes by key and sealed state.
+    images: BTreeMap<(ImageKey, bool), PathBuf>,
     next_id: u64,
     calls: Vec<String>,
     inject: Option<(usize, Injected)>,
@@ -66,9 +70,35 @@ impl FakeDriver {
                 shrink: true,
                 exchange: false,
                 cheap_usage: true,
+                image_volumes: false,
             },
             state: RefCell::new(State::default()),
         }
+    }
+
+    /// Keeps image volumes (as btrfs does): a clone is a copy of the image volume's directory.
+    pub fn with_image_volumes(mut self) -> FakeDriver {
+        self.capabilities.image_volumes = true;
+        self
+    }
+
+    /// The pool's image volumes: key and sealed state.
+    pub fn image_volumes(&self) -> Vec<(ImageKey, bool)> {
+        self.state.borrow().images.keys().cloned().collect()
+    }
+
+    /// A new scratch directory for an object.
+    fn new_dir(&self) -> Result<(String, PathBuf)> {
+        let mut state = self.state.borrow_mut();
+        state.next_id += 1;
+        let id = format!("fake-{}", state.next_id);
+        let dir = self.scratch.join(&id);
+        std::fs::create_dir(&dir).map_err(|e| io("create", e))?;
+        Ok((id, dir))
+    }
+
+    fn image_call(&self, method: &str, key: &ImageKey) -> Result<()> {
+        self.call(&format!("{method}(image {})", &key.as_str()[..8]), None)
     }
 
     /// Swaps by [`Driver::exchange`] (as dir and btrfs do) instead of two renames.
@@ -162,9 +192,15 @@ impl Driver for FakeDriver {
         let id = format!("fake-{}", state.next_id);
         let dir = self.scratch.join(&id);
         std::fs::create_dir(&dir).map_err(|e| io("create", e))?;
-        state
-            .slots
-            .insert(Self::key(slot), Object { id, dir, size });
+        state.slots.insert(
+            Self::key(slot),
+            Object {
+                id,
+                dir,
+                size,
+                origin: None,
+            },
+        );
         Ok(())
     }
 
@@ -289,5 +325,126 @@ impl Driver for FakeDriver {
                     .map_err(|e| Error::new(ErrorKind::Failed, e.to_string()))
             })
             .collect()
+    }
+
+    fn create_image(&self, key: &ImageKey) -> Result<()> {
+        self.image_call("create_image", key)?;
+        if self
+            .state
+            .borrow()
+            .images
+            .contains_key(&(key.clone(), false))
+        {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "unsealed image exists",
+            ));
+        }
+        let (_, dir) = self.new_dir()?;
+        self.state
+            .borrow_mut()
+            .images
+            .insert((key.clone(), false), dir);
+        Ok(())
+    }
+
+    fn open_image(&self, key: &ImageKey) -> Result<Mounted> {
+        self.image_call("open_image", key)?;
+        let dir = self
+            .state
+            .borrow()
+            .images
+            .get(&(key.clone(), false))
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, "no unsealed image"))?;
+        let path = CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| Error::new(ErrorKind::Failed, "a path with NUL"))?;
+        let fd = rustix::fs::open(
+            path.as_c_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::errno("open_image", e))?;
+        Ok(Mounted::unmanaged(fd))
+    }
+
+    fn seal_image(&self, key: &ImageKey) -> Result<()> {
+        self.image_call("seal_image", key)?;
+        let mut state = self.state.borrow_mut();
+        let dir = state
+            .images
+            .remove(&(key.clone(), false))
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, "no unsealed image"))?;
+        state.images.insert((key.clone(), true), dir);
+        Ok(())
+    }
+
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
+        self.image_call("clone_image", key)?;
+        let source = self
+            .state
+            .borrow()
+            .images
+            .get(&(key.clone(), true))
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, "no sealed image"))?;
+        if self.state.borrow().slots.contains_key(&Self::key(slot)) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{slot} exists"),
+            ));
+        }
+        let (id, dir) = self.new_dir()?;
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(source.join("."))
+            .arg(&dir)
+            .status()
+            .map_err(|e| io("cp", e))?;
+        if !copied.success() {
+            return Err(Error::new(ErrorKind::Failed, "cp -a failed"));
+        }
+        self.state.borrow_mut().slots.insert(
+            Self::key(slot),
+            Object {
+                id,
+                dir,
+                size: None,
+                origin: Some(key.clone()),
+            },
+        );
+        Ok(())
+    }
+
+    fn images(&self) -> Result<Vec<ImageVolume>> {
+        self.call("images", None)?;
+        let state = self.state.borrow();
+        Ok(state
+            .images
+            .keys()
+            .map(|(key, sealed)| ImageVolume {
+                key: key.clone(),
+                sealed: *sealed,
+                clones: state
+                    .slots
+                    .iter()
+                    .filter(|(_, o)| o.origin.as_ref() == Some(key) && *sealed)
+                    .map(|((name, _), _)| name.clone())
+                    .collect(),
+            })
+            .collect())
+    }
+
+    fn destroy_image(&self, key: &ImageKey, sealed: bool) -> Result<()> {
+        self.image_call("destroy_image", key)?;
+        let removed = self
+            .state
+            .borrow_mut()
+            .images
+            .remove(&(key.clone(), sealed));
+        if let Some(dir) = removed {
+            std::fs::remove_dir_all(&dir).map_err(|e| io("destroy_image", e))?;
+        }
+        Ok(())
     }
 }

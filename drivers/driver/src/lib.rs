@@ -13,6 +13,7 @@ mod busy;
 pub mod command;
 #[cfg(feature = "testing")]
 pub mod fake;
+pub mod image;
 pub mod mount;
 mod name;
 pub mod pooldir;
@@ -26,6 +27,7 @@ use std::os::fd::OwnedFd;
 pub use busy::{
     find_holder, find_holder_on_device, holder_of_mount, holder_of_mount_below, mounts, MountEntry,
 };
+pub use image::{ImageKey, ImageVolume};
 pub use name::{NameError, VolumeName};
 
 /// Which of a volume's slots an operation addresses.
@@ -167,6 +169,9 @@ pub struct Capabilities {
     /// [`Driver::usage`] is a lookup (a quota or device size), not a walk of the whole tree;
     /// results of create and rebuild include usage only then (`inspect` always does).
     pub cheap_usage: bool,
+    /// The pool keeps image volumes and fills volumes by cloning them
+    /// ([`Driver::create_image`] and the methods after it).
+    pub image_volumes: bool,
 }
 
 /// Size and usage of one volume.
@@ -428,4 +433,41 @@ pub trait Driver {
     /// Volumes that have something in a temporary slot (`New` or `Old`): the leftovers of an
     /// interrupted operation, for `recover` without a volume name.
     fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>>;
+
+    /// [`Capabilities::image_volumes`]: creates the empty, writable, unsealed image volume
+    /// `key`. Fails with `AlreadyExists` if an unsealed one is there.
+    fn create_image(&self, _key: &ImageKey) -> Result<()> {
+        Err(no_image_volumes())
+    }
+
+    /// Opens the root of the unsealed image volume `key`, for filling.
+    fn open_image(&self, _key: &ImageKey) -> Result<Mounted> {
+        Err(no_image_volumes())
+    }
+
+    /// Seals the image volume `key`: read-only and under its final name, in one step that
+    /// either happens or does not. Its content must be synced first.
+    fn seal_image(&self, _key: &ImageKey) -> Result<()> {
+        Err(no_image_volumes())
+    }
+
+    /// Makes the volume in `slot` (empty) a writable clone of the sealed image volume `key`.
+    fn clone_image(&self, _key: &ImageKey, _slot: Slot<'_>) -> Result<()> {
+        Err(no_image_volumes())
+    }
+
+    /// The pool's image volumes, sealed or not.
+    fn images(&self) -> Result<Vec<ImageVolume>> {
+        Ok(Vec::new())
+    }
+
+    /// Destroys the image volume `key` (`sealed` says which); a missing one is not an error.
+    /// Volumes cloned from it keep their content.
+    fn destroy_image(&self, _key: &ImageKey, _sealed: bool) -> Result<()> {
+        Err(no_image_volumes())
+    }
+}
+
+fn no_image_volumes() -> Error {
+    Error::new(ErrorKind::Unsupported, "this pool keeps no image volumes")
 }

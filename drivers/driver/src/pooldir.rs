@@ -148,16 +148,25 @@ impl PoolDir {
         find_holder(&path).map_err(|e| Error::io("scanning /proc", e))
     }
 
-    pub fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
+    /// The names of the pool directory's entries that are valid UTF-8 (all of reimage's are).
+    pub fn names(&self) -> Result<Vec<String>> {
         let entries = std::fs::read_dir(&self.path)
             .map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
-        let mut found = Vec::new();
+        let mut names = Vec::new();
         for entry in entries {
             let entry =
                 entry.map_err(|e| Error::io(format!("listing {}", self.path.display()), e))?;
-            let name = entry.file_name();
-            found.extend(name.to_str().and_then(crate::temporary_slot));
+            names.extend(entry.file_name().to_str().map(str::to_owned));
         }
+        Ok(names)
+    }
+
+    pub fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
+        let mut found: Vec<_> = self
+            .names()?
+            .iter()
+            .filter_map(|name| crate::temporary_slot(name))
+            .collect();
         found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)
     }

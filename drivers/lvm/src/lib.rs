@@ -434,6 +434,7 @@ impl Driver for LvmDriver {
             exchange: false,
             // A read-only mount and statvfs, no walk.
             cheap_usage: true,
+            image_volumes: false,
         }
     }
 

@@ -345,6 +345,7 @@ impl Driver for ZfsDriver {
             shrink: true,
             exchange: false,
             cheap_usage: true,
+            image_volumes: false,
         }
     }
 

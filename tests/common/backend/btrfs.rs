@@ -78,8 +78,17 @@ impl Storage for Btrfs {
         self.dir.unfill()
     }
 
+    /// Temporary slots, and image volumes that were never sealed.
     fn leftovers(&self) -> Vec<String> {
-        self.dir.leftovers()
+        let mut found = self.dir.leftovers();
+        found.extend(
+            std::fs::read_dir(&self.dir.pool)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(reimage_driver::image::UNSEALED_PREFIX)),
+        );
+        found
     }
 
     fn nest(&self, volume: &str, protected: bool) -> bool {

@@ -1,0 +1,312 @@
+//! Filling a volume from an image volume: the image unpacked once per pool into a volume of
+//! its own, sealed, and cloned into every volume filled from it.
+//!
+//! An image volume's key is the SHA-256 of the image file and of everything that changes the
+//! unpacked tree (`rootfs_prefix`, `idmap`, the driver), so two requests share one only when
+//! they would unpack the same tree. It is built under a lock named by its key, so that
+//! requests that need the same missing image volume build it once (the others wait for it and
+//! clone it), and it is sealed as the build's last step: an unsealed image volume is never
+//! cloned, and one left by a crash is removed by `recover` or by the next build of its key.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reimage_driver::ImageKey;
+
+use super::*;
+
+/// How long a request waits for another one building the image volume it needs.
+const BUILD_WAIT: Duration = Duration::from_secs(1800);
+
+/// Whether a fill used an image volume, as results report it (`image.cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Cache {
+    /// Cloned from an image volume that was there.
+    Hit,
+    /// The image volume was built now, then cloned.
+    Miss,
+    /// Unpacked into the volume: the pool keeps no image volumes, or the fill has no image.
+    Off,
+}
+
+impl Cache {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Cache::Hit => "hit",
+            Cache::Miss => "miss",
+            Cache::Off => "off",
+        }
+    }
+}
+
+/// The image volume key of `content` unpacked with `idmap` by `driver`, or `None` when the
+/// fill does not use image volumes.
+pub(super) fn image_key(driver: &dyn Driver, content: &Content, idmap: &IdMap) -> Option<ImageKey> {
+    let Content::Image {
+        measurement,
+        sha256,
+        ..
+    } = content
+    else {
+        return None;
+    };
+    if !driver.capabilities().image_volumes {
+        return None;
+    }
+    let prefix = measurement
+        .rootfs_prefix
+        .as_ref()
+        .map(|p| p.as_bytes().to_vec())
+        .unwrap_or_default();
+    let ranges: String = idmap
+        .ranges()
+        .iter()
+        .map(|r| format!("{}:{}:{};", r.host, r.container, r.count))
+        .collect();
+    ImageKey::parse(&digest::sha256_of(&[
+        b"reimage image volume 1",
+        sha256.as_bytes(),
+        &prefix,
+        ranges.as_bytes(),
+        driver.name().as_bytes(),
+    ]))
+}
+
+/// The lock of the image volume `key` in `pool`: named so that no volume's lock can be.
+pub(super) fn lock_image(
+    state: &RecordDir,
+    pool: &str,
+    key: &ImageKey,
+    wait: bool,
+) -> Result<VolumeLock> {
+    let name = format!(".image.{key}");
+    let started = Instant::now();
+    loop {
+        match VolumeLock::acquire(state, pool, &name) {
+            Err(e) if e.code == Code::Locked && wait && started.elapsed() < BUILD_WAIT => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) if e.code == Code::Locked => {
+                return Err(Error::new(
+                    Code::Locked,
+                    format!("image volume {key} of pool {pool} is being built or removed by another reimage request"),
+                ))
+            }
+            other => return other,
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The record of what an image volume holds, kept beside it in the state directory.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+pub(super) struct ImageRecord {
+    pub(super) sha256: String,
+    /// The image file it was last filled from.
+    pub(super) image: String,
+    pub(super) unpacked_bytes: u64,
+    pub(super) allocated_bytes: u64,
+    pub(super) inodes: u64,
+    pub(super) created: u64,
+    pub(super) last_used: u64,
+}
+
+pub(super) fn image_records(state: &RecordDir, pool: &str) -> Result<RecordDir> {
+    state.area(&["images", pool]).map_err(|e| {
+        Error::internal(format!(
+            "cannot open the image volume records in {}: {e}",
+            state.path().display()
+        ))
+    })
+}
+
+pub(super) fn read_record(records: &RecordDir, key: &ImageKey) -> Option<ImageRecord> {
+    let bytes = records.read(&format!("{key}.json")).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_record(records: &RecordDir, key: &ImageKey, record: &ImageRecord) {
+    if let Ok(text) = serde_json::to_vec(record) {
+        let _ = records.replace(&format!("{key}.json"), &text, false);
+    }
+}
+
+/// Makes the `New` slot of the held volume a clone of the image volume `key`, building the
+/// image volume first when the pool has no sealed one; sizes the clone to `target_size` and
+/// opens its root. Fault points: `build:*` while building, then `created` once the clone is
+/// there.
+pub(super) fn clone_new(
+    held: &mut LockedVolume<'_>,
+    pool: &str,
+    key: &ImageKey,
+    filling: &Filling<'_>,
+    created: &str,
+    timings: &mut Timings,
+) -> Result<(Mounted, Cache)> {
+    let (driver, volume) = (held.driver, held.volume);
+    let sealed = |driver: &dyn Driver| -> Result<bool> {
+        Ok(driver
+            .images()?
+            .iter()
+            .any(|image| image.sealed && &image.key == key))
+    };
+    let records = image_records(held.state, pool)?;
+    // What interrupted builds left goes first, as a volume's own leftovers do.
+    remove_unsealed(held.state, pool, driver)?;
+    // Held until the clone exists, so that no prune removes the image volume in between.
+    let _lock = lock_image(held.state, pool, key, true)?;
+    let cache = if sealed(driver)? {
+        Cache::Hit
+    } else {
+        build_image(held, &records, key, filling, timings)?;
+        Cache::Miss
+    };
+    held.events.progress(EventPhase::Prepare, 0, 1, "steps");
+    timings.time("prepare", || {
+        driver.clone_image(key, Slot::building(volume))?;
+        let size = fault::quota_override().or(filling.target_size);
+        if let (Some(size), reimage_driver::SizeModel::Quota) =
+            (size, driver.capabilities().size_model)
+        {
+            driver.set_size(Slot::building(volume), size)?;
+            // A clone takes no space of its own, but its limit counts what it shares: one
+            // smaller than the image is the same failure an unpack would have met.
+            let used = driver.usage(Slot::building(volume))?.used;
+            if used > size {
+                return Err(Error::new(
+                    Code::QuotaExceeded,
+                    format!(
+                        "the volume's quota of {size} bytes is smaller than the {used} bytes of the image volume it is cloned from (quota exceeded)"
+                    ),
+                )
+                .with("volume_size", size)
+                .with("measured", used));
+            }
+        }
+        Ok::<_, Error>(())
+    })?;
+    fault::point(created)?;
+    if let Some(mut record) = read_record(&records, key) {
+        record.last_used = now();
+        write_record(&records, key, &record);
+    }
+    let root = driver.open_root(Slot::building(volume))?;
+    held.events.progress(EventPhase::Prepare, 1, 1, "steps");
+    Ok((root, cache))
+}
+
+/// Unpacks the image into a new image volume and seals it; on failure removes what it built.
+fn build_image(
+    held: &mut LockedVolume<'_>,
+    records: &RecordDir,
+    key: &ImageKey,
+    filling: &Filling<'_>,
+    timings: &mut Timings,
+) -> Result<()> {
+    let driver = held.driver;
+    // An unsealed one is what an interrupted build left: never used, built again.
+    driver.destroy_image(key, false)?;
+    let built = (|| {
+        driver.create_image(key)?;
+        fault::point("image:created")?;
+        let root = driver.open_image(key)?;
+        let events = &mut *held.events;
+        timings.time("unpack", || {
+            unpack_into(
+                events,
+                &root,
+                filling.content,
+                filling.idmap,
+                &[],
+                filling.metadata,
+            )
+            .map_err(|e| with_fill_numbers(driver, e, &root, filling.content, None))
+        })?;
+        fault::point("image:unpacked")?;
+        timings.time("sync", || {
+            rustix::fs::syncfs(root.root())
+                .map_err(|e| Error::new(Code::DriverError, format!("syncfs: {e}")))
+        })?;
+        root.release()?;
+        cancelled_check()?;
+        driver.seal_image(key)?;
+        Ok(())
+    })();
+    if let Err(e) = built {
+        return Err(match driver.destroy_image(key, false) {
+            Ok(()) => e,
+            Err(again) => recovery_pending(e, &Error::from(again)),
+        });
+    }
+    fault::point("image:sealed")?;
+    if let Content::Image {
+        path,
+        measurement,
+        sha256,
+        ..
+    } = filling.content
+    {
+        let t = now();
+        write_record(
+            records,
+            key,
+            &ImageRecord {
+                sha256: sha256.clone(),
+                image: path.display().to_string(),
+                unpacked_bytes: measurement.tally.unpacked_bytes,
+                allocated_bytes: measurement.tally.allocated_bytes,
+                inodes: measurement.tally.inodes,
+                created: t,
+                last_used: t,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Removes the unsealed image volumes that no running request is building: what interrupted
+/// builds left. Returns their keys.
+pub(super) fn remove_unsealed(
+    state: &RecordDir,
+    pool: &str,
+    driver: &dyn Driver,
+) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    if !driver.capabilities().image_volumes {
+        return Ok(removed);
+    }
+    for image in driver.images()? {
+        if image.sealed {
+            continue;
+        }
+        let Ok(_lock) = lock_image(state, pool, &image.key, false) else {
+            continue; // being built right now
+        };
+        driver.destroy_image(&image.key, false)?;
+        removed.push(image.key.to_string());
+    }
+    Ok(removed)
+}
+
+/// The build's first steps: the `New` slot made a clone of the content's image volume when
+/// the pool keeps them (`key`), or created at the plan's size and unpacked into otherwise.
+/// Returns its open root, and the cache's answer.
+pub(super) fn build_new(
+    held: &mut LockedVolume<'_>,
+    pool: &str,
+    key: Option<&ImageKey>,
+    filling: &Filling<'_>,
+    created: &str,
+    timings: &mut Timings,
+) -> Result<(Mounted, Cache)> {
+    if let Some(key) = key {
+        return clone_new(held, pool, key, filling, created, timings);
+    }
+    let root = create_new(held, filling.target_size, created, timings)?;
+    unpack_step(held, &root, filling, &[], timings)?;
+    Ok((root, Cache::Off))
+}
