@@ -26,6 +26,8 @@ pub struct Record {
     pub pool: Option<String>,
     pub volume: Option<String>,
     pub image: Option<PathBuf>,
+    /// The SHA-256 of the image file, once the request has read it.
+    pub sha256: Option<String>,
 }
 
 impl Record {
@@ -37,6 +39,7 @@ impl Record {
             pool: None,
             volume: None,
             image: None,
+            sha256: None,
         }
     }
 
@@ -65,6 +68,7 @@ impl Record {
                 "image",
                 self.image.as_ref().map(|p| p.display().to_string()),
             ),
+            ("sha256", self.sha256.clone()),
         ];
         for (key, value) in known {
             if let Some(value) = value {

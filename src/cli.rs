@@ -168,6 +168,11 @@ fn execute(
         image: image.as_ref(),
     };
     let body = ops::run(ctx, &op)?;
+    audit.record.sha256 = body
+        .get("image")
+        .and_then(|image| image.get("sha256"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned);
     Ok((op.name().to_owned(), body))
 }
 

@@ -81,6 +81,8 @@ pub enum PoolSpec {
     Zfs {
         dataset: String,
         quota_property: QuotaProperty,
+        /// Each image unpacked once into an image volume that volumes are clones of.
+        image_volumes: bool,
         mount_dir: PathBuf,
     },
     /// Each volume an LV in `vg` (thin in `thin_pool` when set) holding `fs`.
@@ -361,7 +363,6 @@ impl Config {
                 for (set, field) in [
                     (p.path.is_some(), "path"),
                     (p.quota.is_some(), "quota"),
-                    (p.image_volumes.is_some(), "image_volumes"),
                     (p.vg.is_some(), "vg"),
                     (p.thin_pool.is_some(), "thin_pool"),
                     (p.fs.is_some(), "fs"),
@@ -385,9 +386,19 @@ impl Config {
                         ))
                     })?,
                 };
+                // A zfs `quota` on a clone counts only what the clone adds, not the blocks
+                // it shares with its image volume: sizes would not read as for an unpacked
+                // volume, so image volumes go with `refquota` only.
+                let refquota = quota_property == QuotaProperty::RefQuota;
+                if p.image_volumes == Some(true) && !refquota {
+                    return Err(invalid(format!(
+                        "pools.{name}: image_volumes needs quota_property = \"refquota\" (a zfs quota does not count the blocks a clone shares with its image volume)"
+                    )));
+                }
                 PoolSpec::Zfs {
                     dataset,
                     quota_property,
+                    image_volumes: p.image_volumes.unwrap_or(refquota),
                     mount_dir: mount_dir(),
                 }
             }
@@ -622,6 +633,7 @@ mod tests {
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank\"\npath = \"/x\"",
             "[pools.a]\ndriver = \"dir\"\npath = \"/x\"\nquota_property = \"quota\"",
             "[pools.a]\ndriver = \"dir\"\npath = \"/x\"\nimage_volumes = true",
+            "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank/r\"\nquota_property = \"quota\"\nimage_volumes = true",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"-o\"",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"vg0\"\nthin_pool = \"a b\"",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"vg0\"\nmount_dir = \"rel\"",

@@ -30,10 +30,12 @@ pub fn open(pool: &Pool, state: &RecordDir) -> Result<Box<dyn Driver>> {
         PoolSpec::Zfs {
             dataset,
             quota_property,
+            image_volumes,
             mount_dir,
         } => Box::new(ZfsDriver::open(
             dataset,
             *quota_property,
+            *image_volumes,
             mount_dir.clone(),
         )?),
         PoolSpec::Lvm {

@@ -878,17 +878,23 @@ fn image_volumes_are_built_once_and_cloned(backend: Backend) {
     assert_eq!(cache_of(&r), "hit");
     assert_eq!(r.ok()["image"]["sha256"].as_str().map(str::len), Some(64));
     assert_same(&expected_a, &env.manifest_of("c2"), &ignore);
-    std::fs::write(env.volume("c1").join("kept-by-preserve"), b"mine").unwrap();
+    {
+        let view = env.view("c1");
+        std::fs::write(view.path.join("kept-by-preserve"), b"mine").unwrap();
+    }
     let r = env.run(&req(
         "rebuild",
         "c1",
         json!({"source": {"image": b}, "preserve": ["/kept-by-preserve"]}),
     ));
     assert_eq!(cache_of(&r), "miss");
-    assert_eq!(
-        std::fs::read(env.volume("c1").join("kept-by-preserve")).unwrap(),
-        b"mine"
-    );
+    {
+        let view = env.view("c1");
+        assert_eq!(
+            std::fs::read(view.path.join("kept-by-preserve")).unwrap(),
+            b"mine"
+        );
+    }
     // `c2`, a clone of the image volume the miss built, is checked whole below.
     let r = env.rebuild_from("c2", &b);
     assert_eq!(cache_of(&r), "hit");
@@ -1018,6 +1024,11 @@ conformance!(btrfs_image_volumes = Backend::Btrfs { quota: true }; #[cfg_attr(an
     image_volumes_are_built_once_and_cloned,
     concurrent_fills_build_an_image_volume_once,
 );
+conformance!(zfs_image_volumes = Backend::Zfs { quota: false };
+    #[ignore = "runs inside the QEMU guest (see *_in_the_guest)"];
+    image_volumes_are_built_once_and_cloned,
+    concurrent_fills_build_an_image_volume_once,
+);
 all_cases!(zfs = Backend::Zfs { quota: false }; guest);
 all_cases!(lvm_thin_ext4 = Backend::Lvm { thin: true, xfs: false }; guest);
 
@@ -1076,7 +1087,11 @@ conformance!(dir_prjquota_xfs = Backend::DirQuota { xfs: true };
 /// each case's result are printed.
 #[test]
 fn zfs_in_the_guest() {
-    common::guest::run_cases(&["zfs::", "zfs_quota::"], "zfs version", &[64]);
+    common::guest::run_cases(
+        &["zfs::", "zfs_quota::", "zfs_image_volumes::"],
+        "zfs version",
+        &[64],
+    );
 }
 
 /// The lvm cases (thick ext4, thin ext4, thin xfs) inside the guest.

@@ -215,10 +215,12 @@ fn every_request_leaves_an_audit_record() {
     let create =
         json!({"api":1,"op":"create","pool":"default","volume":"c1","source":{"image": image}});
     let sudo = [("SUDO_USER", "alice"), ("SUDO_UID", "1000")];
-    env.run_env(&create, &sudo).ok();
+    let created = env.run_env(&create, &sudo);
+    let sha256 = created.ok()["image"]["sha256"].as_str().unwrap().to_owned();
     let line = syslog.next().expect("an audit record");
     assert!(line.starts_with("<86>reimage["), "{line}");
     let image_field = format!(" image={} ", image.display());
+    let sha256_field = format!(" sha256={sha256} ");
     for field in [
         " uid=0 ",
         " sudo_user=alice ",
@@ -228,6 +230,7 @@ fn every_request_leaves_an_audit_record() {
         " pool=default ",
         " volume=c1 ",
         image_field.as_str(),
+        sha256_field.as_str(),
         " outcome=ok ",
         " duration_ms=",
     ] {

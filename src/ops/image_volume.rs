@@ -172,9 +172,9 @@ pub(super) fn clone_new(
         if let (Some(size), reimage_driver::SizeModel::Quota) =
             (size, driver.capabilities().size_model)
         {
-            driver.set_size(Slot::building(volume), size)?;
             // A clone takes no space of its own, but its limit counts what it shares: one
-            // smaller than the image is the same failure an unpack would have met.
+            // smaller than the image is the same failure an unpack would have met (and zfs
+            // refuses to set it at all).
             let used = driver.usage(Slot::building(volume))?.used;
             if used > size {
                 return Err(Error::new(
@@ -186,6 +186,7 @@ pub(super) fn clone_new(
                 .with("volume_size", size)
                 .with("measured", used));
             }
+            driver.set_size(Slot::building(volume), size)?;
         }
         Ok::<_, Error>(())
     })?;

@@ -17,6 +17,10 @@
 //!   place under the guard snapshot `@reimage-guard` ([`KeepSnapshots::Refill`]). A dataset
 //!   whose snapshots have clones is never destroyed: the core refuses first
 //!   (`volume_has_clones`).
+//! - Image volumes (pool option `image_volumes`): `PARENT/.reimage-image-new.KEY` while built,
+//!   then snapshotted (`@sealed`), made `readonly=on` and renamed `PARENT/.reimage-image.KEY`
+//!   (the rename is the seal); a volume filled from it is a `zfs clone` of `@sealed`. An image
+//!   volume with clones cannot be destroyed, and is not: prune skips it.
 //! - "dataset is busy" (a mount that is just going away) is retried for a few seconds.
 
 mod listing;
@@ -27,13 +31,17 @@ use std::time::{Duration, Instant};
 
 use listing::Listing;
 use reimage_driver::command::{self, Failure};
+use reimage_driver::image::{image_name, parse_image_name};
 use reimage_driver::{
-    mount, mounts, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace,
-    Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
+    mount, mounts, temporary_slot, Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume,
+    KeepSnapshots, Mounted, PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 
 /// The snapshot a refill can roll back to; not listed among the volume's snapshots.
 pub const GUARD: &str = "reimage-guard";
+
+/// The snapshot of a sealed image volume that volumes are cloned from.
+pub const SEALED: &str = "sealed";
 
 /// The longest parent dataset name: a zfs name has at most 255 bytes, and reimage adds
 /// `/.reimage-new.` (14), a volume name (64) and `@reimage-guard` (14).
@@ -107,6 +115,7 @@ pub struct ZfsDriver {
     /// The parent dataset that holds the volumes.
     parent: String,
     quota: QuotaProperty,
+    image_volumes: bool,
     /// Where volumes are mounted while being filled (one directory per dataset).
     mount_dir: PathBuf,
     /// The last listing of one volume's slots, until the driver changes the pool.
@@ -178,7 +187,12 @@ fn parse_u64(what: &str, text: &str) -> Result<u64> {
 
 impl ZfsDriver {
     /// A driver for the volumes under `parent`, which must be an existing filesystem dataset.
-    pub fn open(parent: &str, quota: QuotaProperty, mount_dir: PathBuf) -> Result<ZfsDriver> {
+    pub fn open(
+        parent: &str,
+        quota: QuotaProperty,
+        image_volumes: bool,
+        mount_dir: PathBuf,
+    ) -> Result<ZfsDriver> {
         // The type and the space in one command: an operation asks for the space once,
         // before it changes anything.
         let out = match zfs(&["get", "-H", "-p", "-o", "value", "type,available,used", parent]) {
@@ -205,6 +219,7 @@ impl ZfsDriver {
         Ok(ZfsDriver {
             parent: parent.to_owned(),
             quota,
+            image_volumes,
             mount_dir,
             listed: RefCell::new(None),
             written: Cell::new(false),
@@ -254,6 +269,18 @@ impl ZfsDriver {
 
     fn guard(&self, slot: Slot<'_>) -> String {
         format!("{}@{GUARD}", self.dataset(slot))
+    }
+
+    fn image_dataset(&self, key: &ImageKey, sealed: bool) -> String {
+        format!("{}/{}", self.parent, image_name(key, sealed))
+    }
+
+    fn dataset_exists(&self, dataset: &str) -> Result<bool> {
+        match zfs(&["list", "-H", "-o", "name", dataset]) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The directory a slot is mounted on while it is filled.
@@ -319,7 +346,12 @@ impl ZfsDriver {
 
     /// The mounts of the slot's dataset (or of datasets below it) in this namespace.
     fn mounted_at(&self, slot: Slot<'_>) -> Result<Vec<PathBuf>> {
-        let dataset = self.dataset(slot);
+        self.mounts_of(&self.dataset(slot))
+    }
+
+    /// The mounts of `dataset` (or of datasets below it) in this namespace.
+    fn mounts_of(&self, dataset: &str) -> Result<Vec<PathBuf>> {
+        let dataset = dataset.to_owned();
         let below = format!("{dataset}/");
         Ok(mounts()
             .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?
@@ -345,7 +377,7 @@ impl Driver for ZfsDriver {
             shrink: true,
             exchange: false,
             cheap_usage: true,
-            image_volumes: false,
+            image_volumes: self.image_volumes,
         }
     }
 
@@ -613,5 +645,137 @@ impl Driver for ZfsDriver {
             self.mount_point(slot, "@guard"),
             true,
         )
+    }
+
+    fn create_image(&self, key: &ImageKey) -> Result<()> {
+        let dataset = self.image_dataset(key, false);
+        let mut args = vec!["create", "-o", "mountpoint=legacy"];
+        for property in VOLUME_PROPERTIES {
+            args.extend(["-o", property]);
+        }
+        args.push(&dataset);
+        self.change(&args, false).map(drop)
+    }
+
+    fn open_image(&self, key: &ImageKey) -> Result<Mounted> {
+        let dataset = self.image_dataset(key, false);
+        self.space.set(None);
+        let dir = self
+            .mount_dir
+            .join(format!("zfs-{}", self.parent.replace('/', "%")))
+            .join(image_name(key, false));
+        mount::mount_for_filling(&dataset, "zfs", dir, false)
+    }
+
+    fn seal_image(&self, key: &ImageKey) -> Result<()> {
+        let (unsealed, sealed) = (
+            self.image_dataset(key, false),
+            self.image_dataset(key, true),
+        );
+        for dir in self.mounts_of(&unsealed)? {
+            mount::unmount(&dir)?;
+        }
+        let _ = std::fs::remove_dir(
+            self.mount_dir
+                .join(format!("zfs-{}", self.parent.replace('/', "%")))
+                .join(image_name(key, false)),
+        );
+        self.change(&["snapshot", &format!("{unsealed}@{SEALED}")], false)?;
+        self.change(&["set", "readonly=on", &unsealed], false)?;
+        // The rename is the seal: under the unsealed name it is still a leftover.
+        self.change(&["rename", &unsealed, &sealed], true).map(drop)
+    }
+
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
+        let origin = format!("{}@{SEALED}", self.image_dataset(key, true));
+        let dataset = self.dataset(slot);
+        // Its own properties, not the image volume's `readonly=on`.
+        let mut args = vec!["clone", "-o", "mountpoint=legacy", "-o", "readonly=off"];
+        for property in VOLUME_PROPERTIES {
+            args.extend(["-o", property]);
+        }
+        args.extend([origin.as_str(), dataset.as_str()]);
+        self.change(&args, false).map(drop)
+    }
+
+    fn images(&self) -> Result<Vec<ImageVolume>> {
+        let out = zfs(&[
+            "list",
+            "-H",
+            "-p",
+            "-r",
+            "-d",
+            "2",
+            "-t",
+            "filesystem,snapshot",
+            "-o",
+            "name,clones",
+            &self.parent,
+        ])?;
+        let below = format!("{}/", self.parent);
+        let mut found: Vec<ImageVolume> = Vec::new();
+        for line in out.lines() {
+            let (name, clones) = line.split_once('\t').unwrap_or((line, ""));
+            let Some(leaf) = name.strip_prefix(&below) else {
+                continue;
+            };
+            match leaf.split_once('@') {
+                None => {
+                    if let Some((key, sealed)) = parse_image_name(leaf) {
+                        found.push(ImageVolume {
+                            key,
+                            sealed,
+                            clones: Vec::new(),
+                        });
+                    }
+                }
+                Some((dataset, SEALED)) => {
+                    let Some((key, sealed)) = parse_image_name(dataset) else {
+                        continue;
+                    };
+                    let Some(image) = found
+                        .iter_mut()
+                        .find(|i| i.key == key && i.sealed == sealed)
+                    else {
+                        continue;
+                    };
+                    for clone in listing::clone_list(clones) {
+                        let Some(leaf) = clone.strip_prefix(&below) else {
+                            continue;
+                        };
+                        let volume = match temporary_slot(leaf) {
+                            Some((volume, _)) => volume.as_str().to_owned(),
+                            None => leaf.to_owned(),
+                        };
+                        if !image.clones.contains(&volume) {
+                            image.clones.push(volume);
+                        }
+                    }
+                    image.clones.sort();
+                }
+                Some(_) => {}
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    fn destroy_image(&self, key: &ImageKey, sealed: bool) -> Result<()> {
+        let dataset = self.image_dataset(key, sealed);
+        if !self.dataset_exists(&dataset)? {
+            return Ok(());
+        }
+        for dir in self.mounts_of(&dataset)? {
+            mount::unmount(&dir)?;
+        }
+        self.change(&["destroy", "-r", &dataset], true)
+            .map(drop)
+            .map_err(|e| {
+                if e.message.contains("dependent clones") {
+                    Error::new(ErrorKind::HasClones(Vec::new()), e.message)
+                } else {
+                    e
+                }
+            })
     }
 }

@@ -151,7 +151,9 @@ impl Storage for Zfs {
             .filter(|name| {
                 let leaf = name.strip_prefix(&below).unwrap_or("");
                 let dataset = leaf.split(['/', '@']).next().unwrap_or("");
-                reimage_driver::temporary_slot(dataset).is_some() || name.ends_with(&guard)
+                reimage_driver::temporary_slot(dataset).is_some()
+                    || name.ends_with(&guard)
+                    || dataset.starts_with(reimage_driver::image::UNSEALED_PREFIX)
             })
             .collect();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
