@@ -156,6 +156,19 @@ impl FakeDriver {
     }
 }
 
+/// A content directory, opened as a volume's root.
+fn open_dir(dir: &Path) -> Result<Mounted> {
+    let path = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| Error::new(ErrorKind::Failed, "a path with NUL"))?;
+    let fd = rustix::fs::open(
+        path.as_c_str(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::errno(format!("opening {}", dir.display()), e))?;
+    Ok(Mounted::unmanaged(fd))
+}
+
 fn io(what: &str, e: std::io::Error) -> Error {
     Error::io(what, e)
 }
@@ -292,15 +305,7 @@ impl Driver for FakeDriver {
             .get(&Self::key(slot))
             .map(|o| o.dir.clone())
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} is empty")))?;
-        let path = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| Error::new(ErrorKind::Failed, "a path with NUL"))?;
-        let fd = rustix::fs::open(
-            path.as_c_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::errno("open_root", e))?;
-        Ok(Mounted::unmanaged(fd))
+        open_dir(&dir)
     }
 
     fn busy(&self, slot: Slot<'_>) -> Result<Option<String>> {
@@ -357,15 +362,7 @@ impl Driver for FakeDriver {
             .get(&(key.clone(), false))
             .cloned()
             .ok_or_else(|| Error::new(ErrorKind::NotFound, "no unsealed image"))?;
-        let path = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| Error::new(ErrorKind::Failed, "a path with NUL"))?;
-        let fd = rustix::fs::open(
-            path.as_c_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::errno("open_image", e))?;
-        Ok(Mounted::unmanaged(fd))
+        open_dir(&dir)
     }
 
     fn seal_image(&self, key: &ImageKey) -> Result<()> {
