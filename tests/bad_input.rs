@@ -74,6 +74,18 @@ fn malformed_requests_are_rejected_with_the_json_path() {
             ".",
         ),
         (
+            r#"{"api":1,"op":"prune","pool":"default","older_than":-1}"#,
+            "older_than",
+        ),
+        (
+            r#"{"api":1,"op":"prune","pool":"default","volume":"c1"}"#,
+            "volume",
+        ),
+        (
+            r#"{"api":1,"op":"images","pool":"default","dry_run":true}"#,
+            "dry_run",
+        ),
+        (
             r#"{"api":1,"op":"inspect","pool":"default","volume":"c1","volume":"c2"}"#,
             "volume",
         ),

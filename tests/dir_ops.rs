@@ -427,3 +427,23 @@ fn metadata_the_filesystem_refuses_fails_unless_warned() {
     assert!(env.exists("c1"));
     assert!(env.leftovers().is_empty());
 }
+
+/// A pool that keeps no image volumes says so, lists none, prunes nothing, and fills
+/// volumes by unpacking (`image.cache: "off"`).
+#[test]
+fn a_pool_without_image_volumes_lists_and_prunes_nothing() {
+    let env = Env::new("no-image-volumes");
+    let a = rich_image(&env, "a.tar", 1, TarFormat::Gnu, Compression::None);
+    let r = env.create_from("c1", &a);
+    assert_eq!(r.ok()["image"]["cache"], "off");
+    let listed = env.run(&json!({"api": 1, "op": "images", "pool": "default"}));
+    assert_eq!(listed.ok()["image_volumes"], false);
+    assert_eq!(listed.ok()["images"], json!([]));
+    let pruned = env.run(&json!({"api": 1, "op": "prune", "pool": "default"}));
+    assert_eq!(pruned.ok()["removed"], json!([]));
+    let inspected = env.run(&json!({"api": 1, "op": "inspect", "pool": "default", "volume": "c1"}));
+    assert_eq!(
+        inspected.ok()["volume"]["capabilities"]["image_volumes"],
+        false
+    );
+}
