@@ -96,7 +96,7 @@ pub(super) fn lock_image(
     }
 }
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -148,18 +148,17 @@ pub(super) fn clone_new(
     timings: &mut Timings,
 ) -> Result<(Mounted, Cache)> {
     let (driver, volume) = (held.driver, held.volume);
-    let sealed = |driver: &dyn Driver| -> Result<bool> {
-        Ok(driver
-            .images()?
-            .iter()
-            .any(|image| image.sealed && &image.key == key))
+    let is_sealed = |images: &[reimage_driver::ImageVolume]| {
+        images.iter().any(|image| image.sealed && &image.key == key)
     };
     let records = image_records(held.state, pool)?;
     // What interrupted builds left goes first, as a volume's own leftovers do.
-    remove_unsealed(held.state, pool, driver)?;
+    let images = driver.images()?;
+    remove_unsealed_of(held.state, pool, driver, &images)?;
     // Held until the clone exists, so that no prune removes the image volume in between.
     let _lock = lock_image(held.state, pool, key, true)?;
-    let cache = if sealed(driver)? {
+    // Listed again only when it was missing: a request we waited for may have built it.
+    let cache = if is_sealed(&images) || is_sealed(&driver.images()?) {
         Cache::Hit
     } else {
         build_image(held, &records, key, filling, timings)?;
@@ -276,14 +275,21 @@ pub(super) fn remove_unsealed(
     pool: &str,
     driver: &dyn Driver,
 ) -> Result<Vec<String>> {
-    let mut removed = Vec::new();
     if !driver.capabilities().image_volumes {
-        return Ok(removed);
+        return Ok(Vec::new());
     }
-    for image in driver.images()? {
-        if image.sealed {
-            continue;
-        }
+    remove_unsealed_of(state, pool, driver, &driver.images()?)
+}
+
+/// [`remove_unsealed`] among `images`, as the driver listed them.
+fn remove_unsealed_of(
+    state: &RecordDir,
+    pool: &str,
+    driver: &dyn Driver,
+    images: &[reimage_driver::ImageVolume],
+) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for image in images.iter().filter(|image| !image.sealed) {
         let Ok(_lock) = lock_image(state, pool, &image.key, false) else {
             continue; // being built right now
         };

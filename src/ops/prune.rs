@@ -12,9 +12,7 @@ pub(super) fn prune(
 ) -> Result<Map<String, Value>> {
     let (pool, driver) = needs(&ctx)?;
     let records = image_records(ctx.state, &pool.name)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = now();
     let (mut removed, mut kept) = (Vec::new(), Vec::new());
     for image in driver.images()? {
         let key = image.key.as_str().to_owned();

@@ -285,9 +285,14 @@ impl ZfsDriver {
 
     /// The directory a slot is mounted on while it is filled.
     fn mount_point(&self, slot: Slot<'_>, what: &str) -> PathBuf {
+        self.mount_point_of(&format!("{}{what}", Self::leaf(slot)))
+    }
+
+    /// The directory the dataset `PARENT/leaf` is mounted on while it is filled.
+    fn mount_point_of(&self, leaf: &str) -> PathBuf {
         self.mount_dir
             .join(format!("zfs-{}", self.parent.replace('/', "%")))
-            .join(format!("{}{what}", Self::leaf(slot)))
+            .join(leaf)
     }
 
     /// Removes the directories the slot was mounted on, left empty by a process that was
@@ -660,10 +665,7 @@ impl Driver for ZfsDriver {
     fn open_image(&self, key: &ImageKey) -> Result<Mounted> {
         let dataset = self.image_dataset(key, false);
         self.space.set(None);
-        let dir = self
-            .mount_dir
-            .join(format!("zfs-{}", self.parent.replace('/', "%")))
-            .join(image_name(key, false));
+        let dir = self.mount_point_of(&image_name(key, false));
         mount::mount_for_filling(&dataset, "zfs", dir, false)
     }
 
@@ -675,11 +677,7 @@ impl Driver for ZfsDriver {
         for dir in self.mounts_of(&unsealed)? {
             mount::unmount(&dir)?;
         }
-        let _ = std::fs::remove_dir(
-            self.mount_dir
-                .join(format!("zfs-{}", self.parent.replace('/', "%")))
-                .join(image_name(key, false)),
-        );
+        let _ = std::fs::remove_dir(self.mount_point_of(&image_name(key, false)));
         self.change(&["snapshot", &format!("{unsealed}@{SEALED}")], false)?;
         self.change(&["set", "readonly=on", &unsealed], false)?;
         // The rename is the seal: under the unsealed name it is still a leftover.
