@@ -28,7 +28,7 @@ pub struct Plan {
     pub provisioned: Option<(u64, u64)>,
 }
 
-fn grown(bytes: u64, headroom: f64) -> u64 {
+pub fn grown(bytes: u64, headroom: f64) -> u64 {
     let v = (bytes as f64 * (1.0 + headroom)).ceil();
     if v >= u64::MAX as f64 {
         u64::MAX

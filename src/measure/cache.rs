@@ -29,6 +29,16 @@ const VERSION: u32 = 1;
 struct Record {
     version: u32,
     key: String,
+    #[serde(flatten)]
+    measurement: Stored,
+    /// The image file's SHA-256 (absent in records written before it was kept).
+    #[serde(default)]
+    sha256: Option<String>,
+}
+
+/// A measurement as records keep it (here, and beside image volumes).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Stored {
     format: String,
     compression: String,
     unpacked_bytes: u64,
@@ -36,9 +46,42 @@ struct Record {
     inodes: u64,
     entries: u64,
     rootfs_prefix: Option<String>,
-    /// The image file's SHA-256 (absent in records written before it was kept).
-    #[serde(default)]
-    sha256: Option<String>,
+}
+
+impl Stored {
+    pub fn of(m: &Measurement) -> Stored {
+        Stored {
+            format: m.format.as_str().into(),
+            compression: m.compression.as_str().into(),
+            unpacked_bytes: m.tally.unpacked_bytes,
+            allocated_bytes: m.tally.allocated_bytes,
+            inodes: m.tally.inodes,
+            entries: m.tally.entries,
+            rootfs_prefix: m
+                .rootfs_prefix
+                .as_ref()
+                .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
+        }
+    }
+
+    /// The measurement, or `None` for a record this version cannot read.
+    pub fn measurement(&self) -> Option<Measurement> {
+        let rootfs_prefix: Option<RelPath> = match &self.rootfs_prefix {
+            Some(p) => Some(normalize(p.as_bytes()).ok()?),
+            None => None,
+        };
+        Some(Measurement {
+            format: parse_format(&self.format)?,
+            compression: parse_compression(&self.compression)?,
+            tally: Tally {
+                unpacked_bytes: self.unpacked_bytes,
+                allocated_bytes: self.allocated_bytes,
+                inodes: self.inodes,
+                entries: self.entries,
+            },
+            rootfs_prefix,
+        })
+    }
 }
 
 /// The cache key of `file` measured with these options, or `None` if the file cannot be read.
@@ -94,25 +137,7 @@ pub fn lookup(state: &RecordDir, key: &str) -> Option<(Measurement, Option<Strin
     if r.version != VERSION || r.key != key {
         return None;
     }
-    let rootfs_prefix: Option<RelPath> = match r.rootfs_prefix {
-        Some(p) => Some(normalize(p.as_bytes()).ok()?),
-        None => None,
-    };
-    let sha256 = r.sha256;
-    Some((
-        Measurement {
-            format: parse_format(&r.format)?,
-            compression: parse_compression(&r.compression)?,
-            tally: Tally {
-                unpacked_bytes: r.unpacked_bytes,
-                allocated_bytes: r.allocated_bytes,
-                inodes: r.inodes,
-                entries: r.entries,
-            },
-            rootfs_prefix,
-        },
-        sha256,
-    ))
+    Some((r.measurement.measurement()?, r.sha256))
 }
 
 /// Remembers `m` and the file's `sha256` under `key`, best effort (a cache that cannot be
@@ -124,16 +149,7 @@ pub fn store(state: &RecordDir, key: &str, m: &Measurement, sha256: &str) {
     let record = Record {
         version: VERSION,
         key: key.to_owned(),
-        format: m.format.as_str().into(),
-        compression: m.compression.as_str().into(),
-        unpacked_bytes: m.tally.unpacked_bytes,
-        allocated_bytes: m.tally.allocated_bytes,
-        inodes: m.tally.inodes,
-        entries: m.tally.entries,
-        rootfs_prefix: m
-            .rootfs_prefix
-            .as_ref()
-            .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
+        measurement: Stored::of(m),
         sha256: Some(sha256.to_owned()),
     };
     let Ok(text) = serde_json::to_vec(&record) else {

@@ -5,6 +5,7 @@
 //! path rules, so an image that would be refused while unpacking is refused here, before the
 //! old volume is touched.
 
+pub mod alongside;
 pub mod cache;
 pub mod digest;
 
@@ -305,22 +306,59 @@ fn measure_entries(
     prefix_override: Option<&str>,
     idmap: &IdMap,
 ) -> Result<Measurement> {
-    let hasher = RandomState::new();
-    // `Some(root)` is an explicit "the whole image"; `None` asks for detection.
-    let explicit = prefix_override
-        .map(|p| normalize(p.as_bytes()))
-        .transpose()?;
-    let below_prefix = match &explicit {
-        Some(p) if !p.is_root() => p.clone(),
-        _ => normalize(b"rootfs")?,
-    };
-    let mut whole = View::new(None);
-    let mut below = View::new(Some(below_prefix));
-    let mut has_metadata_yaml = false;
-    let mut entries = 0u64;
+    let mut measurer = Measurer::new(prefix_override, idmap)?;
     while let Some(entry) = next()? {
-        entries += 1;
-        if entries > MAX_ENTRIES {
+        measurer.add(&entry)?;
+    }
+    measurer.finish()
+}
+
+/// Measure's view of an image, entry by entry: what it adds up to as the whole image and as
+/// the part below a rootfs prefix, and which of the two the unpacker will use.
+pub struct Measurer {
+    hasher: RandomState,
+    idmap: IdMap,
+    /// `Some(root)` is an explicit "the whole image"; `None` asks for detection.
+    explicit: Option<RelPath>,
+    whole: View,
+    below: View,
+    has_metadata_yaml: bool,
+}
+
+impl Measurer {
+    pub fn new(prefix_override: Option<&str>, idmap: &IdMap) -> Result<Self> {
+        let explicit = prefix_override
+            .map(|p| normalize(p.as_bytes()))
+            .transpose()?;
+        let below_prefix = match &explicit {
+            Some(p) if !p.is_root() => p.clone(),
+            _ => normalize(b"rootfs")?,
+        };
+        Ok(Measurer {
+            hasher: RandomState::new(),
+            idmap: idmap.clone(),
+            explicit,
+            whole: View::new(None),
+            below: View::new(Some(below_prefix)),
+            has_metadata_yaml: false,
+        })
+    }
+
+    /// The prefix the request fixed (`Some(None)`: the whole image), or `None` when it is
+    /// left to detection.
+    pub fn requested_prefix(&self) -> Option<Option<RelPath>> {
+        self.explicit
+            .as_ref()
+            .map(|p| (!p.is_root()).then(|| p.clone()))
+    }
+
+    /// The prefix a unified image is detected by.
+    pub fn detectable_prefix(&self) -> Option<RelPath> {
+        self.below.prefix.clone()
+    }
+
+    pub fn add(&mut self, entry: &Entry) -> Result<()> {
+        if self.whole.tally.entries >= MAX_ENTRIES {
             return Err(Error::new(
                 Code::ImageInvalid,
                 format!("the image has more than {MAX_ENTRIES} entries"),
@@ -330,31 +368,55 @@ fn measure_entries(
         if entry.kind == Kind::Hardlink {
             normalize(&entry.link)?;
         }
-        whole.add(&hasher, &entry, &path, idmap);
-        below.add(&hasher, &entry, &path, idmap);
+        self.whole.add(&self.hasher, entry, &path, &self.idmap);
+        self.below.add(&self.hasher, entry, &path, &self.idmap);
         if path.as_bytes() == b"metadata.yaml" && entry.kind == Kind::File {
-            has_metadata_yaml = true;
+            self.has_metadata_yaml = true;
+        }
+        Ok(())
+    }
+
+    /// What the view that uses `prefix` adds up to so far.
+    pub fn tally_in(&self, prefix: Option<&RelPath>) -> Tally {
+        if prefix.is_some() {
+            self.below.tally
+        } else {
+            self.whole.tally
         }
     }
-    let use_below = match &explicit {
-        Some(prefix) => !prefix.is_root(),
-        None => has_metadata_yaml && below.tally.entries > 0,
-    };
-    let view = if use_below { below } else { whole };
-    if let Some(e) = view.error {
-        return Err(e);
+
+    /// The first refusal so far of the view that uses `prefix`.
+    pub fn error_in(&self, prefix: Option<&RelPath>) -> Option<&Error> {
+        let view = if prefix.is_some() {
+            &self.below
+        } else {
+            &self.whole
+        };
+        view.error.as_ref()
     }
-    if view.tally.entries == 0 && view.prefix.is_some() {
-        let prefix = view.prefix.as_ref().map(RelPath::shown).unwrap_or_default();
-        return Err(Error::new(
-            Code::ImageInvalid,
-            format!("the image has nothing below rootfs_prefix {prefix}"),
-        ));
+
+    /// The measurement of the view the unpacker uses, or that view's first refusal.
+    pub fn finish(self) -> Result<Measurement> {
+        let use_below = match &self.explicit {
+            Some(prefix) => !prefix.is_root(),
+            None => self.has_metadata_yaml && self.below.tally.entries > 0,
+        };
+        let view = if use_below { self.below } else { self.whole };
+        if let Some(e) = view.error {
+            return Err(e);
+        }
+        if view.tally.entries == 0 && view.prefix.is_some() {
+            let prefix = view.prefix.as_ref().map(RelPath::shown).unwrap_or_default();
+            return Err(Error::new(
+                Code::ImageInvalid,
+                format!("the image has nothing below rootfs_prefix {prefix}"),
+            ));
+        }
+        Ok(Measurement {
+            format: Format::Tar,
+            compression: Compression::None,
+            tally: view.tally,
+            rootfs_prefix: view.prefix,
+        })
     }
-    Ok(Measurement {
-        format: Format::Tar,
-        compression: Compression::None,
-        tally: view.tally,
-        rootfs_prefix: view.prefix,
-    })
 }

@@ -12,6 +12,10 @@ pub(super) enum Content {
         measurement: Measurement,
         /// The SHA-256 of the image file.
         sha256: String,
+        /// The request's `rootfs_prefix` (`None`: detected), part of the image volume key.
+        prefix_request: Option<String>,
+        /// This request built the image's image volume while measuring it.
+        built_image_volume: bool,
     },
 }
 
@@ -60,21 +64,70 @@ impl Observer for UnpackObserver<'_> {
     }
 }
 
-pub(super) fn open_and_measure(
+/// An image opened for a fill, not yet measured.
+pub(super) struct Opened {
+    pub(super) file: File,
+    pub(super) path: PathBuf,
+    pub(super) detected: image::Detected,
+    /// The request's `rootfs_prefix` (`None`: detect a unified image).
+    pub(super) prefix: Option<String>,
+    /// The measure cache's key for this file and these options.
+    cache_key: Option<String>,
+}
+
+impl Opened {
+    /// The measurement and SHA-256 the measure cache remembers for this file.
+    pub(super) fn remembered(&self, state: &RecordDir) -> Option<(Measurement, Option<String>)> {
+        self.cache_key
+            .as_deref()
+            .and_then(|k| cache::lookup(state, k))
+    }
+
+    pub(super) fn remember(&self, state: &RecordDir, m: &Measurement, sha256: &str) {
+        if let Some(k) = &self.cache_key {
+            cache::store(state, k, m, sha256);
+        }
+    }
+
+    pub(super) fn sha256(&self) -> Result<String> {
+        digest::sha256(&self.file).map_err(|e| {
+            Error::new(
+                Code::ImageInvalid,
+                format!("reading {}: {e}", self.path.display()),
+            )
+        })
+    }
+
+    pub(super) fn into_content(
+        self,
+        measurement: Measurement,
+        sha256: String,
+        built: bool,
+    ) -> Content {
+        Content::Image {
+            file: self.file,
+            path: self.path,
+            measurement,
+            sha256,
+            prefix_request: self.prefix,
+            built_image_volume: built,
+        }
+    }
+}
+
+/// Opens the fill's image, if it has one.
+pub(super) fn open_image(
     config: &Config,
-    state: &RecordDir,
-    events: &mut Events,
     source: &Source,
     image: Option<&OpenedImage>,
     idmap: &IdMap,
-    timings: &mut Timings,
-) -> Result<Content> {
+) -> Result<Option<Opened>> {
     let (path, prefix) = match source {
-        Source::Empty => return Ok(Content::Empty),
+        Source::Empty => return Ok(None),
         Source::Image {
             path,
             rootfs_prefix,
-        } => (path, rootfs_prefix.as_deref()),
+        } => (path, rootfs_prefix.clone()),
     };
     // The file the policy check opened, not the path again: what was checked is what is read.
     let (file, resolved) = match image {
@@ -86,54 +139,80 @@ pub(super) fn open_and_measure(
         None => config.open_image(path)?,
     };
     let detected = image::detect(&file)?;
-    let key = cache::key(&file, prefix, idmap.ranges());
-    let remembered = key.as_deref().and_then(|k| cache::lookup(state, k));
-    let hash = |file: &File| {
-        digest::sha256(file).map_err(|e| {
-            Error::new(
-                Code::ImageInvalid,
-                format!("reading {}: {e}", resolved.display()),
-            )
-        })
-    };
-    let (measurement, sha256) = match remembered {
-        Some((m, sha256)) => {
+    let cache_key = cache::key(&file, prefix.as_deref(), idmap.ranges());
+    Ok(Some(Opened {
+        file,
+        path: resolved,
+        detected,
+        prefix,
+        cache_key,
+    }))
+}
+
+pub(super) fn open_and_measure(
+    config: &Config,
+    state: &RecordDir,
+    events: &mut Events,
+    source: &Source,
+    image: Option<&OpenedImage>,
+    idmap: &IdMap,
+    timings: &mut Timings,
+) -> Result<Content> {
+    match open_image(config, source, image, idmap)? {
+        None => Ok(Content::Empty),
+        Some(opened) => measure_opened(state, events, opened, idmap, None, timings),
+    }
+}
+
+/// Measures an opened image (or finds it in the measure cache); `sha256` when already known.
+pub(super) fn measure_opened(
+    state: &RecordDir,
+    events: &mut Events,
+    opened: Opened,
+    idmap: &IdMap,
+    sha256: Option<String>,
+    timings: &mut Timings,
+) -> Result<Content> {
+    let (measurement, sha256) = match opened.remembered(state) {
+        Some((m, remembered)) => {
             timings.time("measure", || ());
             events.progress(EventPhase::Measure, 1, 1, "cached");
-            let sha256 = match sha256 {
+            let sha256 = match remembered.or(sha256) {
                 Some(known) => known,
-                None => timings.time("hash", || hash(&file))?,
+                None => timings.time("hash", || opened.sha256())?,
             };
             (m, sha256)
         }
         None => {
             // The hash reads the file beside the measure pass, on the other core, from the
             // same page cache.
-            let (m, sha256) = timings.time("measure", || {
+            let (m, hashed) = timings.time("measure", || {
                 std::thread::scope(|scope| {
-                    let hashing = scope.spawn(|| hash(&file));
-                    let m = measure_image(&file, detected, prefix, idmap, &mut |done, total| {
-                        events.progress(EventPhase::Measure, done, total, "bytes")
+                    let hashing = scope.spawn(|| match &sha256 {
+                        Some(known) => Ok(known.clone()),
+                        None => opened.sha256(),
                     });
+                    let m = measure_image(
+                        &opened.file,
+                        opened.detected,
+                        opened.prefix.as_deref(),
+                        idmap,
+                        &mut |done, total| {
+                            events.progress(EventPhase::Measure, done, total, "bytes")
+                        },
+                    );
                     let sha256 = hashing
                         .join()
                         .unwrap_or_else(|_| Err(Error::internal("the image hash panicked")));
                     (m, sha256)
                 })
             });
-            let (m, sha256) = (m?, sha256?);
-            if let Some(k) = &key {
-                cache::store(state, k, &m, &sha256);
-            }
+            let (m, sha256) = (m?, hashed?);
+            opened.remember(state, &m, &sha256);
             (m, sha256)
         }
     };
-    Ok(Content::Image {
-        file,
-        path: resolved,
-        measurement,
-        sha256,
-    })
+    Ok(opened.into_content(measurement, sha256, false))
 }
 
 pub(super) fn preserve_paths(paths: &[PathBuf]) -> Result<Vec<RelPath>> {

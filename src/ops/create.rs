@@ -33,6 +33,7 @@ pub(super) fn create(
         &idmap,
         None,
         Mode::Atomic,
+        (!fill.dry_run).then_some(pool.as_str()),
         &mut timings,
     )?;
     if fill.dry_run {
@@ -51,6 +52,7 @@ pub(super) fn create(
         idmap: &idmap,
         metadata: fill.unsupported_metadata,
         target_size: plan.target_size,
+        grow_to_fit: (fill.size_policy != SizePolicy::Exact).then_some(fill.headroom),
     };
     let new_id = held.journaled(
         IntentOp::Create,

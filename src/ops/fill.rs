@@ -4,7 +4,10 @@
 use super::*;
 
 /// Measures the fill's content and plans its size and space against the pool (the steps
-/// create and rebuild share before anything changes); warns when `size` cannot be enforced.
+/// create and rebuild share before anything of the volume changes); warns when `size`
+/// cannot be enforced. A fill that will clone an image volume of `clones_from` (its pool)
+/// may build that image volume here, measuring while it unpacks.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn measure_and_plan(
     config: &Config,
     held: &mut LockedVolume<'_>,
@@ -12,17 +15,24 @@ pub(super) fn measure_and_plan(
     idmap: &IdMap,
     current: Option<&reimage_driver::Usage>,
     mode: Mode,
+    clones_from: Option<&str>,
     timings: &mut Timings,
 ) -> Result<(Content, Plan)> {
-    let content = open_and_measure(
-        config,
-        held.state,
-        held.events,
-        &fill.source,
-        held.image,
-        idmap,
-        timings,
-    )?;
+    let content = match clones_from {
+        Some(pool) => match open_image(config, &fill.source, held.image, idmap)? {
+            None => Content::Empty,
+            Some(opened) => measure_or_build(held, pool, opened, idmap, fill, timings)?,
+        },
+        None => open_and_measure(
+            config,
+            held.state,
+            held.events,
+            &fill.source,
+            held.image,
+            idmap,
+            timings,
+        )?,
+    };
     let tally = content.measurement().tally;
     let need = Need {
         bytes: tally.allocated_bytes,
@@ -35,7 +45,7 @@ pub(super) fn measure_and_plan(
         need,
         current,
         mode,
-        driver.pool_space()?,
+        space_before(driver, &content)?,
     )?;
     if let (Some((provisioned, total)), Some(size)) = (plan.provisioned, plan.target_size) {
         // The old volume's promise goes away in a rebuild; it is still counted here, as it
@@ -60,6 +70,25 @@ pub(super) fn measure_and_plan(
         );
     }
     Ok((content, plan))
+}
+
+/// The pool's space as the plan counts it: as it was before this request built the content's
+/// image volume, if it did (the volume itself, a clone of it, takes none yet).
+fn space_before(driver: &dyn Driver, content: &Content) -> Result<reimage_driver::PoolSpace> {
+    let mut space = driver.pool_space()?;
+    if let Content::Image {
+        measurement,
+        built_image_volume: true,
+        ..
+    } = content
+    {
+        let tally = measurement.tally;
+        space.available = space.available.saturating_add(tally.allocated_bytes);
+        space.inodes_available = space
+            .inodes_available
+            .map(|free| free.saturating_add(tally.inodes));
+    }
+    Ok(space)
 }
 
 /// Unpacks `content` into the open root of the volume being built.
@@ -280,6 +309,9 @@ pub(super) struct Filling<'a> {
     pub(super) idmap: &'a IdMap,
     pub(super) metadata: UnsupportedMetadata,
     pub(super) target_size: Option<u64>,
+    /// The headroom to grow `target_size` by when a clone shares more than measure
+    /// estimated (filesystem metadata of a small image), or `None` when the size is exact.
+    pub(super) grow_to_fit: Option<f64>,
 }
 
 /// The build's first step: the `New` slot created at the plan's size (fault point `created`

@@ -8,9 +8,14 @@
 //! clone it), and it is sealed as the build's last step: an unsealed image volume is never
 //! cloned, and one left by a crash is removed by `recover` or by the next build of its key.
 
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reimage_driver::ImageKey;
+
+use crate::measure::alongside::{Alongside, Budget, Measured};
 
 use super::*;
 
@@ -42,28 +47,43 @@ impl Cache {
 /// fill does not use image volumes.
 pub(super) fn image_key(driver: &dyn Driver, content: &Content, idmap: &IdMap) -> Option<ImageKey> {
     let Content::Image {
-        measurement,
         sha256,
+        prefix_request,
         ..
     } = content
     else {
         return None;
     };
+    key_of(driver, sha256, prefix_request.as_deref(), idmap)
+}
+
+/// The key of the image with SHA-256 `sha256` unpacked with the request's `rootfs_prefix`
+/// (detection being a function of the image's bytes, the request's value determines the
+/// tree as well as the detected one, and is known before the image is read).
+fn key_of(
+    driver: &dyn Driver,
+    sha256: &str,
+    prefix_request: Option<&str>,
+    idmap: &IdMap,
+) -> Option<ImageKey> {
     if !driver.capabilities().image_volumes {
         return None;
     }
-    let prefix = measurement
-        .rootfs_prefix
-        .as_ref()
-        .map(|p| p.as_bytes().to_vec())
-        .unwrap_or_default();
+    let prefix = match prefix_request {
+        None => b"detect".to_vec(),
+        Some(p) => {
+            let normal = normalize(p.as_bytes())
+                .map_or_else(|_| p.as_bytes().to_vec(), |r| r.as_bytes().to_vec());
+            [b"=".as_slice(), &normal].concat()
+        }
+    };
     let ranges: String = idmap
         .ranges()
         .iter()
         .map(|r| format!("{}:{}:{};", r.host, r.container, r.count))
         .collect();
     ImageKey::parse(&digest::sha256_of(&[
-        b"reimage image volume 1",
+        b"reimage image volume 2",
         sha256.as_bytes(),
         &prefix,
         ranges.as_bytes(),
@@ -113,6 +133,26 @@ pub(super) struct ImageRecord {
     pub(super) inodes: u64,
     pub(super) created: u64,
     pub(super) last_used: u64,
+    /// What measure would have found, so that a request for the same image from another
+    /// file needs no decode at all.
+    #[serde(default)]
+    pub(super) measurement: Option<cache::Stored>,
+}
+
+impl ImageRecord {
+    fn new(content_path: &Path, sha256: &str, m: &Measurement) -> ImageRecord {
+        let t = now();
+        ImageRecord {
+            sha256: sha256.to_owned(),
+            image: content_path.display().to_string(),
+            unpacked_bytes: m.tally.unpacked_bytes,
+            allocated_bytes: m.tally.allocated_bytes,
+            inodes: m.tally.inodes,
+            created: t,
+            last_used: t,
+            measurement: Some(cache::Stored::of(m)),
+        }
+    }
 }
 
 pub(super) fn image_records(state: &RecordDir, pool: &str) -> Result<RecordDir> {
@@ -159,7 +199,13 @@ pub(super) fn clone_new(
     let _lock = lock_image(held.state, pool, key, true)?;
     // Listed again only when it was missing: a request we waited for may have built it.
     let cache = if is_sealed(&images) || is_sealed(&driver.images()?) {
-        Cache::Hit
+        match filling.content {
+            Content::Image {
+                built_image_volume: true,
+                ..
+            } => Cache::Miss,
+            _ => Cache::Hit,
+        }
     } else {
         build_image(held, &records, key, filling, timings)?;
         Cache::Miss
@@ -171,10 +217,14 @@ pub(super) fn clone_new(
         if let (Some(size), reimage_driver::SizeModel::Quota) =
             (size, driver.capabilities().size_model)
         {
-            // A clone takes no space of its own, but its limit counts what it shares: one
-            // smaller than the image is the same failure an unpack would have met (and zfs
-            // refuses to set it at all).
+            // A clone takes no space of its own, but its limit counts what it shares: a size
+            // that may grow grows to fit it; an exact one smaller than the image is the same
+            // failure an unpack would have met (and zfs refuses to set it at all).
             let used = driver.usage(Slot::building(volume))?.used;
+            let size = match filling.grow_to_fit {
+                Some(headroom) if used > size => crate::plan::grown(used, headroom),
+                _ => size,
+            };
             if used > size {
                 return Err(Error::new(
                     Code::QuotaExceeded,
@@ -250,20 +300,7 @@ fn build_image(
         ..
     } = filling.content
     {
-        let t = now();
-        write_record(
-            records,
-            key,
-            &ImageRecord {
-                sha256: sha256.clone(),
-                image: path.display().to_string(),
-                unpacked_bytes: measurement.tally.unpacked_bytes,
-                allocated_bytes: measurement.tally.allocated_bytes,
-                inodes: measurement.tally.inodes,
-                created: t,
-                last_used: t,
-            },
-        );
+        write_record(records, key, &ImageRecord::new(path, sha256, measurement));
     }
     Ok(())
 }
@@ -316,4 +353,186 @@ pub(super) fn build_new(
     let root = create_new(held, filling.target_size, created, timings)?;
     unpack_step(held, &root, filling, &[], timings)?;
     Ok((root, Cache::Off))
+}
+
+/// The content of a fill that clones an image volume: measured from the measure cache, from
+/// the record of its image volume, or while building that image volume (one decode of the
+/// image instead of two). It is measured first, as without image volumes, where none of these
+/// applies: a squashfs image (whose measure reads only its tables), an image whose first
+/// entry misled the guess of its rootfs prefix, and an image the build refused (so that it is
+/// refused as anywhere else, by measure).
+pub(super) fn measure_or_build(
+    held: &mut LockedVolume<'_>,
+    pool: &str,
+    opened: Opened,
+    idmap: &IdMap,
+    fill: &Fill,
+    timings: &mut Timings,
+) -> Result<Content> {
+    let driver = held.driver;
+    if opened.detected.format != image::Format::Tar || opened.remembered(held.state).is_some() {
+        return measure_opened(held.state, held.events, opened, idmap, None, timings);
+    }
+    let sha256 = timings.time("hash", || opened.sha256())?;
+    let Some(key) = key_of(driver, &sha256, opened.prefix.as_deref(), idmap) else {
+        return measure_opened(
+            held.state,
+            held.events,
+            opened,
+            idmap,
+            Some(sha256),
+            timings,
+        );
+    };
+    let records = image_records(held.state, pool)?;
+    let recorded = |images: &[reimage_driver::ImageVolume]| {
+        images
+            .iter()
+            .any(|image| image.sealed && image.key == key)
+            .then(|| read_record(&records, &key)?.measurement?.measurement())
+    };
+    let mut found = recorded(&driver.images()?);
+    let _lock;
+    if found.is_none() {
+        _lock = lock_image(held.state, pool, &key, true)?;
+        found = recorded(&driver.images()?);
+    }
+    match found {
+        Some(Some(m)) => {
+            opened.remember(held.state, &m, &sha256);
+            return Ok(opened.into_content(m, sha256, false));
+        }
+        // Sealed without a measurement on record: measured, then cloned.
+        Some(None) => {}
+        None => match build_alongside(held, &records, &key, &opened, &sha256, idmap, fill, timings)
+        {
+            Ok(Some(m)) => {
+                opened.remember(held.state, &m, &sha256);
+                return Ok(opened.into_content(m, sha256, true));
+            }
+            Ok(None) => {}
+            Err(e) if e.code == Code::Interrupted || e.details.contains_key("recovery") => {
+                return Err(e)
+            }
+            Err(_) => {}
+        },
+    }
+    measure_opened(
+        held.state,
+        held.events,
+        opened,
+        idmap,
+        Some(sha256),
+        timings,
+    )
+}
+
+/// Unpacks the image into a new image volume while measuring it, and seals it; returns the
+/// measurement, or `None` (and nothing built) when measure's verdict on the whole image
+/// differs from the rootfs prefix guessed at its first entry. On failure removes what it
+/// built.
+#[allow(clippy::too_many_arguments)]
+fn build_alongside(
+    held: &mut LockedVolume<'_>,
+    records: &RecordDir,
+    key: &ImageKey,
+    opened: &Opened,
+    sha256: &str,
+    idmap: &IdMap,
+    fill: &Fill,
+    timings: &mut Timings,
+) -> Result<Option<Measurement>> {
+    let driver = held.driver;
+    driver.destroy_image(key, false)?;
+    // What the plan would accept had the image been measured first.
+    let space = driver.pool_space()?;
+    let budget = Budget {
+        bytes: (space.available as f64 / (1.0 + fill.headroom.max(0.0))) as u64,
+        inodes: space.inodes_available,
+    };
+    let built = (|| {
+        driver.create_image(key)?;
+        fault::point("image:created")?;
+        let root = driver.open_image(key)?;
+        let events = &mut *held.events;
+        let measured = timings.time("unpack", || -> Result<Measured> {
+            let mut reader = image::open(&opened.file, opened.detected)?;
+            let mut archive = Alongside::new(
+                &mut *reader.archive,
+                opened.prefix.as_deref(),
+                idmap,
+                budget,
+            )?;
+            let options = unpack::Options {
+                prefix: archive.prefix(),
+                idmap: idmap.clone(),
+                skip: Vec::new(),
+                expected_bytes: None,
+                unsupported_metadata: fill.unsupported_metadata,
+            };
+            let size = opened.file.metadata().map_or(0, |m| m.len());
+            let mut observer = ImageBytesObserver {
+                events: &mut *events,
+                read: reader.read.clone(),
+                size,
+            };
+            unpack::unpack(&mut archive, root.root(), &options, &mut observer)?;
+            let measured = archive.finish()?;
+            events.progress(EventPhase::Unpack, size, size, "image_bytes");
+            Ok(measured)
+        })?;
+        let Measured::Unpacked(mut m) = measured else {
+            root.release()?;
+            return Ok(None);
+        };
+        m.format = opened.detected.format;
+        m.compression = opened.detected.compression;
+        fault::point("image:unpacked")?;
+        timings.time("sync", || {
+            rustix::fs::syncfs(root.root())
+                .map_err(|e| Error::new(Code::DriverError, format!("syncfs: {e}")))
+        })?;
+        root.release()?;
+        cancelled_check()?;
+        driver.seal_image(key)?;
+        Ok(Some(m))
+    })();
+    let m = match built {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            driver.destroy_image(key, false)?;
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(match driver.destroy_image(key, false) {
+                Ok(()) => e,
+                Err(again) => recovery_pending(e, &Error::from(again)),
+            })
+        }
+    };
+    fault::point("image:sealed")?;
+    write_record(records, key, &ImageRecord::new(&opened.path, sha256, &m));
+    Ok(Some(m))
+}
+
+/// Unpack progress as the share of the image file read, for an unpack whose total of bytes
+/// is not known beforehand.
+struct ImageBytesObserver<'e> {
+    events: &'e mut Events,
+    read: Arc<AtomicU64>,
+    size: u64,
+}
+
+impl Observer for ImageBytesObserver<'_> {
+    fn progress(&mut self, _unpacked: u64) {
+        let read = self.read.load(Ordering::Relaxed).min(self.size);
+        self.events
+            .progress(EventPhase::Unpack, read, self.size, "image_bytes");
+    }
+    fn warning(&mut self, code: Warning, message: &str) {
+        self.events.warning(code, message);
+    }
+    fn cancelled(&self) -> bool {
+        signals::cancelled()
+    }
 }

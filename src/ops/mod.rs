@@ -43,7 +43,9 @@ use crate::lock::VolumeLock;
 use crate::measure::{cache, digest, measure_image, Measurement};
 use crate::plan::{plan_fill, Need, Plan};
 use crate::protocol::events::{Events, Phase as EventPhase};
-use crate::protocol::request::{Fill, Mode, Op, SnapshotPolicy, Source, UnsupportedMetadata};
+use crate::protocol::request::{
+    Fill, Mode, Op, SizePolicy, SnapshotPolicy, Source, UnsupportedMetadata,
+};
 use crate::recover::{recover_orphans, recover_volume, Outcome};
 use crate::unpack::idmap::IdMap;
 use crate::unpack::path::{normalize, RelPath};

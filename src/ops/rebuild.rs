@@ -63,6 +63,7 @@ pub(super) fn rebuild(
         &idmap,
         Some(&current),
         mode,
+        (!fill.dry_run && mode == Mode::Atomic && !refill).then_some(pool.as_str()),
         &mut timings,
     )?;
     if fill.dry_run {
@@ -115,6 +116,7 @@ pub(super) fn rebuild(
         idmap: &idmap,
         metadata: fill.unsupported_metadata,
         target_size: plan.target_size,
+        grow_to_fit: (fill.size_policy != SizePolicy::Exact).then_some(fill.headroom),
     };
     match mode {
         Mode::Atomic => {

@@ -23,6 +23,7 @@ pub(super) fn refill_in_place(
         idmap: &idmap,
         metadata: fill.unsupported_metadata,
         target_size: plan.target_size,
+        grow_to_fit: (fill.size_policy != SizePolicy::Exact).then_some(fill.headroom),
     };
     let (driver, volume) = (held.driver, held.volume);
     let live = Slot::live(volume);

@@ -82,6 +82,42 @@ mount /dev/vda /scratch
 export REIMAGE_TEST_DIR=/scratch
 ";
 
+/// Every process that dies of a signal in the guest leaves a core on the scratch disk; after
+/// the cases, each core's backtrace is printed with gdb (the guest runs the host's), so a
+/// crash seen once in CI can be read from its log.
+const CORES: &str = "ulimit -c unlimited
+mkdir -p /scratch/cores
+echo '/scratch/cores/core.%e.%p' > /proc/sys/kernel/core_pattern
+echo 2 > /proc/sys/fs/suid_dumpable
+";
+
+/// Prints the backtrace of every core left, with the binary that most likely dumped it.
+fn backtraces(test_exe: &Path) -> String {
+    format!(
+        "for core in /scratch/cores/core.*; do
+    [ -e \"$core\" ] || continue
+    case $core in */core.reimage.*) exe={} ;; *) exe={} ;; esac
+    echo \"== $core ($exe)\"
+    gdb -q -batch -ex 'thread apply all bt' \"$exe\" \"$core\" 2>&1 | tail -n 80 || true
+done
+",
+        super::BIN,
+        test_exe.display()
+    )
+}
+
+/// Overrides for chasing a rare failure: `REIMAGE_GUEST_CASES` (space-separated test name
+/// filters) replaces the tier's filters, and `REIMAGE_GUEST_REPEAT=N` runs them N times in one
+/// boot, stopping at the first failure.
+fn chase(filters: &[&str]) -> (String, u32) {
+    let cases = std::env::var("REIMAGE_GUEST_CASES").unwrap_or_else(|_| filters.join(" "));
+    let repeat = std::env::var("REIMAGE_GUEST_REPEAT")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    (cases, repeat)
+}
+
 /// Runs the ignored tests matching `filters` of the current test binary inside the guest,
 /// after the shell command `banner` (which prints the backend's version into the log), and
 /// fails unless all of them pass. Tests run two at a time on the guest's one CPU (one runs
@@ -91,11 +127,12 @@ pub fn run_cases(filters: &[&str], banner: &str, bulky: &[usize]) {
     let exe = std::env::current_exe().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
     let fixtures = HostFixtures::make(bulky);
+    let (cases, repeat) = chase(filters);
     let script = format!(
-        "set -e\nmodprobe zfs 2>/dev/null || true\n{SCRATCH}export {FIXTURES_VAR}={}\n{banner}\n{} --ignored --test-threads 2 --show-output {}\n",
+        "set -e\nmodprobe zfs 2>/dev/null || true\n{SCRATCH}{CORES}export {FIXTURES_VAR}={}\n{banner}\nstatus=0\nfor round in $(seq {repeat}); do\n    [ {repeat} -eq 1 ] || echo \"== round $round of {repeat}\"\n    {} --ignored --test-threads 2 --show-output {cases} || {{ status=$?; break; }}\ndone\n{}exit $status\n",
         fixtures.dir.display(),
         exe.display(),
-        filters.join(" ")
+        backtraces(&exe),
     );
     let started = std::time::Instant::now();
     let out = Command::new(format!("{root}/scripts/guest"))
@@ -103,7 +140,7 @@ pub fn run_cases(filters: &[&str], banner: &str, bulky: &[usize]) {
         .current_dir(root)
         .env("GUEST_MEM", "4096")
         .env("GUEST_DISK_GB", "24")
-        .env("GUEST_TIMEOUT", "2700")
+        .env("GUEST_TIMEOUT", (2700 * repeat).to_string())
         .output()
         .unwrap();
     let text = format!(
