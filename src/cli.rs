@@ -17,8 +17,9 @@ use crate::{drivers, signals};
 
 pub const USAGE: &str =
     "usage: reimage [--config PATH] [--progress auto|always|never] DRIVER < request.json
+       reimage [--config PATH] --list-pools
   DRIVER is one of dir, btrfs, zfs, lvm; the request and events are described in
-  docs/protocol.md.";
+  docs/protocol.md. --list-pools prints each configured pool as `NAME DRIVER`.";
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Args {
@@ -29,6 +30,8 @@ pub struct Args {
 
 pub enum Parsed {
     Run(Args),
+    /// Print the configured pools (for scripts such as the boot-time recovery).
+    ListPools(PathBuf),
     Help,
     Version,
 }
@@ -41,6 +44,7 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
     let mut config = PathBuf::from(DEFAULT_CONFIG);
     let mut bar = BarMode::Auto;
     let mut driver = None;
+    let mut list_pools = false;
     let mut it = args.iter().skip(1);
     let mut options_ended = false;
     while let Some(arg) = it.next() {
@@ -80,6 +84,7 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
             "-h" | "--help" => return Ok(Parsed::Help),
             "-V" | "--version" => return Ok(Parsed::Version),
             "--config" => config = PathBuf::from(value("--config")?),
+            "--list-pools" => list_pools = true,
             "--progress" => {
                 bar = match value("--progress")?.as_str() {
                     "auto" => BarMode::Auto,
@@ -94,6 +99,12 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
             }
             f => return Err(usage_error(format!("unknown option {f}"))),
         }
+    }
+    if list_pools {
+        if driver.is_some() {
+            return Err(usage_error("--list-pools takes no DRIVER"));
+        }
+        return Ok(Parsed::ListPools(config));
     }
     let driver = driver.ok_or_else(|| usage_error("missing DRIVER"))?;
     Ok(Parsed::Run(Args {
@@ -176,6 +187,23 @@ fn execute(
     Ok((op.name().to_owned(), body))
 }
 
+/// `--list-pools`: one `NAME DRIVER` line per configured pool, sorted by name; a config that
+/// cannot be used is the usual error, on stderr, with its exit status.
+fn list_pools(config: &std::path::Path) -> u8 {
+    match Config::load(config) {
+        Ok(config) => {
+            for (name, pool) in &config.pools {
+                println!("{name} {}", pool.driver().as_str());
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("reimage: error: {}: {}", e.code.as_str(), e.message);
+            e.code.exit_status()
+        }
+    }
+}
+
 /// What `--version` prints.
 fn version() -> String {
     format!(
@@ -203,6 +231,7 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
             println!("{}", version());
             return 0;
         }
+        Ok(Parsed::ListPools(config)) => return list_pools(&config),
         _ => {}
     }
     let hardening = crate::privilege::reduce();
@@ -234,7 +263,7 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
             audit.record.driver = Some(args.driver.as_str().to_owned());
             execute(&args, stdin, &mut events, &mut audit)
         }
-        Ok(Parsed::Help | Parsed::Version) => return 0,
+        Ok(Parsed::Help | Parsed::Version | Parsed::ListPools(_)) => return 0,
         Err(e) => Err(e),
     };
     let (status, code) = match outcome {

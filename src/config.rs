@@ -569,6 +569,30 @@ fn lexical_normal(path: &Path) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    /// `examples/config.toml` is what the package installs as `/etc/reimage/config.toml`: it
+    /// parses as shipped (no pool), and with every example pool uncommented.
+    #[test]
+    fn the_example_config_parses_as_shipped_and_with_every_example() {
+        let text = include_str!("../examples/config.toml");
+        let shipped = Config::parse(text).unwrap();
+        assert!(shipped.pools.is_empty());
+        let is_setting = |line: &str| {
+            line.split_once(" = ").is_some_and(|(key, _)| {
+                !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            })
+        };
+        let uncommented: Vec<&str> = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.starts_with("[pools.") || is_setting(rest) => rest,
+                _ => line,
+            })
+            .collect();
+        let all = Config::parse(&uncommented.join("\n")).unwrap();
+        let names: Vec<&str> = all.pools.keys().map(String::as_str).collect();
+        assert_eq!(names, ["default", "fast", "limited", "tank", "vms"]);
+    }
+
     use super::*;
 
     #[test]

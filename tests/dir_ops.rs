@@ -447,3 +447,38 @@ fn a_pool_without_image_volumes_lists_and_prunes_nothing() {
         false
     );
 }
+
+/// `--list-pools` prints each configured pool and its driver for scripts (the boot-time
+/// recovery), reads no request, and refuses a config it cannot use as a request would.
+#[test]
+fn list_pools_names_each_pool_and_its_driver() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("list-pools");
+    let list = || {
+        std::process::Command::new(common::BIN)
+            .arg("--config")
+            .arg(&env.config)
+            .arg("--list-pools")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let second = env.dir.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    env.write_config(&format!(
+        "{}\n[pools.a-second]\ndriver = \"btrfs\"\npath = {second:?}\n",
+        env.default_config()
+    ));
+    let out = list();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "a-second btrfs\ndefault dir\n"
+    );
+    // Writable by others: refused, with the code on stderr and nothing on stdout.
+    std::fs::set_permissions(&env.config, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = list();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config_insecure"));
+}
