@@ -16,7 +16,7 @@ use rustix::thread::{CapabilitySet, CapabilitySets};
 pub fn needed() -> CapabilitySet {
     CapabilitySet::CHOWN // owners from the image
         | CapabilitySet::DAC_OVERRIDE // files and directories of any owner and mode
-        | CapabilitySet::DAC_READ_SEARCH // linkat(AT_EMPTY_PATH) for hardlinks
+        | CapabilitySet::DAC_READ_SEARCH // linkat(AT_EMPTY_PATH); open_by_handle_at (btrfs templates)
         | CapabilitySet::FOWNER // modes and times on files owned by others
         | CapabilitySet::FSETID // setuid and setgid bits
         | CapabilitySet::MKNOD // device nodes

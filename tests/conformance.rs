@@ -26,6 +26,8 @@ struct Caps {
     refill: bool,
     /// The pool fills volumes by cloning image volumes.
     image_volumes: bool,
+    /// A volume can be filled from another volume's snapshot.
+    templates: bool,
 }
 
 fn caps(env: &Env) -> Caps {
@@ -38,6 +40,7 @@ fn caps(env: &Env) -> Caps {
         shrink: c["shrink"] == true,
         refill: c["keep_snapshots_by"] == "refill",
         image_volumes: c["image_volumes"] == true,
+        templates: c["templates"] == true,
     }
 }
 
@@ -1023,6 +1026,84 @@ fn a_miss_decodes_the_image_once(backend: Backend) {
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
 
+/// Templates: a volume created or rebuilt as a writable clone of a snapshot of another volume
+/// holds exactly the snapshot's content (GNU tar's extraction of the image the template was
+/// filled from), not what the template holds since; `preserve` works as for an image; an
+/// unknown template or snapshot is `not_found` and changes nothing; a driver without
+/// templates says `unsupported`.
+fn a_volume_is_filled_from_a_template(backend: Backend) {
+    let (env, _a, b) = populated("template", backend);
+    let template = json!({"source": {"volume": "t", "snapshot": "tpl-s1"}});
+    if !caps(&env).templates {
+        let r = env.run(&req("create", "n1", template));
+        r.failed("unsupported", 1);
+        return not_applicable("templates", backend, "no writable clones of snapshots");
+    }
+    let expected = gnu_manifest(&env, &b);
+    let ignore = Ignore::default();
+    env.create_from("t", &b).ok();
+    let snap = env.take_snapshot("t", "tpl-s1");
+    {
+        // What the template holds after the snapshot is not what its clones get.
+        let view = env.view("t");
+        std::fs::write(view.path.join("after-the-snapshot"), b"later").unwrap();
+    }
+    let r = env.run(&req("create", "n1", template.clone()));
+    assert_eq!(
+        r.ok()["image"],
+        json!({"volume": "t", "snapshot": "tpl-s1"}),
+        "{}",
+        r.last()
+    );
+    assert_same(&expected, &env.manifest_of("n1"), &ignore);
+    {
+        let view = env.view("c1");
+        std::fs::write(view.path.join("kept-by-preserve"), b"mine").unwrap();
+    }
+    let mut rebuild = template.clone();
+    rebuild["preserve"] = json!(["/kept-by-preserve"]);
+    env.run(&req("rebuild", "c1", rebuild)).ok();
+    {
+        let view = env.view("c1");
+        assert_eq!(
+            std::fs::read(view.path.join("kept-by-preserve")).unwrap(),
+            b"mine"
+        );
+        assert!(!view.path.join("after-the-snapshot").exists());
+    }
+    // Wrong names change nothing.
+    let before = env.snapshot();
+    for (source, code) in [
+        (json!({"volume": "t", "snapshot": "no-such"}), "not_found"),
+        (
+            json!({"volume": "no-such", "snapshot": "tpl-s1"}),
+            "not_found",
+        ),
+    ] {
+        env.run(&req("rebuild", "c1", json!({"source": source})))
+            .failed(code, 1);
+        env.run(&req("create", "n2", json!({"source": source})))
+            .failed(code, 1);
+    }
+    assert_eq!(before, env.snapshot());
+    // The clones outlive the template: where they depend on its snapshot (zfs), the
+    // template cannot be deleted with its snapshots before they are gone.
+    let gone = env.run(&req("delete", "t", json!({"snapshots": "delete"})));
+    if gone.status != 0 {
+        gone.failed("volume_has_clones", 1);
+        for clone in ["n1", "c1"] {
+            env.run(&req("delete", clone, json!({}))).ok();
+        }
+        env.run(&req("delete", "t", json!({"snapshots": "delete"})))
+            .ok();
+    } else {
+        // Deleted with the template's snapshots; its clones are whole.
+        assert!(env.snapshot_manifest(&snap).is_none());
+        assert_same(&expected, &env.manifest_of("n1"), &ignore);
+    }
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
 /// Eight requests that need the same new image volume at once build it once and clone it.
 fn concurrent_fills_build_an_image_volume_once(backend: Backend) {
     let (env, _a, b) = populated("images-at-once", backend);
@@ -1118,12 +1199,14 @@ all_cases!(btrfs_without_quota = Backend::Btrfs { quota: false });
 conformance!(btrfs_image_volumes = Backend::Btrfs { quota: true }; #[cfg_attr(any(), ignore)];
     image_volumes_are_built_once_and_cloned,
     a_miss_decodes_the_image_once,
+    a_volume_is_filled_from_a_template,
     concurrent_fills_build_an_image_volume_once,
 );
 conformance!(zfs_image_volumes = Backend::Zfs { quota: false };
     #[ignore = "runs inside the QEMU guest (see *_in_the_guest)"];
     image_volumes_are_built_once_and_cloned,
     a_miss_decodes_the_image_once,
+    a_volume_is_filled_from_a_template,
     concurrent_fills_build_an_image_volume_once,
 );
 all_cases!(zfs = Backend::Zfs { quota: false }; guest);

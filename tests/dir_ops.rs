@@ -482,3 +482,20 @@ fn list_pools_names_each_pool_and_its_driver() {
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("config_insecure"));
 }
+
+/// The dir driver has no snapshots to clone: a template source is `unsupported`, and nothing
+/// changes.
+#[test]
+fn a_template_source_is_unsupported_on_dir() {
+    let env = Env::new("template-dir");
+    let a = rich_image(&env, "a.tar", 1, TarFormat::Gnu, Compression::None);
+    env.create_from("c1", &a).ok();
+    let before = env.snapshot();
+    let source = json!({"volume": "c1", "snapshot": "s1"});
+    env.run(
+        &json!({"api": 1, "op": "create", "pool": "default", "volume": "c2",
+                    "source": source}),
+    )
+    .failed("unsupported", 1);
+    assert_eq!(before, env.snapshot());
+}

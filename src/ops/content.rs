@@ -17,12 +17,17 @@ pub(super) enum Content {
         /// This request built the image's image volume while measuring it.
         built_image_volume: bool,
     },
+    /// A snapshot of another volume of the pool, cloned.
+    Template {
+        volume: VolumeName,
+        snapshot: String,
+    },
 }
 
 impl Content {
     pub(super) fn measurement(&self) -> Measurement {
         match self {
-            Content::Empty => Measurement::empty(),
+            Content::Empty | Content::Template { .. } => Measurement::empty(),
             Content::Image { measurement, .. } => measurement.clone(),
         }
     }
@@ -30,6 +35,9 @@ impl Content {
     pub(super) fn to_json(&self) -> Value {
         match self {
             Content::Empty => json!({"empty": true}),
+            Content::Template { volume, snapshot } => {
+                json!({"volume": volume.as_str(), "snapshot": snapshot})
+            }
             Content::Image {
                 path,
                 measurement,
@@ -124,6 +132,7 @@ pub(super) fn open_image(
 ) -> Result<Option<Opened>> {
     let (path, prefix) = match source {
         Source::Empty => return Ok(None),
+        Source::Template { .. } => return Err(Error::internal("a template source has no image")),
         Source::Image {
             path,
             rootfs_prefix,

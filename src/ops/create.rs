@@ -40,7 +40,10 @@ pub(super) fn create(
         return Ok(dry_run_result(
             &plan,
             &content,
-            &["create", "unpack", "sync", "publish"],
+            match content {
+                Content::Template { .. } => &["clone", "sync", "publish"],
+                _ => &["create", "unpack", "sync", "publish"],
+            },
             false,
         ));
     }

@@ -18,20 +18,25 @@ pub(super) fn measure_and_plan(
     clones_from: Option<&str>,
     timings: &mut Timings,
 ) -> Result<(Content, Plan)> {
-    let content = match clones_from {
-        Some(pool) => match open_image(config, &fill.source, held.image, idmap)? {
-            None => Content::Empty,
-            Some(opened) => measure_or_build(held, pool, opened, idmap, fill, timings)?,
+    let content = match (&fill.source, clones_from) {
+        (Source::Template { volume, snapshot }, _) => {
+            template_content(held.driver, volume, snapshot)?
+        }
+        (_, clones_from) => match clones_from {
+            Some(pool) => match open_image(config, &fill.source, held.image, idmap)? {
+                None => Content::Empty,
+                Some(opened) => measure_or_build(held, pool, opened, idmap, fill, timings)?,
+            },
+            None => open_and_measure(
+                config,
+                held.state,
+                held.events,
+                &fill.source,
+                held.image,
+                idmap,
+                timings,
+            )?,
         },
-        None => open_and_measure(
-            config,
-            held.state,
-            held.events,
-            &fill.source,
-            held.image,
-            idmap,
-            timings,
-        )?,
     };
     let tally = content.measurement().tally;
     let need = Need {
@@ -70,6 +75,37 @@ pub(super) fn measure_and_plan(
         );
     }
     Ok((content, plan))
+}
+
+/// Sets the limit of a clone (of an image volume or a template's snapshot) in `slot`. A clone
+/// takes no space of its own, but its limit counts what it shares: a size that may grow grows
+/// to fit it; an exact one smaller than what it shares is the same failure an unpack would
+/// have met (and zfs refuses to set it at all).
+pub(super) fn size_clone(driver: &dyn Driver, slot: Slot<'_>, filling: &Filling<'_>) -> Result<()> {
+    // A quota forced by the crash tests is exact.
+    let forced = fault::quota_override();
+    let (Some(size), reimage_driver::SizeModel::Quota) = (
+        forced.or(filling.target_size),
+        driver.capabilities().size_model,
+    ) else {
+        return Ok(());
+    };
+    let used = driver.usage(slot)?.used;
+    let size = match (forced, filling.grow_to_fit) {
+        (None, Some(headroom)) if used > size => crate::plan::grown(used, headroom),
+        _ => size,
+    };
+    if used > size {
+        return Err(Error::new(
+            Code::QuotaExceeded,
+            format!(
+                "the volume's quota of {size} bytes is smaller than the {used} bytes of what it is cloned from (quota exceeded)"
+            ),
+        )
+        .with("volume_size", size)
+        .with("measured", used));
+    }
+    driver.set_size(slot, size).map_err(Error::from)
 }
 
 /// The pool's space as the plan counts it: as it was before this request built the content's

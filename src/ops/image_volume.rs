@@ -213,31 +213,7 @@ pub(super) fn clone_new(
     held.events.progress(EventPhase::Prepare, 0, 1, "steps");
     timings.time("prepare", || {
         driver.clone_image(key, Slot::building(volume))?;
-        let size = fault::quota_override().or(filling.target_size);
-        if let (Some(size), reimage_driver::SizeModel::Quota) =
-            (size, driver.capabilities().size_model)
-        {
-            // A clone takes no space of its own, but its limit counts what it shares: a size
-            // that may grow grows to fit it; an exact one smaller than the image is the same
-            // failure an unpack would have met (and zfs refuses to set it at all).
-            let used = driver.usage(Slot::building(volume))?.used;
-            let size = match filling.grow_to_fit {
-                Some(headroom) if used > size => crate::plan::grown(used, headroom),
-                _ => size,
-            };
-            if used > size {
-                return Err(Error::new(
-                    Code::QuotaExceeded,
-                    format!(
-                        "the volume's quota of {size} bytes is smaller than the {used} bytes of the image volume it is cloned from (quota exceeded)"
-                    ),
-                )
-                .with("volume_size", size)
-                .with("measured", used));
-            }
-            driver.set_size(Slot::building(volume), size)?;
-        }
-        Ok::<_, Error>(())
+        size_clone(driver, Slot::building(volume), filling)
     })?;
     fault::point(created)?;
     if let Some(mut record) = read_record(&records, key) {
@@ -336,8 +312,9 @@ fn remove_unsealed_of(
     Ok(removed)
 }
 
-/// The build's first steps: the `New` slot made a clone of the content's image volume when
-/// the pool keeps them (`key`), or created at the plan's size and unpacked into otherwise.
+/// The build's first steps: the `New` slot made a clone of the template's snapshot, or of the
+/// content's image volume when the pool keeps them (`key`), or created at the plan's size and
+/// unpacked into otherwise.
 /// Returns its open root, and the cache's answer.
 pub(super) fn build_new(
     held: &mut LockedVolume<'_>,
@@ -347,6 +324,10 @@ pub(super) fn build_new(
     created: &str,
     timings: &mut Timings,
 ) -> Result<(Mounted, Cache)> {
+    if let Content::Template { volume, snapshot } = filling.content {
+        let root = clone_template(held, volume, snapshot, filling, created, timings)?;
+        return Ok((root, Cache::Off));
+    }
     if let Some(key) = key {
         return clone_new(held, pool, key, filling, created, timings);
     }

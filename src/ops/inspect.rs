@@ -32,6 +32,7 @@ pub(super) fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, V
         },
         "shrink": caps.shrink,
         "image_volumes": caps.image_volumes,
+        "templates": caps.templates,
     });
     let mut out = Map::new();
     out.insert("volume".into(), info);

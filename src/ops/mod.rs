@@ -20,6 +20,7 @@ mod rebuild;
 mod recover;
 mod refill;
 mod resize;
+mod template;
 mod timings;
 
 #[cfg(test)]
@@ -66,6 +67,7 @@ use rebuild::*;
 use recover::*;
 use refill::*;
 use resize::*;
+use template::*;
 use timings::*;
 
 /// Everything an operation works with.

@@ -53,6 +53,15 @@ pub(super) fn rebuild(
     let refill = snapshots == SnapshotPolicy::Keep
         && !existing.is_empty()
         && driver.capabilities().keep_snapshots == KeepSnapshots::Refill;
+    if refill && matches!(fill.source, Source::Template { .. }) {
+        return Err(Error::new(
+            Code::Unsupported,
+            format!(
+                "the {} driver keeps snapshots by refilling the volume in place, and a template is cloned, not unpacked; rebuild from it with \"snapshots\": \"delete\"",
+                driver.name()
+            ),
+        ));
+    }
     let preserved = preserve_paths(preserve_list)?;
     let idmap = IdMap::new(fill.idmap.clone());
     let current = driver.usage(live)?;
@@ -76,6 +85,9 @@ pub(super) fn rebuild(
                 "sync",
                 "drop guard",
             ],
+            Mode::Atomic if matches!(content, Content::Template { .. }) => {
+                &["clone", "preserve", "sync", "swap", "destroy old"]
+            }
             Mode::Atomic => &[
                 "create new",
                 "unpack",

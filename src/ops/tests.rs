@@ -230,6 +230,8 @@ struct Scenario {
     exchange: bool,
     /// The pool keeps image volumes: the new content is a clone of one.
     image_volumes: bool,
+    /// Volume `t` holds image B's content with snapshot `s1`, the template requests clone.
+    template: bool,
     /// The volume exists (with image A's content) before the request.
     existing: bool,
     request: fn(&World) -> Value,
@@ -262,10 +264,42 @@ fn scenarios() -> Vec<Scenario> {
         })
         .map(|s| Scenario {
             image_volumes: true,
+            template: false,
             ..*s
         })
         .collect();
     all.extend(from_image_volumes);
+    // Create and the atomic rebuild from a template's snapshot.
+    for (name, request) in [
+        (
+            "create from a template",
+            (|_: &World| {
+                json!({"api": 1, "op": "create", "pool": "p", "volume": "c1",
+                       "source": {"volume": "t", "snapshot": "s1"}, "size": "10MiB"})
+            }) as fn(&World) -> Value,
+        ),
+        ("rebuild from a template", |_: &World| {
+            json!({"api": 1, "op": "rebuild", "pool": "p", "volume": "c1",
+                   "source": {"volume": "t", "snapshot": "s1"}, "preserve": ["/etc/hostname"]})
+        }),
+    ] {
+        let creates = name.starts_with("create");
+        all.push(Scenario {
+            name,
+            exchange: false,
+            image_volumes: false,
+            template: true,
+            existing: !creates,
+            request,
+            old: if creates { "-" } else { "a" },
+            new: "b",
+            allowed: if creates {
+                Allowed::OldNewOrNone
+            } else {
+                Allowed::OldOrNew
+            },
+        });
+    }
     all
 }
 
@@ -279,6 +313,7 @@ fn base_scenarios() -> Vec<Scenario> {
             name: "create",
             exchange: false,
             image_volumes: false,
+            template: false,
             existing: false,
             request: |w| {
                 json!({"api": 1, "op": "create", "pool": "p", "volume": "c1",
@@ -292,6 +327,7 @@ fn base_scenarios() -> Vec<Scenario> {
             name: "rebuild by renames",
             exchange: false,
             image_volumes: false,
+            template: false,
             existing: true,
             request: rebuild,
             old: "a",
@@ -302,6 +338,7 @@ fn base_scenarios() -> Vec<Scenario> {
             name: "rebuild by exchange",
             exchange: true,
             image_volumes: false,
+            template: false,
             existing: true,
             request: rebuild,
             old: "a",
@@ -312,6 +349,7 @@ fn base_scenarios() -> Vec<Scenario> {
             name: "rebuild in place",
             exchange: false,
             image_volumes: false,
+            template: false,
             existing: true,
             request: |w| {
                 json!({"api": 1, "op": "rebuild", "pool": "p", "volume": "c1",
@@ -326,6 +364,7 @@ fn base_scenarios() -> Vec<Scenario> {
             name: "rebuild empty",
             exchange: true,
             image_volumes: false,
+            template: false,
             existing: true,
             request: |_| {
                 json!({"api": 1, "op": "rebuild", "pool": "p", "volume": "c1",
@@ -339,6 +378,7 @@ fn base_scenarios() -> Vec<Scenario> {
             name: "delete",
             exchange: false,
             image_volumes: false,
+            template: false,
             existing: true,
             request: |_| json!({"api": 1, "op": "delete", "pool": "p", "volume": "c1"}),
             old: "a",
@@ -349,6 +389,7 @@ fn base_scenarios() -> Vec<Scenario> {
             name: "resize",
             exchange: false,
             image_volumes: false,
+            template: false,
             existing: true,
             request: |_| json!({"api": 1, "op": "resize", "pool": "p", "volume": "c1", "size": "20MiB"}),
             old: "a",
@@ -360,6 +401,21 @@ fn base_scenarios() -> Vec<Scenario> {
 
 fn world_for(s: &Scenario, tag: &str) -> World {
     let w = World::new(tag, s.exchange, s.image_volumes);
+    if s.template {
+        let created = w.request(
+            &json!({"api": 1, "op": "create", "pool": "p", "volume": "t",
+                    "source": {"image": w.image_b}}),
+        );
+        assert!(
+            matches!(created, Ok(Ok(_))),
+            "{}: template: {created:?}",
+            s.name
+        );
+        let t = VolumeName::parse("t").unwrap_or_else(|e| panic!("{e}"));
+        w.driver
+            .take_snapshot(&t, "s1")
+            .unwrap_or_else(|e| panic!("{}: snapshot: {e}", s.name));
+    }
     if s.existing {
         let created = w.request(
             &json!({"api": 1, "op": "create", "pool": "p", "volume": "c1",

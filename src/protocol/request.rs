@@ -53,6 +53,11 @@ pub enum Source {
         path: PathBuf,
         rootfs_prefix: Option<String>,
     },
+    /// A snapshot of another volume of the same pool, cloned.
+    Template {
+        volume: VolumeName,
+        snapshot: String,
+    },
     Empty,
 }
 
@@ -174,6 +179,9 @@ struct WireSource {
     image: Option<String>,
     empty: Option<bool>,
     rootfs_prefix: Option<String>,
+    volume: Option<String>,
+    snapshot: Option<String>,
+    pool: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -339,7 +347,39 @@ fn volume_name(text: String) -> Result<VolumeName> {
     VolumeName::parse(&text).map_err(|e| invalid("volume", format!("invalid volume name: {e}")))
 }
 
-fn source(wire: WireSource) -> Result<Source> {
+/// The request's source; `target` is the request's pool and volume (none for `measure`).
+fn source(wire: WireSource, target: Option<(&str, &VolumeName)>) -> Result<Source> {
+    let kinds = [
+        wire.image.is_some(),
+        wire.empty.is_some(),
+        wire.volume.is_some(),
+    ];
+    if kinds.iter().filter(|&&k| k).count() > 1 {
+        return Err(invalid(
+            "source",
+            "source takes one of \"image\", \"volume\" (with \"snapshot\") or \"empty\"",
+        ));
+    }
+    if let Some(template) = wire.volume {
+        return template_source(
+            template,
+            wire.snapshot,
+            wire.pool,
+            wire.rootfs_prefix,
+            target,
+        );
+    }
+    if wire.snapshot.is_some() || wire.pool.is_some() {
+        let field = if wire.snapshot.is_some() {
+            "source.snapshot"
+        } else {
+            "source.pool"
+        };
+        return Err(invalid(
+            field,
+            "snapshot and pool only go with a template source: {\"volume\": NAME, \"snapshot\": SNAP}",
+        ));
+    }
     match (wire.image, wire.empty) {
         (Some(image), None) => {
             let path = PathBuf::from(&image);
@@ -380,6 +420,56 @@ fn source(wire: WireSource) -> Result<Source> {
             "source needs {\"image\": \"/abs/path\"} or {\"empty\": true}",
         )),
     }
+}
+
+fn template_source(
+    template: String,
+    snapshot: Option<String>,
+    pool: Option<String>,
+    rootfs_prefix: Option<String>,
+    target: Option<(&str, &VolumeName)>,
+) -> Result<Source> {
+    let Some((target_pool, target_volume)) = target else {
+        return Err(invalid(
+            "source.volume",
+            "measure takes an image; a template volume is cloned, not measured",
+        ));
+    };
+    if rootfs_prefix.is_some() {
+        return Err(invalid(
+            "source.rootfs_prefix",
+            "rootfs_prefix only goes with an image source",
+        ));
+    }
+    let volume = VolumeName::parse(&template)
+        .map_err(|e| invalid("source.volume", format!("invalid volume name: {e}")))?;
+    let Some(snapshot) = snapshot else {
+        return Err(invalid(
+            "source.snapshot",
+            format!("a template source names a snapshot of volume {volume}: {{\"volume\": \"{volume}\", \"snapshot\": SNAP}}"),
+        ));
+    };
+    VolumeName::parse(&snapshot)
+        .map_err(|e| invalid("source.snapshot", format!("invalid snapshot name: {e}")))?;
+    if let Some(pool) = pool {
+        if pool != target_pool {
+            return Err(invalid(
+                "source.pool",
+                format!(
+                    "the template is in pool {pool} but the volume in pool {target_pool}: a volume is cloned only from a snapshot in its own pool"
+                ),
+            ));
+        }
+    }
+    if &volume == target_volume {
+        return Err(invalid(
+            "source.volume",
+            format!(
+                "volume {volume} cannot be filled from its own snapshot; roll it back with the storage's own tools, or clone the snapshot into another volume"
+            ),
+        ));
+    }
+    Ok(Source::Template { volume, snapshot })
 }
 
 fn idmap(ranges: Option<Vec<IdRange>>) -> Result<Vec<IdRange>> {
@@ -466,22 +556,35 @@ fn preserve(paths: Option<Vec<String>>) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn fill(
-    wire_source: WireSource,
-    wire_size: Option<Size>,
-    wire_headroom: Option<f64>,
-    wire_policy: Option<SizePolicy>,
-    wire_idmap: Option<Vec<IdRange>>,
+/// The fields `create` and `rebuild` share, as sent.
+struct WireFill {
+    source: WireSource,
+    size: Option<Size>,
+    headroom: Option<f64>,
+    size_policy: Option<SizePolicy>,
+    idmap: Option<Vec<IdRange>>,
     dry_run: Option<bool>,
     unsupported_metadata: Option<UnsupportedMetadata>,
-) -> Result<Fill> {
+}
+
+/// Validates the fill of a request for `target` (its pool and volume).
+fn fill(target: (&str, &VolumeName), wire: WireFill) -> Result<Fill> {
+    let WireFill {
+        source: wire_source,
+        size: wire_size,
+        headroom: wire_headroom,
+        size_policy: wire_policy,
+        idmap: wire_idmap,
+        dry_run,
+        unsupported_metadata,
+    } = wire;
     let size = size(wire_size, "size")?;
     let size_policy = wire_policy.unwrap_or(SizePolicy::Grow);
     if size_policy == SizePolicy::Exact && size.is_none() {
         return Err(invalid("size_policy", "size_policy \"exact\" needs a size"));
     }
     Ok(Fill {
-        source: source(wire_source)?,
+        source: source(wire_source, Some(target))?,
         size,
         headroom: headroom(wire_headroom)?,
         size_policy,
@@ -526,7 +629,7 @@ pub fn parse(text: &str) -> Result<Op> {
         "measure" => {
             let w: WireMeasure = strict(text)?;
             Op::Measure {
-                source: source(w.source)?,
+                source: source(w.source, None)?,
             }
         }
         "inspect" => {
@@ -538,36 +641,53 @@ pub fn parse(text: &str) -> Result<Op> {
         }
         "create" => {
             let w: WireCreate = strict(text)?;
+            let volume = volume_name(w.volume)?;
+            let fill = fill(
+                (&w.pool, &volume),
+                WireFill {
+                    source: w.source,
+                    size: w.size,
+                    headroom: w.headroom,
+                    size_policy: w.size_policy,
+                    idmap: w.idmap,
+                    dry_run: w.dry_run,
+                    unsupported_metadata: w.unsupported_metadata,
+                },
+            )?;
             Op::Create {
                 pool: w.pool,
-                volume: volume_name(w.volume)?,
-                fill: fill(
-                    w.source,
-                    w.size,
-                    w.headroom,
-                    w.size_policy,
-                    w.idmap,
-                    w.dry_run,
-                    w.unsupported_metadata,
-                )?,
+                volume,
+                fill,
             }
         }
         "rebuild" => {
             let w: WireRebuild = strict(text)?;
+            let volume = volume_name(w.volume)?;
+            let fill = fill(
+                (&w.pool, &volume),
+                WireFill {
+                    source: w.source,
+                    size: w.size,
+                    headroom: w.headroom,
+                    size_policy: w.size_policy,
+                    idmap: w.idmap,
+                    dry_run: w.dry_run,
+                    unsupported_metadata: w.unsupported_metadata,
+                },
+            )?;
+            let mode = w.mode.unwrap_or(Mode::Atomic);
+            if mode == Mode::InPlace && matches!(fill.source, Source::Template { .. }) {
+                return Err(invalid(
+                    "mode",
+                    "a template source is cloned beside the volume and swapped in; in-place does not apply (leave mode out)",
+                ));
+            }
             Op::Rebuild {
                 pool: w.pool,
-                volume: volume_name(w.volume)?,
-                fill: fill(
-                    w.source,
-                    w.size,
-                    w.headroom,
-                    w.size_policy,
-                    w.idmap,
-                    w.dry_run,
-                    w.unsupported_metadata,
-                )?,
+                volume,
+                fill,
                 snapshots: w.snapshots.unwrap_or(SnapshotPolicy::Refuse),
-                mode: w.mode.unwrap_or(Mode::Atomic),
+                mode,
                 preserve: preserve(w.preserve)?,
             }
         }
@@ -738,6 +858,60 @@ mod tests {
                 r#""idmap":[{"host":0,"container":0,"count":10},{"host":100,"container":5,"count":10}]"#
             ),
             "idmap[1]"
+        );
+    }
+
+    /// A template source: a snapshot of another volume of the request's pool.
+    #[test]
+    fn template_sources() {
+        let rebuild = |src: &str, extra: &str| {
+            format!(r#"{{"api":1,"op":"rebuild","pool":"p","volume":"v","source":{src}{extra}}}"#)
+        };
+        match parse(&rebuild(r#"{"volume":"t","snapshot":"s1","pool":"p"}"#, "")) {
+            Ok(Op::Rebuild { fill, .. }) => assert_eq!(
+                fill.source,
+                Source::Template {
+                    volume: VolumeName::parse("t").unwrap(),
+                    snapshot: "s1".into()
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        let path = |src: &str, extra: &str| path_of(&rebuild(src, extra));
+        assert_eq!(path(r#"{"volume":"t","image":"/a"}"#, ""), "source");
+        assert_eq!(path(r#"{"volume":"t","empty":true}"#, ""), "source");
+        assert_eq!(path(r#"{"volume":"t"}"#, ""), "source.snapshot");
+        assert_eq!(
+            path(r#"{"volume":"t","snapshot":"a/b"}"#, ""),
+            "source.snapshot"
+        );
+        assert_eq!(
+            path(r#"{"volume":"../t","snapshot":"s"}"#, ""),
+            "source.volume"
+        );
+        assert_eq!(
+            path(r#"{"volume":"v","snapshot":"s"}"#, ""),
+            "source.volume"
+        );
+        assert_eq!(
+            path(r#"{"volume":"t","snapshot":"s","pool":"q"}"#, ""),
+            "source.pool"
+        );
+        assert_eq!(
+            path(r#"{"volume":"t","snapshot":"s","rootfs_prefix":"x"}"#, ""),
+            "source.rootfs_prefix"
+        );
+        assert_eq!(
+            path(r#"{"image":"/a","snapshot":"s"}"#, ""),
+            "source.snapshot"
+        );
+        assert_eq!(
+            path(r#"{"volume":"t","snapshot":"s"}"#, r#","mode":"in-place""#),
+            "mode"
+        );
+        assert_eq!(
+            path_of(r#"{"api":1,"op":"measure","source":{"volume":"t","snapshot":"s"}}"#),
+            "source.volume"
         );
     }
 }

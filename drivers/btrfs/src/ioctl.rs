@@ -28,6 +28,7 @@ const SUBVOL_SPEC_BY_ID: u64 = 0x10;
 pub const SUBVOL_RDONLY: u64 = 0x2;
 const ROOT_TREE: u64 = 1;
 const QUOTA_TREE: u64 = 8;
+const INODE_ITEM_KEY: u32 = 0x01;
 const ROOT_ITEM_KEY: u32 = 0x84;
 const ROOT_BACKREF_KEY: u32 = 0x90;
 const QGROUP_INFO_KEY: u32 = 0xf2;
@@ -300,6 +301,59 @@ pub fn subvol_name(fd: BorrowedFd<'_>, id: u64) -> Result<Option<String>, Errno>
         },
     )?;
     Ok(name)
+}
+
+/// Opens the root directory of subvolume `id` (`fs`: any fd on the filesystem) by its file
+/// handle, wherever it is in the filesystem and whether or not a path to it is mounted.
+/// Needs `CAP_DAC_READ_SEARCH`.
+pub fn open_subvol(fs: BorrowedFd<'_>, id: u64) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    // The handle names an inode by (objectid, root, generation): the subvolume's root
+    // directory is inode 256 of tree `id`, its generation is in its inode item.
+    let mut generation = None;
+    tree_search(
+        fs,
+        id,
+        INODE_ITEM_KEY,
+        (FIRST_FREE_OBJECTID, FIRST_FREE_OBJECTID),
+        (0, 0),
+        &mut |_, _, data| {
+            // btrfs_inode_item: generation u64 first.
+            if let Some(g) = data.get(0..8) {
+                generation.get_or_insert(u64::from_le_bytes(g.try_into().unwrap_or([0; 8])));
+            }
+        },
+    )?;
+    let generation = generation.ok_or(Errno::NOENT)?;
+    // struct file_handle { u32 handle_bytes; i32 handle_type; } followed by the packed
+    // btrfs_fid of type FILEID_BTRFS_WITHOUT_PARENT (0x4d): objectid u64, root_objectid
+    // u64, gen u32.
+    const FILEID_BTRFS_WITHOUT_PARENT: i32 = 0x4d;
+    let mut handle = Buf::new(8 + 20);
+    handle.put_u32(0, 20);
+    handle.put_u32(4, FILEID_BTRFS_WITHOUT_PARENT as u32);
+    handle.put_u64(8, FIRST_FREE_OBJECTID);
+    handle.put_u64(16, id);
+    handle.put_u32(24, generation as u32);
+    // SAFETY: a complete file_handle of the size it declares; the returned fd is new and
+    // owned by no one else.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            fs.as_raw_fd(),
+            handle.0.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        ));
+    }
+    // SAFETY: `fd` was just opened for us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Enables quotas on the filesystem (a no-op when they are on) and waits for the rescan.

@@ -262,6 +262,7 @@ impl Driver for BtrfsDriver {
             exchange: true,
             cheap_usage: self.quota,
             image_volumes: self.image_volumes,
+            templates: true,
         }
     }
 
@@ -450,6 +451,48 @@ impl Driver for BtrfsDriver {
             rustix::fs::RenameFlags::NOREPLACE,
         )
         .map_err(|e| Error::errno(format!("sealing image volume {key}"), e))
+    }
+
+    fn clone_snapshot(&self, template: &VolumeName, snapshot: &str, slot: Slot<'_>) -> Result<()> {
+        let live = Slot::live(template);
+        let info = self.info(live)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("template volume {template} does not exist"),
+            )
+        })?;
+        let mut found = None;
+        for id in self.snapshots_of_slot(live, &info)? {
+            let name = ioctl::subvol_name(self.pool.fd.as_fd(), id)
+                .map_err(|e| Error::errno("naming a snapshot", e))?;
+            if name.as_deref() == Some(snapshot) {
+                found = Some(id);
+                break;
+            }
+        }
+        let id = found.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("volume {template} has no snapshot {snapshot}"),
+            )
+        })?;
+        let source = ioctl::open_subvol(self.pool.fd.as_fd(), id).map_err(|e| {
+            Error::errno(
+                format!("opening snapshot {snapshot} of volume {template}"),
+                e,
+            )
+        })?;
+        ioctl::snapshot_create(source.as_fd(), self.pool.fd.as_fd(), &PoolDir::cname(slot)).map_err(
+            |e| match e {
+                Errno::EXIST => {
+                    Error::new(ErrorKind::AlreadyExists, format!("{slot} already exists"))
+                }
+                e => Error::errno(
+                    format!("cloning snapshot {snapshot} of volume {template} into {slot}"),
+                    e,
+                ),
+            },
+        )
     }
 
     fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {

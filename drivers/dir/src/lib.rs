@@ -82,6 +82,7 @@ impl Driver for DirDriver {
             exchange: true,
             cheap_usage: self.quota,
             image_volumes: false,
+            templates: false,
         }
     }
 

@@ -45,6 +45,8 @@ struct State {
     slots: BTreeMap<(String, SlotKind), Object>,
     /// Image volumes by key and sealed state.
     images: BTreeMap<(ImageKey, bool), PathBuf>,
+    /// Snapshots of live volumes, by volume and name: what templates are cloned from.
+    snapshots: BTreeMap<(String, String), PathBuf>,
     next_id: u64,
     calls: Vec<String>,
     inject: Option<(usize, Injected)>,
@@ -71,6 +73,7 @@ impl FakeDriver {
                 exchange: false,
                 cheap_usage: true,
                 image_volumes: false,
+                templates: true,
             },
             state: RefCell::new(State::default()),
         }
@@ -111,6 +114,21 @@ impl FakeDriver {
     pub fn inject(&self, n: usize, what: Injected) {
         let mut state = self.state.borrow_mut();
         state.inject = Some((state.calls.len() + n, what));
+    }
+
+    /// Takes snapshot `name` of the live `volume` (a copy of its content), for templates.
+    /// Not counted as a call.
+    pub fn take_snapshot(&self, volume: &VolumeName, name: &str) -> Result<()> {
+        let source = self
+            .content(volume, SlotKind::Live)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no volume {volume}")))?;
+        let (_, dir) = self.new_dir()?;
+        copy_tree(&source, &dir)?;
+        self.state
+            .borrow_mut()
+            .snapshots
+            .insert((volume.as_str().to_owned(), name.to_owned()), dir);
+        Ok(())
     }
 
     /// Methods called so far, in order.
@@ -154,6 +172,20 @@ impl FakeDriver {
     fn key(slot: Slot<'_>) -> (String, SlotKind) {
         (slot.volume.as_str().to_owned(), slot.kind)
     }
+}
+
+/// Copies the content of directory `from` into the existing directory `to`.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from.join("."))
+        .arg(to)
+        .status()
+        .map_err(|e| io("cp", e))?;
+    if !copied.success() {
+        return Err(Error::new(ErrorKind::Failed, "cp -a failed"));
+    }
+    Ok(())
 }
 
 /// A content directory, opened as a volume's root.
@@ -228,7 +260,51 @@ impl Driver for FakeDriver {
 
     fn snapshots(&self, slot: Slot<'_>) -> Result<Vec<String>> {
         self.call("snapshots", Some(slot))?;
-        Ok(Vec::new())
+        if slot.kind != SlotKind::Live {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .state
+            .borrow()
+            .snapshots
+            .keys()
+            .filter(|(volume, _)| volume == slot.volume.as_str())
+            .map(|(_, name)| name.clone())
+            .collect())
+    }
+
+    fn clone_snapshot(&self, template: &VolumeName, snapshot: &str, slot: Slot<'_>) -> Result<()> {
+        self.call("clone_snapshot", Some(slot))?;
+        let source = self
+            .state
+            .borrow()
+            .snapshots
+            .get(&(template.as_str().to_owned(), snapshot.to_owned()))
+            .cloned()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("no snapshot {template}@{snapshot}"),
+                )
+            })?;
+        if self.state.borrow().slots.contains_key(&Self::key(slot)) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{slot} exists"),
+            ));
+        }
+        let (id, dir) = self.new_dir()?;
+        copy_tree(&source, &dir)?;
+        self.state.borrow_mut().slots.insert(
+            Self::key(slot),
+            Object {
+                id,
+                dir,
+                size: None,
+                origin: None,
+            },
+        );
+        Ok(())
     }
 
     fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
@@ -392,15 +468,7 @@ impl Driver for FakeDriver {
             ));
         }
         let (id, dir) = self.new_dir()?;
-        let copied = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(source.join("."))
-            .arg(&dir)
-            .status()
-            .map_err(|e| io("cp", e))?;
-        if !copied.success() {
-            return Err(Error::new(ErrorKind::Failed, "cp -a failed"));
-        }
+        copy_tree(&source, &dir)?;
         self.state.borrow_mut().slots.insert(
             Self::key(slot),
             Object {

@@ -172,6 +172,9 @@ pub struct Capabilities {
     /// The pool keeps image volumes and fills volumes by cloning them
     /// ([`Driver::create_image`] and the methods after it).
     pub image_volumes: bool,
+    /// A volume can be filled as a writable clone of another volume's snapshot
+    /// ([`Driver::clone_snapshot`]).
+    pub templates: bool,
 }
 
 /// Size and usage of one volume.
@@ -449,6 +452,17 @@ pub trait Driver {
     /// either happens or does not. Its content must be synced first.
     fn seal_image(&self, _key: &ImageKey) -> Result<()> {
         Err(no_image_volumes())
+    }
+
+    /// [`Capabilities::templates`]: makes the volume in `slot` (empty) a writable clone of
+    /// snapshot `snapshot` of the live volume `template`; `NotFound` when either is missing.
+    fn clone_snapshot(&self, template: &VolumeName, snapshot: &str, _slot: Slot<'_>) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "this driver cannot clone a snapshot ({template}@{snapshot}): templates need a driver with writable clones of snapshots (btrfs, zfs)"
+            ),
+        ))
     }
 
     /// Makes the volume in `slot` (empty) a writable clone of the sealed image volume `key`.

@@ -435,6 +435,7 @@ impl Driver for LvmDriver {
             // A read-only mount and statvfs, no walk.
             cheap_usage: true,
             image_volumes: false,
+            templates: false,
         }
     }
 

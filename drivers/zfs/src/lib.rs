@@ -289,6 +289,18 @@ impl ZfsDriver {
     }
 
     /// The directory the dataset `PARENT/leaf` is mounted on while it is filled.
+    /// Makes the empty `slot` a writable clone of snapshot `origin` (an image volume's seal
+    /// or a template's snapshot), with a volume's own properties (not `readonly=on`).
+    fn clone_of(&self, origin: &str, slot: Slot<'_>) -> Result<()> {
+        let dataset = self.dataset(slot);
+        let mut args = vec!["clone", "-o", "mountpoint=legacy", "-o", "readonly=off"];
+        for property in VOLUME_PROPERTIES {
+            args.extend(["-o", property]);
+        }
+        args.extend([origin, dataset.as_str()]);
+        self.change(&args, false).map(drop)
+    }
+
     fn mount_point_of(&self, leaf: &str) -> PathBuf {
         self.mount_dir
             .join(format!("zfs-{}", self.parent.replace('/', "%")))
@@ -383,6 +395,7 @@ impl Driver for ZfsDriver {
             exchange: false,
             cheap_usage: true,
             image_volumes: self.image_volumes,
+            templates: true,
         }
     }
 
@@ -684,16 +697,27 @@ impl Driver for ZfsDriver {
         self.change(&["rename", &unsealed, &sealed], true).map(drop)
     }
 
+    fn clone_snapshot(&self, template: &VolumeName, snapshot: &str, slot: Slot<'_>) -> Result<()> {
+        let live = Slot::live(template);
+        if !self.exists(live)? {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("template volume {template} does not exist"),
+            ));
+        }
+        if !self.snapshots(live)?.iter().any(|s| s == snapshot) {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("volume {template} has no snapshot {snapshot}"),
+            ));
+        }
+        let origin = format!("{}@{snapshot}", self.dataset(live));
+        self.clone_of(&origin, slot)
+    }
+
     fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
         let origin = format!("{}@{SEALED}", self.image_dataset(key, true));
-        let dataset = self.dataset(slot);
-        // Its own properties, not the image volume's `readonly=on`.
-        let mut args = vec!["clone", "-o", "mountpoint=legacy", "-o", "readonly=off"];
-        for property in VOLUME_PROPERTIES {
-            args.extend(["-o", property]);
-        }
-        args.extend([origin.as_str(), dataset.as_str()]);
-        self.change(&args, false).map(drop)
+        self.clone_of(&origin, slot)
     }
 
     fn images(&self) -> Result<Vec<ImageVolume>> {
