@@ -29,6 +29,8 @@ fn create_rebuild_twice_rebuild_empty_delete() {
         &Ignore::default(),
     );
 
+    // A first rebuild from an image measures it while it unpacks it: its unpack progress
+    // counts the image file read.
     let rebuilt = env.rebuild_from("c1", &b);
     rebuilt.ok();
     assert_same(
@@ -36,25 +38,41 @@ fn create_rebuild_twice_rebuild_empty_delete() {
         &env.manifest_of("c1"),
         &Ignore::default(),
     );
-    let phases: Vec<&str> = rebuilt
-        .events
-        .iter()
-        .filter(|e| e["event"] == "progress")
-        .filter_map(|e| e["phase"].as_str())
-        .collect();
-    for phase in ["measure", "prepare", "unpack", "sync", "swap", "cleanup"] {
-        assert!(phases.contains(&phase), "no {phase} progress in {phases:?}");
+    let phases = |run: &common::Run| -> Vec<String> {
+        run.events
+            .iter()
+            .filter(|e| e["event"] == "progress")
+            .filter_map(|e| e["phase"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let unpack_progress = |run: &common::Run| {
+        run.events
+            .iter()
+            .find(|e| e["event"] == "progress" && e["phase"] == "unpack")
+            .cloned()
+            .unwrap()
+    };
+    for phase in ["prepare", "unpack", "sync", "swap", "cleanup"] {
+        assert!(
+            phases(&rebuilt).iter().any(|p| p == phase),
+            "no {phase} progress"
+        );
     }
-    let unpack_total = rebuilt
-        .events
-        .iter()
-        .find(|e| e["event"] == "progress" && e["phase"] == "unpack")
-        .unwrap()["total"]
-        .clone();
-    assert_eq!(unpack_total, rebuilt.last()["image"]["unpacked_bytes"]);
+    assert!(!phases(&rebuilt).iter().any(|p| p == "measure"));
+    let unpack = unpack_progress(&rebuilt);
+    assert_eq!(unpack["unit"], "image_bytes");
+    assert_eq!(unpack["total"], std::fs::metadata(&b).unwrap().len());
+    assert!(rebuilt.last()["timings_ms"].get("measure").is_none());
 
-    // A second rebuild from the first image: back to exactly that content.
-    env.rebuild_from("c1", &a).ok();
+    // A second rebuild from the first image (measured by the create): back to exactly that
+    // content, the measurement from the cache and the unpack's total known.
+    let again = env.rebuild_from("c1", &a);
+    again.ok();
+    assert!(phases(&again).iter().any(|p| p == "measure"));
+    assert_eq!(
+        unpack_progress(&again)["total"],
+        again.last()["image"]["unpacked_bytes"]
+    );
     assert_same(
         &gnu_manifest(&env, &a),
         &env.manifest_of("c1"),
@@ -303,11 +321,10 @@ fn a_pool_too_small_is_refused_before_the_old_volume_is_touched() {
     let r = env.rebuild_from("c1", &big_image);
     let e = r.failed("insufficient_space", 1);
     assert!(e["details"]["needed"].as_u64().unwrap() > e["details"]["available"].as_u64().unwrap());
-    assert!(
-        !r.events.iter().any(|e| e["phase"] == "unpack"),
-        "refused before unpacking"
-    );
+    // Part of the image may have been unpacked beside the old volume (the first fill from an
+    // image measures while it unpacks, never past the pool's free space) and was removed.
     assert_eq!(before, env.snapshot());
+    assert!(env.leftovers().is_empty());
 }
 
 #[test]

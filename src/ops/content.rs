@@ -1,9 +1,9 @@
 //! What a volume is filled from: an image opened and measured once (or found in the
-//! measure cache), or nothing.
+//! measure cache, or to be measured while it is unpacked), a template's snapshot, or nothing.
 
 use super::*;
 
-/// An image opened and measured, or nothing for an empty volume.
+/// What a volume is filled from.
 pub(super) enum Content {
     Empty,
     Image {
@@ -22,12 +22,16 @@ pub(super) enum Content {
         volume: VolumeName,
         snapshot: String,
     },
+    /// An image to be measured while it is unpacked into the volume's new slot.
+    Unmeasured(Opened),
 }
 
 impl Content {
     pub(super) fn measurement(&self) -> Measurement {
         match self {
-            Content::Empty | Content::Template { .. } => Measurement::empty(),
+            Content::Empty | Content::Template { .. } | Content::Unmeasured(_) => {
+                Measurement::empty()
+            }
             Content::Image { measurement, .. } => measurement.clone(),
         }
     }
@@ -38,6 +42,7 @@ impl Content {
             Content::Template { volume, snapshot } => {
                 json!({"volume": volume.as_str(), "snapshot": snapshot})
             }
+            Content::Unmeasured(opened) => json!({"path": opened.path.display().to_string()}),
             Content::Image {
                 path,
                 measurement,
@@ -103,6 +108,20 @@ impl Opened {
                 Code::ImageInvalid,
                 format!("reading {}: {e}", self.path.display()),
             )
+        })
+    }
+
+    /// Another handle on the same open image.
+    pub(super) fn try_clone(&self) -> Result<Opened> {
+        Ok(Opened {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| Error::internal(format!("cannot duplicate the image's fd: {e}")))?,
+            path: self.path.clone(),
+            detected: self.detected,
+            prefix: self.prefix.clone(),
+            cache_key: self.cache_key.clone(),
         })
     }
 

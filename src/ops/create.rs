@@ -38,7 +38,7 @@ pub(super) fn create(
     )?;
     if fill.dry_run {
         return Ok(dry_run_result(
-            &plan,
+            &planned(plan)?,
             &content,
             match content {
                 Content::Template { .. } => &["clone", "sync", "publish"],
@@ -50,20 +50,24 @@ pub(super) fn create(
     cancelled_check()?;
     let key = image_key(driver, &content, &idmap);
     let mut cache = Cache::Off;
-    let filling = Filling {
-        content: &content,
-        idmap: &idmap,
-        metadata: fill.unsupported_metadata,
-        target_size: plan.target_size,
-        grow_to_fit: (fill.size_policy != SizePolicy::Exact).then_some(fill.headroom),
-    };
+    let filling = Filling::new(
+        &content,
+        &idmap,
+        plan.as_ref(),
+        PlanLater {
+            fill,
+            current: None,
+            mode: Mode::Atomic,
+        },
+    );
+    let mut measured = None;
     let new_id = held.journaled(
         IntentOp::Create,
         Phase::Building,
         false,
         |held| {
             fault::point("create:journaled")?;
-            let (root, used) = build_new(
+            let (root, used, content) = build_new(
                 held,
                 &pool,
                 key.as_ref(),
@@ -72,6 +76,7 @@ pub(super) fn create(
                 &mut timings,
             )?;
             cache = used;
+            measured = content;
             fault::point("create:unpacked")?;
             seal(
                 driver,
@@ -84,5 +89,6 @@ pub(super) fn create(
         LockedVolume::roll_back_new,
     )?;
     held.commit(IntentOp::Create, new_id, false, &mut timings)?;
+    let content = measured.unwrap_or(content);
     fill_result(driver, volume, &content, cache, &timings)
 }

@@ -5,8 +5,10 @@ use super::*;
 
 /// Measures the fill's content and plans its size and space against the pool (the steps
 /// create and rebuild share before anything of the volume changes); warns when `size`
-/// cannot be enforced. A fill that will clone an image volume of `clones_from` (its pool)
-/// may build that image volume here, measuring while it unpacks.
+/// cannot be enforced. `builds` is the pool when the request goes on to build (not a dry run,
+/// an in-place rebuild or a refill): a first fill from an image may then measure it while it
+/// unpacks it — into a new image volume, here, or into the volume's new slot later, when the
+/// content comes back `Unmeasured` and without a plan (see `one_pass.rs`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn measure_and_plan(
     config: &Config,
@@ -15,29 +17,47 @@ pub(super) fn measure_and_plan(
     idmap: &IdMap,
     current: Option<&reimage_driver::Usage>,
     mode: Mode,
-    clones_from: Option<&str>,
+    builds: Option<&str>,
     timings: &mut Timings,
-) -> Result<(Content, Plan)> {
-    let content = match (&fill.source, clones_from) {
-        (Source::Template { volume, snapshot }, _) => {
-            template_content(held.driver, volume, snapshot)?
-        }
-        (_, clones_from) => match clones_from {
-            Some(pool) => match open_image(config, &fill.source, held.image, idmap)? {
-                None => Content::Empty,
-                Some(opened) => measure_or_build(held, pool, opened, idmap, fill, timings)?,
-            },
-            None => open_and_measure(
-                config,
-                held.state,
-                held.events,
-                &fill.source,
-                held.image,
-                idmap,
-                timings,
-            )?,
+) -> Result<(Content, Option<Plan>)> {
+    let driver = held.driver;
+    let content = match (&fill.source, builds) {
+        (Source::Template { volume, snapshot }, _) => template_content(driver, volume, snapshot)?,
+        (_, Some(pool)) => match open_image(config, &fill.source, held.image, idmap)? {
+            None => Content::Empty,
+            Some(opened) if driver.capabilities().image_volumes => {
+                measure_or_build(held, pool, opened, idmap, fill, timings)?
+            }
+            Some(opened) if fills_in_one_pass(driver, &opened, held.state) => {
+                return Ok((Content::Unmeasured(opened), None));
+            }
+            Some(opened) => measure_opened(held.state, held.events, opened, idmap, None, timings)?,
         },
+        (_, None) => open_and_measure(
+            config,
+            held.state,
+            held.events,
+            &fill.source,
+            held.image,
+            idmap,
+            timings,
+        )?,
     };
+    let plan = plan_for(held, fill, &content, current, mode, None)?;
+    Ok((content, Some(plan)))
+}
+
+/// Plans the fill of the measured `content` against the pool, and warns when `size` cannot be
+/// enforced or the pool is overcommitted. `written`: what this request already unpacked into
+/// the pool (the one pass), counted as free.
+pub(super) fn plan_for(
+    held: &mut LockedVolume<'_>,
+    fill: &Fill,
+    content: &Content,
+    current: Option<&reimage_driver::Usage>,
+    mode: Mode,
+    written: Option<Tally>,
+) -> Result<Plan> {
     let tally = content.measurement().tally;
     let need = Need {
         bytes: tally.allocated_bytes,
@@ -50,7 +70,7 @@ pub(super) fn measure_and_plan(
         need,
         current,
         mode,
-        space_before(driver, &content)?,
+        space_before(driver, content, written)?,
     )?;
     if let (Some((provisioned, total)), Some(size)) = (plan.provisioned, plan.target_size) {
         // The old volume's promise goes away in a rebuild; it is still counted here, as it
@@ -74,7 +94,7 @@ pub(super) fn measure_and_plan(
             ),
         );
     }
-    Ok((content, plan))
+    Ok(plan)
 }
 
 /// Sets the limit of a clone (of an image volume or a template's snapshot) in `slot`. A clone
@@ -109,16 +129,23 @@ pub(super) fn size_clone(driver: &dyn Driver, slot: Slot<'_>, filling: &Filling<
 }
 
 /// The pool's space as the plan counts it: as it was before this request built the content's
-/// image volume, if it did (the volume itself, a clone of it, takes none yet).
-fn space_before(driver: &dyn Driver, content: &Content) -> Result<reimage_driver::PoolSpace> {
+/// image volume, if it did, or unpacked `written` into the new slot (the volume itself, a
+/// clone of an image volume, takes none yet).
+fn space_before(
+    driver: &dyn Driver,
+    content: &Content,
+    written: Option<Tally>,
+) -> Result<reimage_driver::PoolSpace> {
     let mut space = driver.pool_space()?;
-    if let Content::Image {
-        measurement,
-        built_image_volume: true,
-        ..
-    } = content
-    {
-        let tally = measurement.tally;
+    let built = match content {
+        Content::Image {
+            measurement,
+            built_image_volume: true,
+            ..
+        } => Some(measurement.tally),
+        _ => written,
+    };
+    if let Some(tally) = built {
         space.available = space.available.saturating_add(tally.allocated_bytes);
         space.inodes_available = space
             .inodes_available
@@ -348,6 +375,41 @@ pub(super) struct Filling<'a> {
     /// The headroom to grow `target_size` by when a clone shares more than measure
     /// estimated (filesystem metadata of a small image), or `None` when the size is exact.
     pub(super) grow_to_fit: Option<f64>,
+    /// For `Unmeasured` content: what the plan made once it is measured needs.
+    pub(super) plan_later: Option<PlanLater<'a>>,
+}
+
+/// What planning needs besides the measurement, for a fill measured while it unpacks.
+#[derive(Clone, Copy)]
+pub(super) struct PlanLater<'a> {
+    pub(super) fill: &'a Fill,
+    pub(super) current: Option<&'a reimage_driver::Usage>,
+    pub(super) mode: Mode,
+}
+
+impl<'a> Filling<'a> {
+    /// The filling of `content` (planned by `plan`, or to be planned once measured).
+    pub(super) fn new(
+        content: &'a Content,
+        idmap: &'a IdMap,
+        plan: Option<&Plan>,
+        later: PlanLater<'a>,
+    ) -> Filling<'a> {
+        let fill = later.fill;
+        Filling {
+            content,
+            idmap,
+            metadata: fill.unsupported_metadata,
+            target_size: plan.and_then(|p| p.target_size),
+            grow_to_fit: (fill.size_policy != SizePolicy::Exact).then_some(fill.headroom),
+            plan_later: plan.is_none().then_some(later),
+        }
+    }
+}
+
+/// The plan of measured content (every fill but one measured while it unpacks).
+pub(super) fn planned(plan: Option<Plan>) -> Result<Plan> {
+    plan.ok_or_else(|| Error::internal("a fill measured while it unpacks has no plan yet"))
 }
 
 /// The build's first step: the `New` slot created at the plan's size (fault point `created`

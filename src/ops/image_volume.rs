@@ -9,13 +9,11 @@
 //! cloned, and one left by a crash is removed by `recover` or by the next build of its key.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reimage_driver::ImageKey;
 
-use crate::measure::alongside::{Alongside, Budget, Measured};
+use crate::measure::alongside::Measured;
 
 use super::*;
 
@@ -314,8 +312,8 @@ fn remove_unsealed_of(
 
 /// The build's first steps: the `New` slot made a clone of the template's snapshot, or of the
 /// content's image volume when the pool keeps them (`key`), or created at the plan's size and
-/// unpacked into otherwise.
-/// Returns its open root, and the cache's answer.
+/// unpacked into otherwise (measuring while it unpacks, for `Unmeasured` content). Returns
+/// its open root, the cache's answer, and the content once measured when it was not before.
 pub(super) fn build_new(
     held: &mut LockedVolume<'_>,
     pool: &str,
@@ -323,17 +321,25 @@ pub(super) fn build_new(
     filling: &Filling<'_>,
     created: &str,
     timings: &mut Timings,
-) -> Result<(Mounted, Cache)> {
-    if let Content::Template { volume, snapshot } = filling.content {
-        let root = clone_template(held, volume, snapshot, filling, created, timings)?;
-        return Ok((root, Cache::Off));
+) -> Result<(Mounted, Cache, Option<Content>)> {
+    match filling.content {
+        Content::Template { volume, snapshot } => {
+            let root = clone_template(held, volume, snapshot, filling, created, timings)?;
+            return Ok((root, Cache::Off, None));
+        }
+        Content::Unmeasured(opened) => {
+            let (root, content) = fill_new_in_one_pass(held, opened, filling, created, timings)?;
+            return Ok((root, Cache::Off, Some(content)));
+        }
+        _ => {}
     }
     if let Some(key) = key {
-        return clone_new(held, pool, key, filling, created, timings);
+        let (root, cache) = clone_new(held, pool, key, filling, created, timings)?;
+        return Ok((root, cache, None));
     }
     let root = create_new(held, filling.target_size, created, timings)?;
     unpack_step(held, &root, filling, &[], timings)?;
-    Ok((root, Cache::Off))
+    Ok((root, Cache::Off, None))
 }
 
 /// The content of a fill that clones an image volume: measured from the measure cache, from
@@ -425,49 +431,18 @@ fn build_alongside(
 ) -> Result<Option<Measurement>> {
     let driver = held.driver;
     driver.destroy_image(key, false)?;
-    // What the plan would accept had the image been measured first.
-    let space = driver.pool_space()?;
-    let budget = Budget {
-        bytes: (space.available as f64 / (1.0 + fill.headroom.max(0.0))) as u64,
-        inodes: space.inodes_available,
-    };
+    let budget = budget_of(driver, fill)?;
     let built = (|| {
         driver.create_image(key)?;
         fault::point("image:created")?;
         let root = driver.open_image(key)?;
-        let events = &mut *held.events;
-        let measured = timings.time("unpack", || -> Result<Measured> {
-            let mut reader = image::open(&opened.file, opened.detected)?;
-            let mut archive = Alongside::new(
-                &mut *reader.archive,
-                opened.prefix.as_deref(),
-                idmap,
-                budget,
-            )?;
-            let options = unpack::Options {
-                prefix: archive.prefix(),
-                idmap: idmap.clone(),
-                skip: Vec::new(),
-                expected_bytes: None,
-                unsupported_metadata: fill.unsupported_metadata,
-            };
-            let size = opened.file.metadata().map_or(0, |m| m.len());
-            let mut observer = ImageBytesObserver {
-                events: &mut *events,
-                read: reader.read.clone(),
-                size,
-            };
-            unpack::unpack(&mut archive, root.root(), &options, &mut observer)?;
-            let measured = archive.finish()?;
-            events.progress(EventPhase::Unpack, size, size, "image_bytes");
-            Ok(measured)
+        let measured = timings.time("unpack", || {
+            unpack_alongside(&mut *held.events, &root, opened, idmap, fill, budget)
         })?;
-        let Measured::Unpacked(mut m) = measured else {
+        let Measured::Unpacked(m) = measured else {
             root.release()?;
             return Ok(None);
         };
-        m.format = opened.detected.format;
-        m.compression = opened.detected.compression;
         fault::point("image:unpacked")?;
         timings.time("sync", || {
             rustix::fs::syncfs(root.root())
@@ -494,26 +469,4 @@ fn build_alongside(
     fault::point("image:sealed")?;
     write_record(records, key, &ImageRecord::new(&opened.path, sha256, &m));
     Ok(Some(m))
-}
-
-/// Unpack progress as the share of the image file read, for an unpack whose total of bytes
-/// is not known beforehand.
-struct ImageBytesObserver<'e> {
-    events: &'e mut Events,
-    read: Arc<AtomicU64>,
-    size: u64,
-}
-
-impl Observer for ImageBytesObserver<'_> {
-    fn progress(&mut self, _unpacked: u64) {
-        let read = self.read.load(Ordering::Relaxed).min(self.size);
-        self.events
-            .progress(EventPhase::Unpack, read, self.size, "image_bytes");
-    }
-    fn warning(&mut self, code: Warning, message: &str) {
-        self.events.warning(code, message);
-    }
-    fn cancelled(&self) -> bool {
-        signals::cancelled()
-    }
 }

@@ -106,14 +106,14 @@ pub(super) fn rebuild(
                 "publish",
             ],
         };
-        return Ok(dry_run_result(&plan, &content, steps, pending));
+        return Ok(dry_run_result(&planned(plan)?, &content, steps, pending));
     }
     cancelled_check()?;
     if refill {
         refill_in_place(
             &mut held,
             &content,
-            &plan,
+            &planned(plan)?,
             &current,
             fill,
             &preserved,
@@ -123,13 +123,17 @@ pub(super) fn rebuild(
     }
     let key = image_key(driver, &content, &idmap);
     let mut cache = Cache::Off;
-    let filling = Filling {
-        content: &content,
-        idmap: &idmap,
-        metadata: fill.unsupported_metadata,
-        target_size: plan.target_size,
-        grow_to_fit: (fill.size_policy != SizePolicy::Exact).then_some(fill.headroom),
-    };
+    let filling = Filling::new(
+        &content,
+        &idmap,
+        plan.as_ref(),
+        PlanLater {
+            fill,
+            current: Some(&current),
+            mode,
+        },
+    );
+    let mut measured = None;
     match mode {
         Mode::Atomic => {
             let op = IntentOp::Rebuild;
@@ -139,7 +143,7 @@ pub(super) fn rebuild(
                 with_snapshots,
                 |held| {
                     fault::point("rebuild:journaled")?;
-                    let (root, used) = build_new(
+                    let (root, used, content) = build_new(
                         held,
                         &pool,
                         key.as_ref(),
@@ -148,6 +152,7 @@ pub(super) fn rebuild(
                         &mut timings,
                     )?;
                     cache = used;
+                    measured = content;
                     fault::point("rebuild:unpacked")?;
                     preserve_step(
                         held,
@@ -182,7 +187,8 @@ pub(super) fn rebuild(
                     fault::point("inplace:journaled")?;
                     driver.rename(live, Slot::old(volume))?;
                     fault::point("inplace:detached")?;
-                    let root = create_new(held, plan.target_size, "inplace:created", &mut timings)?;
+                    let root =
+                        create_new(held, filling.target_size, "inplace:created", &mut timings)?;
                     preserve_step(
                         held,
                         || driver.open_root(Slot::old(volume)),
@@ -226,6 +232,7 @@ pub(super) fn rebuild(
             held.commit(op, new_id, with_snapshots, &mut timings)?;
         }
     }
+    let content = measured.unwrap_or(content);
     fill_result(driver, volume, &content, cache, &timings)
 }
 

@@ -18,13 +18,16 @@ pub(super) fn refill_in_place(
     timings: &mut Timings,
 ) -> Result<()> {
     let idmap = IdMap::new(fill.idmap.clone());
-    let filling = Filling {
+    let filling = Filling::new(
         content,
-        idmap: &idmap,
-        metadata: fill.unsupported_metadata,
-        target_size: plan.target_size,
-        grow_to_fit: (fill.size_policy != SizePolicy::Exact).then_some(fill.headroom),
-    };
+        &idmap,
+        Some(plan),
+        PlanLater {
+            fill,
+            current: Some(current),
+            mode: Mode::Atomic,
+        },
+    );
     let (driver, volume) = (held.driver, held.volume);
     let live = Slot::live(volume);
     let op = IntentOp::RebuildRefill;

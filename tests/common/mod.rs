@@ -308,7 +308,14 @@ impl Env {
                 }
             }
         }
-        (manifest::manifest(&self.pool).unwrap(), journal)
+        let mut pool = manifest::manifest(&self.pool).unwrap();
+        // The pool directory's own times are left out: a first fill from an image unpacks it
+        // beside the old volume while measuring it, so a refused one has created and removed
+        // its temporary slot there.
+        if let Some(root) = pool.get_mut(".") {
+            root.mtime = (0, 0);
+        }
+        (pool, journal)
     }
 
     /// Temporary volumes left in the pool (and guard snapshots and mounts).
