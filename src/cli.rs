@@ -13,6 +13,7 @@ use crate::error::{Code, Error, Result};
 use crate::ops::{self, Ctx};
 use crate::protocol::events::{BarMode, Events};
 use crate::protocol::request::{self, MAX_REQUEST_BYTES};
+use crate::protocol::screen::Display;
 use crate::{drivers, signals};
 
 pub const USAGE: &str =
@@ -238,18 +239,20 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
     signals::install();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let stderr_tty = std::io::stderr().is_terminal();
-    let bar = match &parsed {
-        Ok(Parsed::Run(a)) => match a.bar {
-            BarMode::Always => true,
-            BarMode::Never => false,
-            BarMode::Auto => stderr_tty,
+    let display = match &parsed {
+        Ok(Parsed::Run(a)) => match (a.bar, stderr_tty) {
+            (BarMode::Never, _) | (BarMode::Auto, false) => Display::Off,
+            (BarMode::Always | BarMode::Auto, true) => Display::Terminal,
+            // Into a file: plain lines, never an escape sequence.
+            (BarMode::Always, false) => Display::Lines,
         },
-        _ => false,
+        _ => Display::Off,
     };
     let mut events = Events::new(
         Box::new(std::io::stdout()),
         Box::new(std::io::stderr()),
-        bar,
+        display,
+        std::io::stdout().is_terminal(),
     );
     for note in &hardening {
         events.log(&format!("warning: {note}"));

@@ -152,6 +152,7 @@ impl LockedVolume<'_> {
             with_snapshots,
         )?;
         let (driver, volume) = (self.driver, self.volume);
+        self.events.progress(EventPhase::Swap, 0, 1, "steps");
         let swapped = timings.time("swap", || -> Result<()> {
             fault::point("commit:journaled")?;
             let live_exists = driver.identity(Slot::live(volume))?.is_some();
@@ -172,6 +173,7 @@ impl LockedVolume<'_> {
                 .map_err(|again| recovery_pending(e, &again));
         }
         self.events.progress(EventPhase::Swap, 1, 1, "steps");
+        self.events.progress(EventPhase::Cleanup, 0, 1, "steps");
         let cleaned = timings.time("cleanup", || -> Result<()> {
             fault::point("commit:swapped")?;
             let [_, new, old] = driver.identities(volume)?;

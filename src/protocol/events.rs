@@ -1,5 +1,5 @@
-//! The event stream: JSON Lines on stdout for programs, log lines and a progress bar on stderr
-//! for people.
+//! The event stream: JSON Lines on stdout for programs; log lines, progress and a summary on
+//! stderr for people (see `screen.rs`).
 //!
 //! Contract kept here: every stdout line is one object with an `event` key; nothing follows
 //! the final `result` or `error`; progress is rate-limited to about ten events a second.
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use super::screen::{Display, Screen};
 use crate::error::{Error, Warning};
 
 /// The phases named in `progress` events.
@@ -39,7 +40,7 @@ impl Phase {
     }
 }
 
-/// Whether stderr shows a progress bar.
+/// Whether stderr shows progress (`--progress`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BarMode {
     Auto,
@@ -51,30 +52,39 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct Events {
     out: Box<dyn Write + Send>,
-    err: Box<dyn Write + Send>,
-    bar: bool,
-    bar_drawn: bool,
+    screen: Screen,
+    /// stdout is the terminal the progress line is drawn on.
+    stdout_on_screen: bool,
+    started: Instant,
     finished: bool,
     out_failed: bool,
     last_progress: Option<(Instant, Phase, u64)>,
 }
 
 impl Events {
-    pub fn new(out: Box<dyn Write + Send>, err: Box<dyn Write + Send>, bar: bool) -> Self {
+    /// Events on `out`; `err` for people, with progress shown as `display` says.
+    /// `stdout_on_screen`: stdout is the same terminal as stderr, so the progress line is
+    /// cleared before each event line.
+    pub fn new(
+        out: Box<dyn Write + Send>,
+        err: Box<dyn Write + Send>,
+        display: Display,
+        stdout_on_screen: bool,
+    ) -> Self {
         Events {
             out,
-            err,
-            bar,
-            bar_drawn: false,
+            screen: Screen::new(err, display),
+            stdout_on_screen: stdout_on_screen && display == Display::Terminal,
+            started: Instant::now(),
             finished: false,
             out_failed: false,
             last_progress: None,
         }
     }
 
-    /// Events for tests and library callers: everything to the given writer, no bar.
+    /// Events for tests and library callers: everything to the given writer, no progress.
     pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
-        Events::new(out, Box::new(std::io::sink()), false)
+        Events::new(out, Box::new(std::io::sink()), Display::Off, false)
     }
 
     fn emit(&mut self, value: Value) {
@@ -83,11 +93,15 @@ impl Events {
         }
         let mut line = value.to_string();
         line.push('\n');
-        if let Err(e) = self
-            .out
-            .write_all(line.as_bytes())
-            .and_then(|_| self.out.flush())
-        {
+        let out = &mut self.out;
+        let mut written = Ok(());
+        let mut write = || written = out.write_all(line.as_bytes()).and_then(|_| out.flush());
+        if self.stdout_on_screen {
+            self.screen.around(write);
+        } else {
+            write();
+        }
+        if let Err(e) = written {
             if !self.out_failed {
                 self.out_failed = true;
                 self.log(&format!("cannot write events to stdout ({e}); carrying on"));
@@ -95,17 +109,9 @@ impl Events {
         }
     }
 
-    fn clear_bar(&mut self) {
-        if self.bar_drawn {
-            let _ = self.err.write_all(b"\r\x1b[2K");
-            self.bar_drawn = false;
-        }
-    }
-
     /// A human-readable line on stderr.
     pub fn log(&mut self, message: &str) {
-        self.clear_bar();
-        let _ = writeln!(self.err, "reimage: {message}");
+        self.screen.line(message);
     }
 
     pub fn start(&mut self, op: &str, driver: &str, pool: Option<&str>, volume: Option<&str>) {
@@ -135,38 +141,7 @@ impl Events {
         self.emit(json!({
             "event": "progress", "phase": phase.as_str(), "done": done, "total": total, "unit": unit
         }));
-        if self.bar {
-            self.draw_bar(phase, done, total, unit);
-        }
-    }
-
-    fn draw_bar(&mut self, phase: Phase, done: u64, total: u64, unit: &str) {
-        const WIDTH: usize = 30;
-        let fraction = if total == 0 {
-            1.0
-        } else {
-            (done as f64 / total as f64).min(1.0)
-        };
-        let filled = (fraction * WIDTH as f64) as usize;
-        let amount = if unit == "bytes" {
-            format!(
-                "{:.1}/{:.1} MiB",
-                done as f64 / 1048576.0,
-                total as f64 / 1048576.0
-            )
-        } else {
-            format!("{done}/{total} {unit}")
-        };
-        let _ = write!(
-            self.err,
-            "\r\x1b[2K{:<8} [{}{}] {:>3}% {amount}",
-            phase.as_str(),
-            "#".repeat(filled),
-            " ".repeat(WIDTH - filled),
-            (fraction * 100.0) as u32
-        );
-        let _ = self.err.flush();
-        self.bar_drawn = true;
+        self.screen.progress(phase, done, total, unit);
     }
 
     pub fn warning(&mut self, code: Warning, message: &str) {
@@ -176,7 +151,10 @@ impl Events {
 
     /// The final success event; `body` holds the op's fields (`volume`, `image`, ...).
     pub fn result(&mut self, op: &str, body: Map<String, Value>) {
-        self.clear_bar();
+        let summary = self
+            .screen
+            .shows_progress()
+            .then(|| summary(op, &body, self.started));
         let mut v = Map::new();
         v.insert("event".into(), "result".into());
         v.insert("ok".into(), true.into());
@@ -184,6 +162,7 @@ impl Events {
         v.extend(body);
         self.emit(Value::Object(v));
         self.finished = true;
+        self.screen.finish(summary.as_deref());
     }
 
     /// The final failure event.
@@ -193,7 +172,32 @@ impl Events {
             "event": "error", "code": err.code.as_str(), "message": err.message, "details": err.details
         }));
         self.finished = true;
+        self.screen.finish(None);
     }
+}
+
+/// The one line that ends a request shown with progress: what was done to what, how long it
+/// took, and where an image volume was involved, whether it was there already.
+fn summary(op: &str, body: &Map<String, Value>, started: Instant) -> String {
+    let volume = body
+        .get("volume")
+        .and_then(|v| v.get("name"))
+        .and_then(Value::as_str)
+        .map(|name| format!(" {name}"))
+        .unwrap_or_default();
+    let cache = match body
+        .get("image")
+        .and_then(|i| i.get("cache"))
+        .and_then(Value::as_str)
+    {
+        Some("hit") => " (cloned from its image volume)",
+        Some("miss") => " (image volume built, then cloned)",
+        _ => "",
+    };
+    format!(
+        "{op}{volume}: done in {:.2} s{cache}",
+        started.elapsed().as_secs_f64()
+    )
 }
 
 #[cfg(test)]

@@ -2,4 +2,5 @@
 
 pub mod events;
 pub mod request;
+pub mod screen;
 pub mod size;
