@@ -1,7 +1,8 @@
 //! Unpacking an image while measuring it, so that a first fill from an image decodes it once
 //! instead of twice (measure, then unpack): into a new image volume (see `image_volume.rs`),
-//! or, on pools without them, straight into the volume's new slot when its size can be set
-//! after the fill (every driver but lvm, whose size is the device's).
+//! or, on pools without them, straight into the volume's new slot when its limit can be set
+//! after the fill (dir, btrfs, zfs; not lvm, whose limit is the size of a device holding a
+//! filesystem).
 //!
 //! What measuring first guaranteed still holds. The unpack stops before the entry that would
 //! take more than the pool's free space allows (the plan's own arithmetic), so it never fills
@@ -72,12 +73,12 @@ pub(super) fn unpack_alongside(
 }
 
 /// Whether a fill measures while it unpacks into the volume's new slot: a tar image the
-/// measure cache does not know, on a pool without image volumes whose driver sets a size
-/// after the fill, in an atomic build that is not a dry run.
+/// measure cache does not know, on a pool without image volumes whose limit can be set after
+/// the fill (a quota, not an LV's size), in an atomic build that is not a dry run.
 pub(super) fn fills_in_one_pass(driver: &dyn Driver, opened: &Opened, state: &RecordDir) -> bool {
     opened.detected.format == image::Format::Tar
         && !driver.capabilities().image_volumes
-        && driver.capabilities().size_model != reimage_driver::SizeModel::Allocated
+        && driver.capabilities().late_limit
         && opened.remembered(state).is_none()
 }
 

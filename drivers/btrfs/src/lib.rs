@@ -263,6 +263,7 @@ impl Driver for BtrfsDriver {
             cheap_usage: self.quota,
             image_volumes: self.image_volumes,
             templates: true,
+            late_limit: true,
         }
     }
 

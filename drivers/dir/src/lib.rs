@@ -83,6 +83,7 @@ impl Driver for DirDriver {
             cheap_usage: self.quota,
             image_volumes: false,
             templates: false,
+            late_limit: true,
         }
     }
 

@@ -74,6 +74,7 @@ impl FakeDriver {
                 cheap_usage: true,
                 image_volumes: false,
                 templates: true,
+                late_limit: true,
             },
             state: RefCell::new(State::default()),
         }

@@ -175,6 +175,9 @@ pub struct Capabilities {
     /// A volume can be filled as a writable clone of another volume's snapshot
     /// ([`Driver::clone_snapshot`]).
     pub templates: bool,
+    /// The limit can be set after the volume is filled, while it is open, at no cost (a
+    /// quota; not a device's size): a first fill may then be measured while it unpacks.
+    pub late_limit: bool,
 }
 
 /// Size and usage of one volume.

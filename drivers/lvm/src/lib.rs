@@ -436,6 +436,7 @@ impl Driver for LvmDriver {
             cheap_usage: true,
             image_volumes: false,
             templates: false,
+            late_limit: false,
         }
     }
 

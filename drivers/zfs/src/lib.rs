@@ -396,6 +396,7 @@ impl Driver for ZfsDriver {
             cheap_usage: true,
             image_volumes: self.image_volumes,
             templates: true,
+            late_limit: true,
         }
     }
 
