@@ -251,13 +251,7 @@ fn build_image(
             .map_err(|e| with_fill_numbers(driver, e, &root, filling.content, None))
         })?;
         fault::point("image:unpacked")?;
-        timings.time("sync", || {
-            rustix::fs::syncfs(root.root())
-                .map_err(|e| Error::new(Code::DriverError, format!("syncfs: {e}")))
-        })?;
-        root.release()?;
-        cancelled_check()?;
-        driver.seal_image(key)?;
+        seal_image(driver, key, root, timings)?;
         Ok(())
     })();
     if let Err(e) = built {
@@ -277,6 +271,22 @@ fn build_image(
         write_record(records, key, &ImageRecord::new(path, sha256, measurement));
     }
     Ok(())
+}
+
+/// The build's last steps: the unpacked image volume synced, closed and sealed.
+fn seal_image(
+    driver: &dyn Driver,
+    key: &ImageKey,
+    root: Mounted,
+    timings: &mut Timings,
+) -> Result<()> {
+    timings.time("sync", || {
+        rustix::fs::syncfs(root.root())
+            .map_err(|e| Error::new(Code::DriverError, format!("syncfs: {e}")))
+    })?;
+    root.release()?;
+    cancelled_check()?;
+    driver.seal_image(key).map_err(Error::from)
 }
 
 /// Removes the unsealed image volumes that no running request is building: what interrupted
@@ -444,13 +454,7 @@ fn build_alongside(
             return Ok(None);
         };
         fault::point("image:unpacked")?;
-        timings.time("sync", || {
-            rustix::fs::syncfs(root.root())
-                .map_err(|e| Error::new(Code::DriverError, format!("syncfs: {e}")))
-        })?;
-        root.release()?;
-        cancelled_check()?;
-        driver.seal_image(key)?;
+        seal_image(driver, key, root, timings)?;
         Ok(Some(m))
     })();
     let m = match built {

@@ -170,6 +170,29 @@ impl FakeDriver {
         }
     }
 
+    /// Fills the empty `slot` with a copy of `source` (a clone of a snapshot or of the image
+    /// volume `origin`).
+    fn clone_into(&self, source: &Path, slot: Slot<'_>, origin: Option<ImageKey>) -> Result<()> {
+        if self.state.borrow().slots.contains_key(&Self::key(slot)) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{slot} exists"),
+            ));
+        }
+        let (id, dir) = self.new_dir()?;
+        copy_tree(source, &dir)?;
+        self.state.borrow_mut().slots.insert(
+            Self::key(slot),
+            Object {
+                id,
+                dir,
+                size: None,
+                origin,
+            },
+        );
+        Ok(())
+    }
+
     fn key(slot: Slot<'_>) -> (String, SlotKind) {
         (slot.volume.as_str().to_owned(), slot.kind)
     }
@@ -288,24 +311,7 @@ impl Driver for FakeDriver {
                     format!("no snapshot {template}@{snapshot}"),
                 )
             })?;
-        if self.state.borrow().slots.contains_key(&Self::key(slot)) {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!("{slot} exists"),
-            ));
-        }
-        let (id, dir) = self.new_dir()?;
-        copy_tree(&source, &dir)?;
-        self.state.borrow_mut().slots.insert(
-            Self::key(slot),
-            Object {
-                id,
-                dir,
-                size: None,
-                origin: None,
-            },
-        );
-        Ok(())
+        self.clone_into(&source, slot, None)
     }
 
     fn rename(&self, from: Slot<'_>, to: Slot<'_>) -> Result<()> {
@@ -462,24 +468,7 @@ impl Driver for FakeDriver {
             .get(&(key.clone(), true))
             .cloned()
             .ok_or_else(|| Error::new(ErrorKind::NotFound, "no sealed image"))?;
-        if self.state.borrow().slots.contains_key(&Self::key(slot)) {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!("{slot} exists"),
-            ));
-        }
-        let (id, dir) = self.new_dir()?;
-        copy_tree(&source, &dir)?;
-        self.state.borrow_mut().slots.insert(
-            Self::key(slot),
-            Object {
-                id,
-                dir,
-                size: None,
-                origin: Some(key.clone()),
-            },
-        );
-        Ok(())
+        self.clone_into(&source, slot, Some(key.clone()))
     }
 
     fn images(&self) -> Result<Vec<ImageVolume>> {
