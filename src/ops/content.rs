@@ -86,14 +86,15 @@ pub(super) struct Opened {
     pub(super) prefix: Option<String>,
     /// The measure cache's key for this file and these options.
     cache_key: Option<String>,
+    /// What the measure cache held for it when it was opened: a measurement and the SHA-256.
+    cached: Option<(Measurement, Option<String>)>,
 }
 
 impl Opened {
-    /// The measurement and SHA-256 the measure cache remembers for this file.
-    pub(super) fn remembered(&self, state: &RecordDir) -> Option<(Measurement, Option<String>)> {
-        self.cache_key
-            .as_deref()
-            .and_then(|k| cache::lookup(state, k))
+    /// The measurement and SHA-256 the measure cache remembered for this file when it was
+    /// opened.
+    pub(super) fn remembered(&self) -> Option<(Measurement, Option<String>)> {
+        self.cached.clone()
     }
 
     pub(super) fn remember(&self, state: &RecordDir, m: &Measurement, sha256: &str) {
@@ -122,6 +123,7 @@ impl Opened {
             detected: self.detected,
             prefix: self.prefix.clone(),
             cache_key: self.cache_key.clone(),
+            cached: self.cached.clone(),
         })
     }
 
@@ -142,9 +144,10 @@ impl Opened {
     }
 }
 
-/// Opens the fill's image, if it has one.
+/// Opens the fill's image, if it has one, and looks it up in the measure cache (in `state`).
 pub(super) fn open_image(
     config: &Config,
+    state: &RecordDir,
     source: &Source,
     image: Option<&OpenedImage>,
     idmap: &IdMap,
@@ -168,12 +171,14 @@ pub(super) fn open_image(
     };
     let detected = image::detect(&file)?;
     let cache_key = cache::key(&file, prefix.as_deref(), idmap.ranges());
+    let cached = cache_key.as_deref().and_then(|k| cache::lookup(state, k));
     Ok(Some(Opened {
         file,
         path: resolved,
         detected,
         prefix,
         cache_key,
+        cached,
     }))
 }
 
@@ -186,7 +191,7 @@ pub(super) fn open_and_measure(
     idmap: &IdMap,
     timings: &mut Timings,
 ) -> Result<Content> {
-    match open_image(config, source, image, idmap)? {
+    match open_image(config, state, source, image, idmap)? {
         None => Ok(Content::Empty),
         Some(opened) => measure_opened(state, events, opened, idmap, None, timings),
     }
@@ -201,7 +206,7 @@ pub(super) fn measure_opened(
     sha256: Option<String>,
     timings: &mut Timings,
 ) -> Result<Content> {
-    let (measurement, sha256) = match opened.remembered(state) {
+    let (measurement, sha256) = match opened.remembered() {
         Some((m, remembered)) => {
             timings.time("measure", || ());
             events.progress(EventPhase::Measure, 1, 1, "cached");

@@ -23,12 +23,12 @@ pub(super) fn measure_and_plan(
     let driver = held.driver;
     let content = match (&fill.source, builds) {
         (Source::Template { volume, snapshot }, _) => template_content(driver, volume, snapshot)?,
-        (_, Some(pool)) => match open_image(config, &fill.source, held.image, idmap)? {
+        (_, Some(pool)) => match open_image(config, held.state, &fill.source, held.image, idmap)? {
             None => Content::Empty,
             Some(opened) if driver.capabilities().image_volumes => {
                 measure_or_build(held, pool, opened, idmap, fill, timings)?
             }
-            Some(opened) if fills_in_one_pass(driver, &opened, held.state) => {
+            Some(opened) if fills_in_one_pass(driver, &opened) => {
                 return Ok((Content::Unmeasured(opened), None));
             }
             Some(opened) => measure_opened(held.state, held.events, opened, idmap, None, timings)?,
@@ -43,13 +43,22 @@ pub(super) fn measure_and_plan(
             timings,
         )?,
     };
-    let plan = plan_for(held, fill, &content, current, mode, None)?;
+    // An image volume built while measuring holds the image already.
+    let written = matches!(
+        content,
+        Content::Image {
+            built_image_volume: true,
+            ..
+        }
+    )
+    .then(|| content.measurement().tally);
+    let plan = plan_for(held, fill, &content, current, mode, written)?;
     Ok((content, Some(plan)))
 }
 
 /// Plans the fill of the measured `content` against the pool, and warns when `size` cannot be
 /// enforced or the pool is overcommitted. `written`: what this request already unpacked into
-/// the pool (the one pass), counted as free.
+/// the pool (an image volume or the new slot, in one pass), counted as free.
 pub(super) fn plan_for(
     held: &mut LockedVolume<'_>,
     fill: &Fill,
@@ -70,7 +79,7 @@ pub(super) fn plan_for(
         need,
         current,
         mode,
-        space_before(driver, content, written)?,
+        space_before(driver, written)?,
     )?;
     if let (Some((provisioned, total)), Some(size)) = (plan.provisioned, plan.target_size) {
         // The old volume's promise goes away in a rebuild; it is still counted here, as it
@@ -128,24 +137,12 @@ pub(super) fn size_clone(driver: &dyn Driver, slot: Slot<'_>, filling: &Filling<
     driver.set_size(slot, size).map_err(Error::from)
 }
 
-/// The pool's space as the plan counts it: as it was before this request built the content's
-/// image volume, if it did, or unpacked `written` into the new slot (the volume itself, a
-/// clone of an image volume, takes none yet).
-fn space_before(
-    driver: &dyn Driver,
-    content: &Content,
-    written: Option<Tally>,
-) -> Result<reimage_driver::PoolSpace> {
+/// The pool's space as the plan counts it: as it was before this request unpacked `written`
+/// into it (a new image volume, or the new slot in one pass; the volume itself, a clone of an
+/// image volume, takes none yet).
+fn space_before(driver: &dyn Driver, written: Option<Tally>) -> Result<reimage_driver::PoolSpace> {
     let mut space = driver.pool_space()?;
-    let built = match content {
-        Content::Image {
-            measurement,
-            built_image_volume: true,
-            ..
-        } => Some(measurement.tally),
-        _ => written,
-    };
-    if let Some(tally) = built {
+    if let Some(tally) = written {
         space.available = space.available.saturating_add(tally.allocated_bytes);
         space.inodes_available = space
             .inodes_available
@@ -421,15 +418,28 @@ pub(super) fn create_new(
     timings: &mut Timings,
 ) -> Result<Mounted> {
     let (driver, volume) = (held.driver, held.volume);
+    prepare_new(held, created, timings, || {
+        driver
+            .create(
+                Slot::building(volume),
+                fault::quota_override().or(target_size),
+            )
+            .map_err(Error::from)
+    })
+}
+
+/// The `prepare` phase of every build: `make` puts the `New` slot in place (created, or
+/// cloned and sized), fault point `created` is passed, and the slot's root is opened.
+pub(super) fn prepare_new(
+    held: &mut LockedVolume<'_>,
+    created: &str,
+    timings: &mut Timings,
+    make: impl FnOnce() -> Result<()>,
+) -> Result<Mounted> {
     held.events.progress(EventPhase::Prepare, 0, 1, "steps");
-    timings.time("prepare", || {
-        driver.create(
-            Slot::building(volume),
-            fault::quota_override().or(target_size),
-        )
-    })?;
+    timings.time("prepare", make)?;
     fault::point(created)?;
-    let root = driver.open_root(Slot::building(volume))?;
+    let root = held.driver.open_root(Slot::building(held.volume))?;
     held.events.progress(EventPhase::Prepare, 1, 1, "steps");
     Ok(root)
 }

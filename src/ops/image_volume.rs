@@ -208,18 +208,14 @@ pub(super) fn clone_new(
         build_image(held, &records, key, filling, timings)?;
         Cache::Miss
     };
-    held.events.progress(EventPhase::Prepare, 0, 1, "steps");
-    timings.time("prepare", || {
+    let root = prepare_new(held, created, timings, || {
         driver.clone_image(key, Slot::building(volume))?;
         size_clone(driver, Slot::building(volume), filling)
     })?;
-    fault::point(created)?;
     if let Some(mut record) = read_record(&records, key) {
         record.last_used = now();
         write_record(&records, key, &record);
     }
-    let root = driver.open_root(Slot::building(volume))?;
-    held.events.progress(EventPhase::Prepare, 1, 1, "steps");
     Ok((root, cache))
 }
 
@@ -367,7 +363,7 @@ pub(super) fn measure_or_build(
     timings: &mut Timings,
 ) -> Result<Content> {
     let driver = held.driver;
-    if opened.detected.format != image::Format::Tar || opened.remembered(held.state).is_some() {
+    if opened.detected.format != image::Format::Tar || opened.remembered().is_some() {
         return measure_opened(held.state, held.events, opened, idmap, None, timings);
     }
     let sha256 = timings.time("hash", || opened.sha256())?;

@@ -75,11 +75,11 @@ pub(super) fn unpack_alongside(
 /// Whether a fill measures while it unpacks into the volume's new slot: a tar image the
 /// measure cache does not know, on a pool without image volumes whose limit can be set after
 /// the fill (a quota, not an LV's size), in an atomic build that is not a dry run.
-pub(super) fn fills_in_one_pass(driver: &dyn Driver, opened: &Opened, state: &RecordDir) -> bool {
+pub(super) fn fills_in_one_pass(driver: &dyn Driver, opened: &Opened) -> bool {
     opened.detected.format == image::Format::Tar
         && !driver.capabilities().image_volumes
         && driver.capabilities().late_limit
-        && opened.remembered(state).is_none()
+        && opened.remembered().is_none()
 }
 
 /// Unpack progress as the share of the image file read, for an unpack whose total of bytes

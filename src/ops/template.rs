@@ -63,13 +63,8 @@ pub(super) fn clone_template(
     timings: &mut Timings,
 ) -> Result<Mounted> {
     let (driver, volume) = (held.driver, held.volume);
-    held.events.progress(EventPhase::Prepare, 0, 1, "steps");
-    timings.time("prepare", || {
+    prepare_new(held, created, timings, || {
         driver.clone_snapshot(template, snapshot, Slot::building(volume))?;
         size_clone(driver, Slot::building(volume), filling)
-    })?;
-    fault::point(created)?;
-    let root = driver.open_root(Slot::building(volume))?;
-    held.events.progress(EventPhase::Prepare, 1, 1, "steps");
-    Ok(root)
+    })
 }
