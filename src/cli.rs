@@ -19,7 +19,7 @@ use crate::{drivers, signals};
 pub const USAGE: &str =
     "usage: reimage [--config PATH] [--progress auto|always|never] DRIVER < request.json
        reimage [--config PATH] --list-pools
-  DRIVER is one of dir, btrfs, zfs, lvm; the request and events are described in
+  DRIVER is one of dir, btrfs, zfs, lvm, overlay; the request and events are described in
   docs/protocol.md. --list-pools prints each configured pool as `NAME DRIVER`.";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub fn parse_args(args: &[OsString]) -> Result<Parsed> {
             }
             driver = Some(DriverKind::parse(text).ok_or_else(|| {
                 usage_error(format!(
-                    "unknown driver {text:?}; one of dir, btrfs, zfs, lvm"
+                    "unknown driver {text:?}; one of dir, btrfs, zfs, lvm, overlay"
                 ))
             })?);
             continue;

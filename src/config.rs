@@ -33,6 +33,7 @@ pub enum DriverKind {
     Btrfs,
     Zfs,
     Lvm,
+    Overlay,
 }
 
 impl DriverKind {
@@ -42,6 +43,7 @@ impl DriverKind {
             "btrfs" => Some(DriverKind::Btrfs),
             "zfs" => Some(DriverKind::Zfs),
             "lvm" => Some(DriverKind::Lvm),
+            "overlay" => Some(DriverKind::Overlay),
             _ => None,
         }
     }
@@ -52,6 +54,7 @@ impl DriverKind {
             DriverKind::Btrfs => "btrfs",
             DriverKind::Zfs => "zfs",
             DriverKind::Lvm => "lvm",
+            DriverKind::Overlay => "overlay",
         }
     }
 }
@@ -85,6 +88,9 @@ pub enum PoolSpec {
         image_volumes: bool,
         mount_dir: PathBuf,
     },
+    /// Each volume an overlayfs upper layer in `path` over an image volume beside it;
+    /// `quota`: a project quota per upper layer. It always keeps image volumes.
+    Overlay { path: PathBuf, quota: bool },
     /// Each volume an LV in `vg` (thin in `thin_pool` when set) holding `fs`.
     Lvm {
         vg: String,
@@ -101,6 +107,7 @@ impl Pool {
             PoolSpec::Btrfs { .. } => DriverKind::Btrfs,
             PoolSpec::Zfs { .. } => DriverKind::Zfs,
             PoolSpec::Lvm { .. } => DriverKind::Lvm,
+            PoolSpec::Overlay { .. } => DriverKind::Overlay,
         }
     }
 }
@@ -301,7 +308,7 @@ impl Config {
         VolumeName::parse(&name).map_err(|e| invalid(format!("pool name {name:?}: {e}")))?;
         let driver = DriverKind::parse(&p.driver).ok_or_else(|| {
             invalid(format!(
-                "pools.{name}.driver {:?} is not one of dir, btrfs, zfs, lvm",
+                "pools.{name}.driver {:?} is not one of dir, btrfs, zfs, lvm, overlay",
                 p.driver
             ))
         })?;
@@ -335,7 +342,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNT_DIR))
         };
         let spec = match driver {
-            DriverKind::Dir | DriverKind::Btrfs => {
+            DriverKind::Dir | DriverKind::Btrfs | DriverKind::Overlay => {
                 for (set, field) in [
                     (p.dataset.is_some(), "dataset"),
                     (p.quota_property.is_some(), "quota_property"),
@@ -351,6 +358,16 @@ impl Config {
                 if driver == DriverKind::Dir {
                     not_for(p.image_volumes.is_some(), "image_volumes")?;
                     PoolSpec::Dir { path, quota }
+                } else if driver == DriverKind::Overlay {
+                    if p.image_volumes == Some(false) {
+                        return Err(invalid(format!(
+                            "pools.{name}: an overlay pool always keeps image volumes (they are its volumes' lower layers); remove `image_volumes = false`"
+                        )));
+                    }
+                    if let Some(why) = reimage_driver_overlay::unusable_path(&path) {
+                        return Err(invalid(format!("pools.{name}.path: {why}")));
+                    }
+                    PoolSpec::Overlay { path, quota }
                 } else {
                     PoolSpec::Btrfs {
                         path,
@@ -590,7 +607,10 @@ mod tests {
             .collect();
         let all = Config::parse(&uncommented.join("\n")).unwrap();
         let names: Vec<&str> = all.pools.keys().map(String::as_str).collect();
-        assert_eq!(names, ["default", "fast", "limited", "tank", "vms"]);
+        assert_eq!(
+            names,
+            ["default", "fast", "layers", "limited", "tank", "vms"]
+        );
     }
 
     use super::*;

@@ -5,6 +5,7 @@ use reimage_driver::Driver;
 use reimage_driver_btrfs::BtrfsDriver;
 use reimage_driver_dir::DirDriver;
 use reimage_driver_lvm::LvmDriver;
+use reimage_driver_overlay::OverlayDriver;
 use reimage_driver_zfs::ZfsDriver;
 
 use crate::config::{Pool, PoolSpec};
@@ -14,6 +15,7 @@ use crate::error::{Error, Result};
 pub fn open(pool: &Pool, state: &RecordDir) -> Result<Box<dyn Driver>> {
     Ok(match &pool.spec {
         PoolSpec::Dir { path, quota } => Box::new(DirDriver::open(path, *quota)?),
+        PoolSpec::Overlay { path, quota } => Box::new(OverlayDriver::open(path, *quota)?),
         PoolSpec::Btrfs {
             path,
             quota,

@@ -352,14 +352,24 @@ pub(super) fn volume_json_with(
         .then(|| driver.usage(Slot::live(volume)))
         .transpose()?;
     let snapshots = driver.snapshots(Slot::live(volume))?;
-    Ok(json!({
+    let mut info = json!({
         "name": volume.as_str(),
         "exists": true,
         "size": usage.as_ref().and_then(|u| u.size),
         "used": usage.as_ref().map(|u| u.used),
         "inodes": usage.as_ref().and_then(|u| u.inodes),
         "snapshots": snapshots,
-    }))
+    });
+    // Added to v1: what a manager mounts, for volumes that are layers (overlay).
+    if let Some(spec) = driver.mount_spec(Slot::live(volume))? {
+        let mut mount = Map::new();
+        mount.insert("type".into(), spec.fstype.into());
+        for (key, value) in spec.options {
+            mount.insert(key.into(), value.into());
+        }
+        info["mount"] = Value::Object(mount);
+    }
+    Ok(info)
 }
 
 /// What a new slot is filled with: the content, its id map, the metadata policy, and the

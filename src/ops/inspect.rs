@@ -33,6 +33,9 @@ pub(super) fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, V
         "shrink": caps.shrink,
         "image_volumes": caps.image_volumes,
         "templates": caps.templates,
+        // Added: whether `size` limits the image content too (false for overlay, whose
+        // limit is its upper layer's: only what the volume changes counts).
+        "size_counts_image": caps.size_counts_image,
     });
     let mut out = Map::new();
     out.insert("volume".into(), info);

@@ -43,7 +43,15 @@ pub(super) fn prune(
             continue;
         }
         if !dry_run {
-            driver.destroy_image(&image.key, image.sealed)?;
+            match driver.destroy_image(&image.key, image.sealed) {
+                Ok(()) => {}
+                // Still a lower layer of a mount somebody made by hand (overlay).
+                Err(e) if matches!(e.kind, reimage_driver::ErrorKind::Busy { .. }) => {
+                    kept.push(json!({"key": key, "why": "mounted", "holder": e.message}));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
             if image.sealed {
                 let _ = records.remove(&format!("{key}.json"));
             }

@@ -264,6 +264,7 @@ impl Driver for BtrfsDriver {
             image_volumes: self.image_volumes,
             templates: true,
             late_limit: true,
+            size_counts_image: true,
         }
     }
 

@@ -84,6 +84,7 @@ impl Driver for DirDriver {
             image_volumes: false,
             templates: false,
             late_limit: true,
+            size_counts_image: true,
         }
     }
 

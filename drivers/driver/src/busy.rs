@@ -173,8 +173,110 @@ pub fn holder_of_mount_below(dir: &Path) -> std::io::Result<Option<String>> {
     Ok(None)
 }
 
+/// Who holds an overlay mount, in any process's mount namespace, whose upper layer or one of
+/// whose lower layers is `dir`: the process using it if one is found (by the overlay's
+/// device, see [`find_holder_on_device`]), and the mount, as `pid 7 (sleep): cwd /m/etc;
+/// overlay mounted at /m (mount namespace of pid 1 (systemd))`. Each namespace is read once,
+/// through the first process found in it; a process that vanishes meanwhile is passed over.
+pub fn overlay_using(dir: &Path) -> std::io::Result<Option<String>> {
+    use std::collections::HashSet;
+    use std::os::unix::fs::MetadataExt;
+    let dir = dir.as_os_str().as_bytes();
+    let mut seen = HashSet::new();
+    // reimage's own namespace is a private copy of the one it started in, and what reimage
+    // mounts itself is detached from every namespace: not read.
+    if let Ok(own) = fs::metadata("/proc/self/ns/mnt") {
+        seen.insert((own.dev(), own.ino()));
+    }
+    let mut pids: Vec<String> = Vec::new();
+    for entry in fs::read_dir("/proc")?.flatten() {
+        if let Some(pid) = entry.file_name().to_str() {
+            if pid.bytes().all(|b| b.is_ascii_digit()) {
+                pids.push(pid.to_owned());
+            }
+        }
+    }
+    for pid in pids {
+        let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if !seen.insert((ns.dev(), ns.ino())) {
+            continue;
+        }
+        let Ok(info) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+            continue;
+        };
+        let Some((mount_point, device)) = overlay_in(&info, dir) else {
+            continue;
+        };
+        let mount = format!(
+            "overlay mounted at {} (mount namespace of pid {pid} ({}))",
+            String::from_utf8_lossy(&mount_point),
+            process_name(&pid)
+        );
+        return Ok(Some(
+            match device.and_then(|dev| find_holder_on_device(dev).ok().flatten()) {
+                Some(process) => format!("{process}; {mount}"),
+                None => mount,
+            },
+        ));
+    }
+    Ok(None)
+}
+
+/// The mount point and device number of the first overlay in `mountinfo` that has `dir` as a
+/// layer.
+fn overlay_in(mountinfo: &str, dir: &[u8]) -> Option<(Vec<u8>, Option<u64>)> {
+    for line in mountinfo.lines() {
+        let Some((before, after)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut rest = after.splitn(3, ' ');
+        let (Some("overlay"), Some(_source), Some(options)) =
+            (rest.next(), rest.next(), rest.next())
+        else {
+            continue;
+        };
+        let uses = options.split(',').any(|option| {
+            let Some((key, value)) = option.split_once('=') else {
+                return false;
+            };
+            match key {
+                "upperdir" | "workdir" => unescape_mountinfo(value) == dir,
+                key if key.starts_with("lowerdir") => value
+                    .split(':')
+                    .any(|layer| !layer.is_empty() && unescape_mountinfo(layer) == dir),
+                _ => false,
+            }
+        });
+        if uses {
+            let fields: Vec<&str> = before.split(' ').collect();
+            let device = fields.get(2).and_then(|d| {
+                let (major, minor) = d.split_once(':')?;
+                Some(rustix::fs::makedev(
+                    major.parse().ok()?,
+                    minor.parse().ok()?,
+                ))
+            });
+            return Some((unescape_mountinfo(fields.get(4)?), device));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn overlays_are_found_by_any_of_their_layers() {
+        let info = "61 1 0:52 / /srv/c1\\040x rw,relatime - overlay overlay rw,lowerdir=/p/.reimage-image.k:/p/base,upperdir=/p/c1/upper,workdir=/p/c1/work\n\
+                    62 1 0:53 / /other rw - ext4 /dev/vda rw\n";
+        let found = Some((b"/srv/c1 x".to_vec(), Some(rustix::fs::makedev(0, 52))));
+        assert_eq!(overlay_in(info, b"/p/c1/upper"), found);
+        assert_eq!(overlay_in(info, b"/p/base"), found);
+        assert_eq!(overlay_in(info, b"/p/c1"), None);
+        assert_eq!(overlay_in(info, b"/p/c2/upper"), None);
+    }
+
     use super::*;
 
     #[test]

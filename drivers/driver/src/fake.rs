@@ -75,6 +75,7 @@ impl FakeDriver {
                 image_volumes: false,
                 templates: true,
                 late_limit: true,
+                size_counts_image: true,
             },
             state: RefCell::new(State::default()),
         }

@@ -25,7 +25,8 @@ use std::fmt;
 use std::os::fd::OwnedFd;
 
 pub use busy::{
-    find_holder, find_holder_on_device, holder_of_mount, holder_of_mount_below, mounts, MountEntry,
+    find_holder, find_holder_on_device, holder_of_mount, holder_of_mount_below, mounts,
+    overlay_using, MountEntry,
 };
 pub use image::{ImageKey, ImageVolume};
 pub use name::{NameError, VolumeName};
@@ -178,6 +179,10 @@ pub struct Capabilities {
     /// The limit can be set after the volume is filled, while it is open, at no cost (a
     /// quota; not a device's size): a first fill may then be measured while it unpacks.
     pub late_limit: bool,
+    /// The size limit counts the image content the volume was filled with (every driver
+    /// but overlay, whose limit is its upper layer's: the lower image volume is shared and
+    /// counted nowhere).
+    pub size_counts_image: bool,
 }
 
 /// Size and usage of one volume.
@@ -254,6 +259,14 @@ impl Drop for Mounted {
             let _ = release();
         }
     }
+}
+
+/// What a manager mounts to use a volume whose content is not one directory or device of
+/// its own (an overlay's layers): the filesystem type and its options, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountSpec {
+    pub fstype: &'static str,
+    pub options: Vec<(&'static str, String)>,
 }
 
 /// The reason a driver step failed, in terms the core maps onto protocol error codes.
@@ -439,6 +452,12 @@ pub trait Driver {
     /// Volumes that have something in a temporary slot (`New` or `Old`): the leftovers of an
     /// interrupted operation, for `recover` without a volume name.
     fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>>;
+
+    /// What a manager mounts to use the volume in `slot`, where that is not the volume's own
+    /// path, dataset or device (an overlay's layers); `None` otherwise.
+    fn mount_spec(&self, _slot: Slot<'_>) -> Result<Option<MountSpec>> {
+        Ok(None)
+    }
 
     /// [`Capabilities::image_volumes`]: creates the empty, writable, unsealed image volume
     /// `key`. Fails with `AlreadyExists` if an unsealed one is there.

@@ -437,6 +437,7 @@ impl Driver for LvmDriver {
             image_volumes: false,
             templates: false,
             late_limit: false,
+            size_counts_image: true,
         }
     }
 

@@ -397,6 +397,7 @@ impl Driver for ZfsDriver {
             image_volumes: self.image_volumes,
             templates: true,
             late_limit: true,
+            size_counts_image: true,
         }
     }
 

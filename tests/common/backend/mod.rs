@@ -8,6 +8,7 @@ mod devices;
 mod dir;
 mod dir_quota;
 mod lvm;
+mod overlay;
 mod zfs;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,9 @@ pub enum Backend {
     /// A dir pool on ext4 or (`xfs: true`) xfs with project quotas, on a loop device
     /// (inside the QEMU guest: the host kernel has no quota support).
     DirQuota { xfs: bool },
+    /// An overlay pool on the test machine's own filesystem, or (`quota: true`, inside the
+    /// QEMU guest) on ext4 with project quotas on a loop device.
+    Overlay { quota: bool },
 }
 
 impl Backend {
@@ -42,6 +46,7 @@ impl Backend {
             Backend::Zfs { quota } => Box::new(zfs::Zfs::new(dir, id, quota)),
             Backend::Lvm { thin, xfs } => Box::new(lvm::Lvm::new(dir, id, thin, xfs)),
             Backend::DirQuota { xfs } => Box::new(dir_quota::new(dir, xfs)),
+            Backend::Overlay { quota } => Box::new(overlay::Overlay::new(dir, quota)),
         }
     }
 }
@@ -70,6 +75,12 @@ pub trait Storage {
     /// The directory that holds the volumes, for pools whose volumes are directories (dir,
     /// btrfs); `None` where volumes are datasets or devices mounted only while in use.
     fn volume_dir(&self) -> Option<PathBuf>;
+
+    /// Whether reimage walks the volume's tree itself to measure, copy and remove it (the
+    /// volumes that are directories), rather than leaving that to the backend.
+    fn walked_by_reimage(&self) -> bool {
+        self.volume_dir().is_some()
+    }
 
     /// Whether the live volume exists.
     fn exists(&self, volume: &str) -> bool;

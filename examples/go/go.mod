@@ -1,0 +1,3 @@
+module example.com/reimage-client
+
+go 1.19
