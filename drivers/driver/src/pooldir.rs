@@ -171,6 +171,37 @@ impl PoolDir {
         Ok(found)
     }
 
+    /// The slot directory's `dev:ino`, or `None` when the slot is empty.
+    pub fn identity(&self, slot: Slot<'_>) -> Result<Option<String>> {
+        Ok(self
+            .stat(slot)?
+            .map(|st| format!("{}:{}", st.st_dev, st.st_ino)))
+    }
+
+    /// Removes the slot's directory tree ([`crate::tree::remove_tree`]'s rules); an empty
+    /// slot is not an error.
+    pub fn remove(&self, slot: Slot<'_>) -> Result<()> {
+        if self.stat(slot)?.is_none() {
+            return Ok(());
+        }
+        crate::tree::remove_tree(
+            std::os::fd::AsFd::as_fd(&self.fd),
+            &Self::cname(slot),
+            &self.path_of(slot).display().to_string(),
+        )
+    }
+
+    /// The space of the filesystem the pool is on.
+    pub fn space(&self) -> Result<crate::PoolSpace> {
+        let st = self.statvfs()?;
+        Ok(crate::PoolSpace {
+            available: st.f_bavail.saturating_mul(st.f_frsize),
+            total: st.f_blocks.saturating_mul(st.f_frsize),
+            inodes_available: (st.f_files > 0).then_some(st.f_favail),
+            provisioned: None,
+        })
+    }
+
     pub fn statvfs(&self) -> Result<rustix::fs::StatVfs> {
         rustix::fs::fstatvfs(&self.fd)
             .map_err(|e| Error::errno(format!("statvfs {}", self.path.display()), e))

@@ -367,10 +367,7 @@ impl Driver for OverlayDriver {
     }
 
     fn identity(&self, slot: Slot<'_>) -> Result<Option<String>> {
-        Ok(self
-            .pool
-            .stat(slot)?
-            .map(|st| format!("{}:{}", st.st_dev, st.st_ino)))
+        self.pool.identity(slot)
     }
 
     fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()> {
@@ -379,14 +376,7 @@ impl Driver for OverlayDriver {
     }
 
     fn destroy(&self, slot: Slot<'_>, _with_snapshots: bool) -> Result<()> {
-        if self.pool.stat(slot)?.is_none() {
-            return Ok(());
-        }
-        tree::remove_tree(
-            self.pool.fd.as_fd(),
-            &PoolDir::cname(slot),
-            &self.pool.path_of(slot).display().to_string(),
-        )
+        self.pool.remove(slot)
     }
 
     fn snapshots(&self, slot: Slot<'_>) -> Result<Vec<String>> {
@@ -446,13 +436,7 @@ impl Driver for OverlayDriver {
     }
 
     fn pool_space(&self) -> Result<PoolSpace> {
-        let st = self.pool.statvfs()?;
-        Ok(PoolSpace {
-            available: st.f_bavail.saturating_mul(st.f_frsize),
-            total: st.f_blocks.saturating_mul(st.f_frsize),
-            inodes_available: (st.f_files > 0).then_some(st.f_favail),
-            provisioned: None,
-        })
+        self.pool.space()
     }
 
     /// The merged view of the slot. The slot being built is mounted writable (what is
