@@ -81,13 +81,7 @@ impl Storage for Btrfs {
     /// Temporary slots, and image volumes that were never sealed.
     fn leftovers(&self) -> Vec<String> {
         let mut found = self.dir.leftovers();
-        found.extend(
-            std::fs::read_dir(&self.dir.pool)
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(reimage_driver::image::UNSEALED_PREFIX)),
-        );
+        found.extend(super::unsealed_images(&self.dir.pool));
         found
     }
 

@@ -60,6 +60,16 @@ fn global_name(id: &str) -> String {
         .collect()
 }
 
+/// The unsealed image volumes in a pool directory: what an interrupted build left.
+fn unsealed_images(pool: &Path) -> Vec<String> {
+    std::fs::read_dir(pool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(reimage_driver::image::UNSEALED_PREFIX))
+        .collect()
+}
+
 /// A snapshot the test took of a volume, by the backend's own name for it (a path, `VG/LV`,
 /// `DATASET@NAME`).
 pub struct Snapshot(pub String);
