@@ -13,6 +13,7 @@ use crate::error::{Code, Error, Result};
 use crate::ops::{self, Ctx};
 use crate::protocol::events::{BarMode, Events};
 use crate::protocol::request::{self, MAX_REQUEST_BYTES};
+use crate::protocol::results::{ImageInfo, OpResult};
 use crate::protocol::screen::Display;
 use crate::{drivers, signals};
 
@@ -136,7 +137,7 @@ fn execute(
     stdin: &mut dyn Read,
     events: &mut Events,
     audit: &mut Audit,
-) -> Result<(String, serde_json::Map<String, serde_json::Value>)> {
+) -> Result<OpResult> {
     let config = Config::load(&args.config)?;
     audit.socket = config.audit_socket.clone();
     reimage_driver::command::set_timeout(config.command_timeout);
@@ -179,13 +180,12 @@ fn execute(
         events,
         image: image.as_ref(),
     };
-    let body = ops::run(ctx, &op)?;
-    audit.record.sha256 = body
-        .get("image")
-        .and_then(|image| image.get("sha256"))
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned);
-    Ok((op.name().to_owned(), body))
+    let result = ops::run(ctx, &op)?;
+    audit.record.sha256 = match result.image() {
+        Some(ImageInfo::Image(image)) => Some(image.sha256.clone()),
+        _ => None,
+    };
+    Ok(result)
 }
 
 /// `--list-pools`: one `NAME DRIVER` line per configured pool, sorted by name; a config that
@@ -270,8 +270,8 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
         Err(e) => Err(e),
     };
     let (status, code) = match outcome {
-        Ok((op, body)) => {
-            events.result(&op, body);
+        Ok(result) => {
+            events.result(result);
             (0, "ok")
         }
         Err(e) => {

@@ -168,6 +168,21 @@ fn invalid(message: impl Into<String>) -> Error {
     Error::new(Code::ConfigInvalid, message)
 }
 
+/// A TOML syntax or type error, with where it is: `details.line` and `details.column` (both
+/// from 1, the column in characters) when the parser knows the place.
+fn syntax_error(text: &str, e: &toml::de::Error) -> Error {
+    let message = e.message().trim_end().to_owned();
+    let Some(span) = e.span() else {
+        return invalid(message);
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    invalid(format!("line {line}, column {column}: {message}"))
+        .with("line", line)
+        .with("column", column)
+}
+
 /// `true` when `mode` lets someone other than the owner change the directory's entries.
 /// A root-owned sticky directory (like /tmp) is tolerated: others cannot rename or remove
 /// root's entries in it.
@@ -246,12 +261,15 @@ impl Config {
         let mut text = String::new();
         file.read_to_string(&mut text)
             .map_err(|e| invalid(format!("cannot read {}: {e}", canonical.display())))?;
-        Config::parse(&text).map_err(|e| e.context(canonical.display()))
+        Config::parse(&text).map_err(|e| {
+            e.context(canonical.display())
+                .with("path", canonical.display().to_string())
+        })
     }
 
     /// Parses config text (no ownership checks; [`Config::load`] does those).
     pub fn parse(text: &str) -> Result<Config> {
-        let wire: WireConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let wire: WireConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         let state_dir = wire
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
@@ -687,6 +705,35 @@ mod tests {
             let e = Config::parse(text).unwrap_err();
             assert_eq!(e.code, Code::ConfigInvalid, "{text}");
         }
+    }
+
+    #[test]
+    fn syntax_errors_say_where() {
+        let e =
+            Config::parse("[pools.a]\ndriver = \"dir\"\npath = \"/x\"\nextra = 1\n").unwrap_err();
+        assert_eq!(e.code, Code::ConfigInvalid);
+        assert_eq!(
+            e.details.get("line").and_then(|v| v.as_u64()),
+            Some(4),
+            "{e}"
+        );
+        assert_eq!(
+            e.details.get("column").and_then(|v| v.as_u64()),
+            Some(1),
+            "{e}"
+        );
+        assert!(e.message.contains("extra"), "{e}");
+        let e = Config::parse("state_dir = \"/x\"\n[pools.a]\ndriver = dir\n").unwrap_err();
+        assert_eq!(
+            e.details.get("line").and_then(|v| v.as_u64()),
+            Some(3),
+            "{e}"
+        );
+        assert_eq!(
+            e.details.get("column").and_then(|v| v.as_u64()),
+            Some(10),
+            "{e}"
+        );
     }
 
     #[test]

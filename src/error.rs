@@ -6,7 +6,8 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 /// The error codes of protocol v1 (`error.code`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum Code {
     InvalidRequest,
     ConfigInvalid,
@@ -77,7 +78,8 @@ impl Code {
 
 /// The warning codes (`warning.code`): something the caller should know, that did not stop
 /// the request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum Warning {
     /// `size` cannot be enforced on this pool.
     SizeIgnored,

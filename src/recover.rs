@@ -7,7 +7,6 @@
 //! crash during recovery is recovered by the next run.
 
 use reimage_driver::{Driver, Slot, SlotKind, VolumeName};
-use serde_json::{json, Value};
 
 use crate::error::Result;
 use crate::journal::{Intent, IntentOp, Journal, Phase};
@@ -44,22 +43,15 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn to_json(&self) -> Value {
-        let op = self.op.map(|op| match op {
-            IntentOp::Create => "create",
-            IntentOp::Rebuild => "rebuild",
-            IntentOp::RebuildInPlace => "rebuild-in-place",
-            IntentOp::RebuildRefill => "rebuild-keeping-snapshots",
-            IntentOp::Delete => "delete",
-        });
-        json!({"volume": self.volume.as_str(), "op": op, "action": self.action.as_str()})
-    }
-
     pub fn describe(&self) -> String {
-        let what = self.to_json()["op"]
-            .as_str()
-            .unwrap_or("an operation")
-            .to_owned();
+        let what = match self.op {
+            Some(IntentOp::Create) => "create",
+            Some(IntentOp::Rebuild) => "rebuild",
+            Some(IntentOp::RebuildInPlace) => "in-place rebuild",
+            Some(IntentOp::RebuildRefill) => "rebuild keeping snapshots",
+            Some(IntentOp::Delete) => "delete",
+            None => "operation",
+        };
         match self.action {
             Action::RolledBack => format!("an interrupted {what} of {} was rolled back; the old content is intact", self.volume),
             Action::Completed => format!("an interrupted {what} of {} was completed", self.volume),

@@ -234,12 +234,21 @@ fn bad_configs_pools_and_drivers_are_refused() {
         "config_invalid",
         2,
     );
-    env.write_config(&format!("{}unknown_key = 1\n", env.default_config()));
-    rejected(
+    let config = format!("{}unknown_key = 1\n", env.default_config());
+    env.write_config(&config);
+    let e = rejected(
         &env,
         &env.run_with(&["dir"], inspect.as_bytes()),
         "config_invalid",
         2,
+    );
+    // Where the mistake is, for programs and people.
+    assert_eq!(e["details"]["line"], config.lines().count(), "{e}");
+    assert_eq!(e["details"]["column"], 1, "{e}");
+    assert!(e["details"]["path"].is_string(), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("unknown_key"),
+        "{e}"
     );
     std::fs::remove_file(&env.config).unwrap();
     rejected(
@@ -258,6 +267,34 @@ fn bad_configs_pools_and_drivers_are_refused() {
         2,
     );
     assert_eq!(before, env.snapshot());
+}
+
+/// The schema the suite checks every run against does refuse what the contract rules out.
+#[test]
+fn the_event_schema_refuses_what_the_contract_rules_out() {
+    let refused = |events: Vec<Value>| {
+        std::panic::catch_unwind(|| common::schema::check_events(&events)).is_err()
+    };
+    let start = json!({"event": "start", "api": 1, "op": "inspect", "driver": "dir"});
+    assert!(!refused(vec![start.clone()]));
+    // A result without the op's fields; an error without `ok: false`; an unknown code.
+    assert!(refused(vec![
+        json!({"event": "result", "ok": true, "op": "inspect"})
+    ]));
+    assert!(refused(vec![
+        json!({"event": "error", "ok": true, "code": "internal", "message": "", "details": {}})
+    ]));
+    assert!(refused(vec![
+        json!({"event": "error", "ok": false, "code": "oops", "message": "", "details": {}})
+    ]));
+    // A phase that ends without having started; an event after the last.
+    assert!(refused(vec![
+        json!({"event": "progress", "phase": "sync", "done": 1, "total": 1, "unit": "steps"})
+    ]));
+    assert!(refused(vec![
+        json!({"event": "error", "ok": false, "code": "internal", "message": "", "details": {}}),
+        start,
+    ]));
 }
 
 /// `--help` and `--version` answer on stdout with status 0, whoever runs them, and say nothing

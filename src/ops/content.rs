@@ -36,24 +36,37 @@ impl Content {
         }
     }
 
-    pub(super) fn to_json(&self) -> Value {
+    /// The content as results describe it; `cache` for an image a volume was filled from.
+    pub(super) fn to_info(&self, cache: Option<Cache>) -> out::ImageInfo {
         match self {
-            Content::Empty => json!({"empty": true}),
-            Content::Template { volume, snapshot } => {
-                json!({"volume": volume.as_str(), "snapshot": snapshot})
-            }
-            Content::Unmeasured(opened) => json!({"path": opened.path.display().to_string()}),
+            Content::Empty => out::ImageInfo::Empty { empty: true },
+            Content::Template { volume, snapshot } => out::ImageInfo::Template {
+                volume: volume.as_str().to_owned(),
+                snapshot: snapshot.clone(),
+            },
+            Content::Unmeasured(opened) => out::ImageInfo::Unmeasured {
+                path: opened.path.display().to_string(),
+            },
             Content::Image {
                 path,
                 measurement,
                 sha256,
                 ..
-            } => {
-                let mut v = measurement.to_json();
-                v["path"] = path.display().to_string().into();
-                v["sha256"] = sha256.as_str().into();
-                v
-            }
+            } => out::ImageInfo::Image(out::MeasuredImage {
+                format: measurement.format,
+                compression: measurement.compression,
+                unpacked_bytes: measurement.tally.unpacked_bytes,
+                allocated_bytes: measurement.tally.allocated_bytes,
+                inodes: measurement.tally.inodes,
+                entries: measurement.tally.entries,
+                rootfs_prefix: measurement
+                    .rootfs_prefix
+                    .as_ref()
+                    .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()),
+                path: path.display().to_string(),
+                sha256: sha256.clone(),
+                cache,
+            }),
         }
     }
 }
@@ -67,7 +80,7 @@ pub(super) struct UnpackObserver<'e> {
 impl Observer for UnpackObserver<'_> {
     fn progress(&mut self, done: u64) {
         self.events
-            .progress(EventPhase::Unpack, done, self.total, "bytes");
+            .progress(EventPhase::Unpack, done, self.total, Unit::Bytes);
     }
     fn warning(&mut self, code: Warning, message: &str) {
         self.events.warning(code, message);
@@ -209,7 +222,7 @@ pub(super) fn measure_opened(
     let (measurement, sha256) = match opened.remembered() {
         Some((m, remembered)) => {
             timings.time("measure", || ());
-            events.progress(EventPhase::Measure, 1, 1, "cached");
+            events.progress(EventPhase::Measure, 1, 1, Unit::Cached);
             let sha256 = match remembered.or(sha256) {
                 Some(known) => known,
                 None => timings.time("hash", || opened.sha256())?,
@@ -231,7 +244,7 @@ pub(super) fn measure_opened(
                         opened.prefix.as_deref(),
                         idmap,
                         &mut |done, total| {
-                            events.progress(EventPhase::Measure, done, total, "bytes")
+                            events.progress(EventPhase::Measure, done, total, Unit::Bytes)
                         },
                     );
                     let sha256 = hashing

@@ -2,11 +2,7 @@
 
 use super::*;
 
-pub(super) fn create(
-    mut ctx: Ctx<'_>,
-    volume: &VolumeName,
-    fill: &Fill,
-) -> Result<Map<String, Value>> {
+pub(super) fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Result<out::Filled> {
     let mut timings = Timings::start();
     let config = ctx.config;
     let pool = needs(&ctx)?.0.name.clone();

@@ -6,7 +6,7 @@ pub(super) fn delete(
     mut ctx: Ctx<'_>,
     volume: &VolumeName,
     snapshots: SnapshotPolicy,
-) -> Result<Map<String, Value>> {
+) -> Result<out::VolumeResult> {
     let mut held = lock_volume(&mut ctx, volume)?;
     let driver = held.driver;
     held.recover_first()?;
@@ -28,7 +28,7 @@ pub(super) fn delete(
     if with_snapshots {
         refuse_clones(driver, volume)?;
     }
-    held.events.progress(EventPhase::Cleanup, 0, 1, "steps");
+    held.events.progress(EventPhase::Cleanup, 0, 1, Unit::Steps);
     // A failure finishes what can be finished: a volume moved aside is deleted, one still
     // under its name stays.
     held.journaled(
@@ -46,11 +46,8 @@ pub(super) fn delete(
     )?;
     held.journal.clear(volume)?;
     driver.forget(volume)?;
-    held.events.progress(EventPhase::Cleanup, 1, 1, "steps");
-    let mut out = Map::new();
-    out.insert(
-        "volume".into(),
-        json!({"name": volume.as_str(), "exists": false}),
-    );
-    Ok(out)
+    held.events.progress(EventPhase::Cleanup, 1, 1, Unit::Steps);
+    Ok(out::VolumeResult {
+        volume: no_volume(volume),
+    })
 }

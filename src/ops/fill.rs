@@ -188,7 +188,7 @@ pub(super) fn unpack_into(
         unsupported_metadata: metadata,
     };
     let total = measurement.tally.unpacked_bytes;
-    events.progress(EventPhase::Unpack, 0, total, "bytes");
+    events.progress(EventPhase::Unpack, 0, total, Unit::Bytes);
     let detected = image::Detected {
         format: measurement.format,
         compression: measurement.compression,
@@ -248,7 +248,7 @@ pub(super) fn copy_preserved(
     preserved: &[RelPath],
     metadata: UnsupportedMetadata,
 ) -> Result<()> {
-    events.progress(EventPhase::Preserve, 0, preserved.len() as u64, "paths");
+    events.progress(EventPhase::Preserve, 0, preserved.len() as u64, Unit::Paths);
     let mut missing = Vec::new();
     preserve::preserve(
         old.root(),
@@ -281,7 +281,7 @@ pub(super) fn copy_preserved(
         EventPhase::Preserve,
         preserved.len() as u64,
         preserved.len() as u64,
-        "paths",
+        Unit::Paths,
     );
     Ok(())
 }
@@ -294,10 +294,10 @@ pub(super) fn seal(
     slot: Slot<'_>,
     timings: &mut Timings,
 ) -> Result<String> {
-    events.progress(EventPhase::Sync, 0, 1, "steps");
+    events.progress(EventPhase::Sync, 0, 1, Unit::Steps);
     timings.time("sync", || driver.sync(slot, root.root()))?;
     root.release()?;
-    events.progress(EventPhase::Sync, 1, 1, "steps");
+    events.progress(EventPhase::Sync, 1, 1, Unit::Steps);
     cancelled_check()?;
     driver
         .identity(slot)?
@@ -310,16 +310,12 @@ pub(super) fn fill_result(
     content: &Content,
     cache: Cache,
     timings: &Timings,
-) -> Result<Map<String, Value>> {
-    let mut out = Map::new();
-    out.insert("volume".into(), volume_json_with(driver, volume, false)?);
-    let mut image = content.to_json();
-    if let Content::Image { .. } = content {
-        image["cache"] = cache.as_str().into();
-    }
-    out.insert("image".into(), image);
-    out.insert("timings_ms".into(), timings.to_json());
-    Ok(out)
+) -> Result<out::Filled> {
+    Ok(out::Filled::Done(out::FillDone {
+        volume: volume_info_with(driver, volume, false)?,
+        image: content.to_info(Some(cache)),
+        timings_ms: timings.to_ms(),
+    }))
 }
 
 pub(super) fn dry_run_result(
@@ -327,49 +323,73 @@ pub(super) fn dry_run_result(
     content: &Content,
     steps: &[&str],
     pending: bool,
-) -> Map<String, Value> {
-    let mut out = Map::new();
-    out.insert("dry_run".into(), true.into());
-    let mut p = plan.to_json(steps);
-    p["pending_recovery"] = pending.into();
-    out.insert("plan".into(), p);
-    out.insert("image".into(), content.to_json());
-    out
+) -> out::Filled {
+    out::Filled::DryRun(out::DryRun {
+        dry_run: true,
+        plan: out::PlanInfo {
+            measured_bytes: plan.need,
+            needed_with_headroom: plan.need_with_headroom,
+            target_size: plan.target_size,
+            required_space: plan.required,
+            available_space: plan.available,
+            provisioned_space: plan.provisioned.map(|(p, _)| p),
+            steps: steps.iter().map(|s| (*s).to_owned()).collect(),
+            pending_recovery: pending,
+        },
+        image: content.to_info(None),
+    })
 }
 
 /// The volume as results describe it. `with_usage` false leaves `used` and `inodes` null for
 /// drivers that would have to walk the whole tree to know them.
-pub(super) fn volume_json(driver: &dyn Driver, volume: &VolumeName) -> Result<Value> {
-    volume_json_with(driver, volume, true)
+pub(super) fn volume_info(driver: &dyn Driver, volume: &VolumeName) -> Result<out::VolumeInfo> {
+    volume_info_with(driver, volume, true)
 }
 
-pub(super) fn volume_json_with(
+pub(super) fn volume_info_with(
     driver: &dyn Driver,
     volume: &VolumeName,
     with_usage: bool,
-) -> Result<Value> {
+) -> Result<out::VolumeInfo> {
     let usage = (with_usage || driver.capabilities().cheap_usage)
         .then(|| driver.usage(Slot::live(volume)))
         .transpose()?;
     let snapshots = driver.snapshots(Slot::live(volume))?;
-    let mut info = json!({
-        "name": volume.as_str(),
-        "exists": true,
-        "size": usage.as_ref().and_then(|u| u.size),
-        "used": usage.as_ref().map(|u| u.used),
-        "inodes": usage.as_ref().and_then(|u| u.inodes),
-        "snapshots": snapshots,
-    });
     // Added to v1: what a manager mounts, for volumes that are layers (overlay).
-    if let Some(spec) = driver.mount_spec(Slot::live(volume))? {
-        let mut mount = Map::new();
-        mount.insert("type".into(), spec.fstype.into());
-        for (key, value) in spec.options {
-            mount.insert(key.into(), value.into());
-        }
-        info["mount"] = Value::Object(mount);
+    let mount = driver
+        .mount_spec(Slot::live(volume))?
+        .map(|spec| out::MountInfo {
+            fstype: spec.fstype.to_owned(),
+            options: spec
+                .options
+                .into_iter()
+                .map(|(key, value)| (key.to_owned(), value))
+                .collect(),
+        });
+    Ok(out::VolumeInfo {
+        name: volume.as_str().to_owned(),
+        exists: true,
+        state: Some(out::VolumeState {
+            size: usage.as_ref().and_then(|u| u.size),
+            used: usage.as_ref().map(|u| u.used),
+            inodes: usage.as_ref().and_then(|u| u.inodes),
+            snapshots,
+            mount,
+        }),
+        pending_recovery: None,
+        capabilities: None,
+    })
+}
+
+/// A volume that does not exist (any more).
+pub(super) fn no_volume(volume: &VolumeName) -> out::VolumeInfo {
+    out::VolumeInfo {
+        name: volume.as_str().to_owned(),
+        exists: false,
+        state: None,
+        pending_recovery: None,
+        capabilities: None,
     }
-    Ok(info)
 }
 
 /// What a new slot is filled with: the content, its id map, the metadata policy, and the
@@ -446,11 +466,11 @@ pub(super) fn prepare_new(
     timings: &mut Timings,
     make: impl FnOnce() -> Result<()>,
 ) -> Result<Mounted> {
-    held.events.progress(EventPhase::Prepare, 0, 1, "steps");
+    held.events.progress(EventPhase::Prepare, 0, 1, Unit::Steps);
     timings.time("prepare", make)?;
     fault::point(created)?;
     let root = held.driver.open_root(Slot::building(held.volume))?;
-    held.events.progress(EventPhase::Prepare, 1, 1, "steps");
+    held.events.progress(EventPhase::Prepare, 1, 1, Unit::Steps);
     Ok(root)
 }
 

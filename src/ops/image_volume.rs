@@ -20,27 +20,6 @@ use super::*;
 /// How long a request waits for another one building the image volume it needs.
 const BUILD_WAIT: Duration = Duration::from_secs(1800);
 
-/// Whether a fill used an image volume, as results report it (`image.cache`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Cache {
-    /// Cloned from an image volume that was there.
-    Hit,
-    /// The image volume was built now, then cloned.
-    Miss,
-    /// Unpacked into the volume: the pool keeps no image volumes, or the fill has no image.
-    Off,
-}
-
-impl Cache {
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            Cache::Hit => "hit",
-            Cache::Miss => "miss",
-            Cache::Off => "off",
-        }
-    }
-}
-
 /// The image volume key of `content` unpacked with `idmap` by `driver`, or `None` when the
 /// fill does not use image volumes.
 pub(super) fn image_key(driver: &dyn Driver, content: &Content, idmap: &IdMap) -> Option<ImageKey> {

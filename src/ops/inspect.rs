@@ -2,42 +2,36 @@
 
 use super::*;
 
-pub(super) fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<Map<String, Value>> {
+pub(super) fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<out::VolumeResult> {
     let (pool, driver) = needs(&ctx)?;
     let journal = Journal::open(ctx.state, &pool.name)?;
     let pending =
         journal.read(volume)?.is_some() || driver.leftovers()?.iter().any(|(v, _)| v == volume);
     let mut info = if driver.identity(Slot::live(volume))?.is_some() {
-        volume_json(driver, volume)?
+        volume_info(driver, volume)?
     } else {
-        json!({"name": volume.as_str(), "exists": false})
+        no_volume(volume)
     };
-    info["pending_recovery"] = pending.into();
+    info.pending_recovery = Some(pending);
     // Added to v1: what the driver can do, so callers (and the conformance suite) need not guess.
     let caps = driver.capabilities();
-    info["capabilities"] = json!({
-        "snapshots": caps.snapshots,
-        "keep_snapshots": caps.keep_snapshots != reimage_driver::KeepSnapshots::No,
-        // Added: how snapshots are kept: "independent" (they outlive the volume) or
-        // "refill" (the volume is refilled in place under a guard snapshot).
-        "keep_snapshots_by": match caps.keep_snapshots {
-            reimage_driver::KeepSnapshots::No => Value::Null,
-            reimage_driver::KeepSnapshots::Independent => "independent".into(),
-            reimage_driver::KeepSnapshots::Refill => "refill".into(),
+    info.capabilities = Some(out::Capabilities {
+        snapshots: caps.snapshots,
+        keep_snapshots: caps.keep_snapshots != KeepSnapshots::No,
+        keep_snapshots_by: match caps.keep_snapshots {
+            KeepSnapshots::No => None,
+            KeepSnapshots::Independent => Some(out::KeepSnapshotsBy::Independent),
+            KeepSnapshots::Refill => Some(out::KeepSnapshotsBy::Refill),
         },
-        "size_limit": match caps.size_model {
-            reimage_driver::SizeModel::Unlimited => "none",
-            reimage_driver::SizeModel::Quota => "quota",
-            reimage_driver::SizeModel::Allocated => "allocated",
+        size_limit: match caps.size_model {
+            reimage_driver::SizeModel::Unlimited => out::SizeLimit::None,
+            reimage_driver::SizeModel::Quota => out::SizeLimit::Quota,
+            reimage_driver::SizeModel::Allocated => out::SizeLimit::Allocated,
         },
-        "shrink": caps.shrink,
-        "image_volumes": caps.image_volumes,
-        "templates": caps.templates,
-        // Added: whether `size` limits the image content too (false for overlay, whose
-        // limit is its upper layer's: only what the volume changes counts).
-        "size_counts_image": caps.size_counts_image,
+        shrink: caps.shrink,
+        image_volumes: caps.image_volumes,
+        templates: caps.templates,
+        size_counts_image: caps.size_counts_image,
     });
-    let mut out = Map::new();
-    out.insert("volume".into(), info);
-    Ok(out)
+    Ok(out::VolumeResult { volume: info })
 }

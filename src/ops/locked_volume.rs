@@ -152,7 +152,7 @@ impl LockedVolume<'_> {
             with_snapshots,
         )?;
         let (driver, volume) = (self.driver, self.volume);
-        self.events.progress(EventPhase::Swap, 0, 1, "steps");
+        self.events.progress(EventPhase::Swap, 0, 1, Unit::Steps);
         let swapped = timings.time("swap", || -> Result<()> {
             fault::point("commit:journaled")?;
             let live_exists = driver.identity(Slot::live(volume))?.is_some();
@@ -172,8 +172,8 @@ impl LockedVolume<'_> {
                 .try_recover(op, Phase::Committing { new_id }, with_snapshots)
                 .map_err(|again| recovery_pending(e, &again));
         }
-        self.events.progress(EventPhase::Swap, 1, 1, "steps");
-        self.events.progress(EventPhase::Cleanup, 0, 1, "steps");
+        self.events.progress(EventPhase::Swap, 1, 1, Unit::Steps);
+        self.events.progress(EventPhase::Cleanup, 0, 1, Unit::Steps);
         let cleaned = timings.time("cleanup", || -> Result<()> {
             fault::point("commit:swapped")?;
             let [_, new, old] = driver.identities(volume)?;
@@ -192,7 +192,7 @@ impl LockedVolume<'_> {
                 &format!("the new volume is in place but the old content could not be removed yet ({}); the next request or `recover` removes it", e.message),
             ),
         }
-        self.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+        self.events.progress(EventPhase::Cleanup, 1, 1, Unit::Steps);
         Ok(())
     }
 }

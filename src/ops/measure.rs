@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(super) fn measure(ctx: Ctx<'_>, source: &Source) -> Result<Map<String, Value>> {
+pub(super) fn measure(ctx: Ctx<'_>, source: &Source) -> Result<out::Measured> {
     let mut timings = Timings::start();
     let content = open_and_measure(
         ctx.config,
@@ -13,8 +13,8 @@ pub(super) fn measure(ctx: Ctx<'_>, source: &Source) -> Result<Map<String, Value
         &IdMap::default(),
         &mut timings,
     )?;
-    let mut out = Map::new();
-    out.insert("image".into(), content.to_json());
-    out.insert("timings_ms".into(), timings.to_json());
-    Ok(out)
+    Ok(out::Measured {
+        image: content.to_info(None),
+        timings_ms: timings.to_ms(),
+    })
 }

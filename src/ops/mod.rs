@@ -35,7 +35,6 @@ use reimage_driver::records::RecordDir;
 use reimage_driver::{
     tree, Driver, KeepSnapshots, Mounted, PoolWarning, Slot, SlotKind, Usage, VolumeName,
 };
-use serde_json::{json, Map, Value};
 
 use crate::config::{Config, Pool};
 use crate::error::{Code, Error, Result, Warning};
@@ -44,11 +43,12 @@ use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::lock::VolumeLock;
 use crate::measure::{cache, digest, measure_image, Measurement, Tally};
 use crate::plan::{plan_fill, Need, Plan};
-use crate::protocol::events::{Events, Phase as EventPhase};
+use crate::protocol::events::{Events, Phase as EventPhase, Unit};
 use crate::protocol::request::{
     Fill, Mode, Op, SizePolicy, SnapshotPolicy, Source, UnsupportedMetadata,
 };
-use crate::recover::{recover_orphans, recover_volume, Outcome};
+use crate::protocol::results::{self as out, Cache, OpResult};
+use crate::recover::{recover_orphans, recover_volume, Action, Outcome};
 use crate::unpack::idmap::IdMap;
 use crate::unpack::path::{normalize, RelPath};
 use crate::unpack::{self, Observer};
@@ -87,7 +87,7 @@ pub struct Ctx<'a> {
 /// An image file opened by its resolved path, and that path.
 pub type OpenedImage = (File, PathBuf);
 
-pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
+pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<OpResult> {
     if let Some(driver) = ctx.driver {
         for (condition, message) in driver.warnings() {
             let code = match condition {
@@ -97,10 +97,10 @@ pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
         }
     }
     match op {
-        Op::Measure { source } => measure(ctx, source),
-        Op::Recover { volume, .. } => recover(ctx, volume.as_ref()),
-        Op::Inspect { volume, .. } => inspect(ctx, volume),
-        Op::Create { volume, fill, .. } => create(ctx, volume, fill),
+        Op::Measure { source } => measure(ctx, source).map(OpResult::Measure),
+        Op::Recover { volume, .. } => recover(ctx, volume.as_ref()).map(OpResult::Recover),
+        Op::Inspect { volume, .. } => inspect(ctx, volume).map(OpResult::Inspect),
+        Op::Create { volume, fill, .. } => create(ctx, volume, fill).map(OpResult::Create),
         Op::Rebuild {
             volume,
             fill,
@@ -108,17 +108,17 @@ pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<Map<String, Value>> {
             mode,
             preserve,
             ..
-        } => rebuild(ctx, volume, fill, *snapshots, *mode, preserve),
+        } => rebuild(ctx, volume, fill, *snapshots, *mode, preserve).map(OpResult::Rebuild),
         Op::Delete {
             volume, snapshots, ..
-        } => delete(ctx, volume, *snapshots),
-        Op::Resize { volume, size, .. } => resize(ctx, volume, *size),
-        Op::Images { .. } => images(ctx),
+        } => delete(ctx, volume, *snapshots).map(OpResult::Delete),
+        Op::Resize { volume, size, .. } => resize(ctx, volume, *size).map(OpResult::Resize),
+        Op::Images { .. } => images(ctx).map(OpResult::Images),
         Op::Prune {
             older_than,
             dry_run,
             ..
-        } => prune(ctx, *older_than, *dry_run),
+        } => prune(ctx, *older_than, *dry_run).map(OpResult::Prune),
     }
 }
 

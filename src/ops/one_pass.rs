@@ -61,7 +61,7 @@ pub(super) fn unpack_alongside(
     };
     unpack::unpack(&mut archive, root.root(), &options, &mut observer)?;
     let measured = archive.finish()?;
-    events.progress(EventPhase::Unpack, size, size, "image_bytes");
+    events.progress(EventPhase::Unpack, size, size, Unit::ImageBytes);
     Ok(match measured {
         Measured::Unpacked(mut m) => {
             m.format = opened.detected.format;
@@ -94,7 +94,7 @@ impl Observer for ImageBytesObserver<'_> {
     fn progress(&mut self, _unpacked: u64) {
         let read = self.read.load(Ordering::Relaxed).min(self.size);
         self.events
-            .progress(EventPhase::Unpack, read, self.size, "image_bytes");
+            .progress(EventPhase::Unpack, read, self.size, Unit::ImageBytes);
     }
     fn warning(&mut self, code: Warning, message: &str) {
         self.events.warning(code, message);

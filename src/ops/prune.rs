@@ -5,11 +5,7 @@
 
 use super::*;
 
-pub(super) fn prune(
-    ctx: Ctx<'_>,
-    older_than: Option<u64>,
-    dry_run: bool,
-) -> Result<Map<String, Value>> {
+pub(super) fn prune(ctx: Ctx<'_>, older_than: Option<u64>, dry_run: bool) -> Result<out::Pruned> {
     let (pool, driver) = needs(&ctx)?;
     let records = image_records(ctx.state, &pool.name)?;
     let now = now();
@@ -17,7 +13,10 @@ pub(super) fn prune(
     for image in driver.images()? {
         let key = image.key.as_str().to_owned();
         if !image.clones.is_empty() {
-            kept.push(json!({"key": key, "why": "in use", "volumes": image.clones}));
+            kept.push(out::KeptImage {
+                volumes: Some(image.clones),
+                ..kept_image(&key, out::KeptWhy::InUse)
+            });
             continue;
         }
         let record = read_record(&records, &image.key);
@@ -26,11 +25,11 @@ pub(super) fn prune(
             _ => false,
         };
         if image.sealed && recent {
-            kept.push(json!({"key": key, "why": "used recently"}));
+            kept.push(kept_image(&key, out::KeptWhy::UsedRecently));
             continue;
         }
         let Ok(_lock) = lock_image(ctx.state, &pool.name, &image.key, false) else {
-            kept.push(json!({"key": key, "why": "a running request is using it"}));
+            kept.push(kept_image(&key, out::KeptWhy::RequestRunning));
             continue;
         };
         // Looked at again under the lock: a clone may have been made meanwhile.
@@ -39,7 +38,7 @@ pub(super) fn prune(
             .iter()
             .any(|i| i.key == image.key && i.sealed == image.sealed && i.clones.is_empty());
         if !still_free {
-            kept.push(json!({"key": key, "why": "in use"}));
+            kept.push(kept_image(&key, out::KeptWhy::InUse));
             continue;
         }
         if !dry_run {
@@ -47,7 +46,10 @@ pub(super) fn prune(
                 Ok(()) => {}
                 // Still a lower layer of a mount somebody made by hand (overlay).
                 Err(e) if matches!(e.kind, reimage_driver::ErrorKind::Busy { .. }) => {
-                    kept.push(json!({"key": key, "why": "mounted", "holder": e.message}));
+                    kept.push(out::KeptImage {
+                        holder: Some(e.message),
+                        ..kept_image(&key, out::KeptWhy::Mounted)
+                    });
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -56,17 +58,24 @@ pub(super) fn prune(
                 let _ = records.remove(&format!("{key}.json"));
             }
         }
-        removed.push(json!({
-            "key": key,
-            "sealed": image.sealed,
-            "allocated_bytes": record.map(|r| r.allocated_bytes),
-        }));
+        removed.push(out::PrunedImage {
+            key,
+            sealed: image.sealed,
+            allocated_bytes: record.map(|r| r.allocated_bytes),
+        });
     }
-    let mut out = Map::new();
-    if dry_run {
-        out.insert("dry_run".into(), true.into());
+    Ok(out::Pruned {
+        dry_run: dry_run.then_some(true),
+        removed,
+        kept,
+    })
+}
+
+fn kept_image(key: &str, why: out::KeptWhy) -> out::KeptImage {
+    out::KeptImage {
+        key: key.to_owned(),
+        why,
+        volumes: None,
+        holder: None,
     }
-    out.insert("removed".into(), Value::Array(removed));
-    out.insert("kept".into(), Value::Array(kept));
-    Ok(out)
 }

@@ -10,7 +10,7 @@ pub(super) fn rebuild(
     snapshots: SnapshotPolicy,
     mode: Mode,
     preserve_list: &[PathBuf],
-) -> Result<Map<String, Value>> {
+) -> Result<out::Filled> {
     let mut timings = Timings::start();
     let config = ctx.config;
     let pool = needs(&ctx)?.0.name.clone();

@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map<String, Value>> {
+pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<out::Recovered> {
     let (pool, driver) = needs(&ctx)?;
     let journal = Journal::open(ctx.state, &pool.name)?;
     let mut volumes: Vec<VolumeName> = match only {
@@ -29,14 +29,34 @@ pub(super) fn recover(mut ctx: Ctx<'_>, only: Option<&VolumeName>) -> Result<Map
             Err(e) => return Err(e),
         };
         if let Some(outcome) = held.recover_first()? {
-            recovered.push(outcome.to_json());
+            recovered.push(recovered_volume(&outcome));
         }
     }
-    let mut out = Map::new();
-    out.insert("recovered".into(), Value::Array(recovered));
-    if only.is_none() && driver.capabilities().image_volumes {
-        let removed = remove_unsealed(ctx.state, &pool.name, driver)?;
-        out.insert("unsealed_images_removed".into(), removed.into());
+    let unsealed_images_removed = (only.is_none() && driver.capabilities().image_volumes)
+        .then(|| remove_unsealed(ctx.state, &pool.name, driver))
+        .transpose()?;
+    Ok(out::Recovered {
+        recovered,
+        unsealed_images_removed,
+    })
+}
+
+/// A recovery as the result reports it.
+fn recovered_volume(outcome: &Outcome) -> out::RecoveredVolume {
+    out::RecoveredVolume {
+        volume: outcome.volume.as_str().to_owned(),
+        op: outcome.op.map(|op| match op {
+            IntentOp::Create => out::InterruptedOp::Create,
+            IntentOp::Rebuild => out::InterruptedOp::Rebuild,
+            IntentOp::RebuildInPlace => out::InterruptedOp::RebuildInPlace,
+            IntentOp::RebuildRefill => out::InterruptedOp::RebuildKeepingSnapshots,
+            IntentOp::Delete => out::InterruptedOp::Delete,
+        }),
+        action: match outcome.action {
+            Action::RolledBack => out::RecoveryAction::RolledBack,
+            Action::Completed => out::RecoveryAction::Completed,
+            Action::Lost => out::RecoveryAction::Lost,
+            Action::CleanedUp => out::RecoveryAction::CleanedUp,
+        },
     }
-    Ok(out)
 }

@@ -41,7 +41,7 @@ pub(super) fn refill_in_place(
         false,
         |held| {
             fault::point("refill:journaled")?;
-            held.events.progress(EventPhase::Prepare, 0, 1, "steps");
+            held.events.progress(EventPhase::Prepare, 0, 1, Unit::Steps);
             driver.set_guard(live)?;
             fault::point("refill:guarded")?;
             if let Some(target) = plan.target_size {
@@ -64,7 +64,7 @@ pub(super) fn refill_in_place(
                 tree::empty(root.root(), &live.to_string()).map_err(Error::from)
             })?;
             fault::point("refill:emptied")?;
-            held.events.progress(EventPhase::Prepare, 1, 1, "steps");
+            held.events.progress(EventPhase::Prepare, 1, 1, Unit::Steps);
             unpack_step(held, &root, &filling, &[], timings)?;
             fault::point("refill:unpacked")?;
             preserve_step(
@@ -97,6 +97,6 @@ pub(super) fn refill_in_place(
             &format!("the volume holds the new content but its guard snapshot could not be removed yet ({}); the next request or `recover` removes it", e.message),
         ),
     }
-    held.events.progress(EventPhase::Cleanup, 1, 1, "steps");
+    held.events.progress(EventPhase::Cleanup, 1, 1, Unit::Steps);
     Ok(())
 }

@@ -6,7 +6,7 @@ pub(super) fn resize(
     mut ctx: Ctx<'_>,
     volume: &VolumeName,
     size: u64,
-) -> Result<Map<String, Value>> {
+) -> Result<out::VolumeResult> {
     let mut held = lock_volume(&mut ctx, volume)?;
     let driver = held.driver;
     held.recover_first()?;
@@ -60,7 +60,7 @@ pub(super) fn resize(
             driver.set_size(live, size)?;
         }
     }
-    let mut out = Map::new();
-    out.insert("volume".into(), volume_json(driver, volume)?);
-    Ok(out)
+    Ok(out::VolumeResult {
+        volume: volume_info(driver, volume)?,
+    })
 }

@@ -125,7 +125,7 @@ impl World {
                 },
                 &op,
             )
-            .map(Value::Object)
+            .map(|result| serde_json::to_value(&result).unwrap_or_default())
         }));
         match outcome {
             Ok(result) => Ok(result),

@@ -5,14 +5,14 @@ use super::*;
 /// Wall time of each phase, for `timings_ms`.
 #[derive(Default)]
 pub(super) struct Timings {
-    pub(super) phases: Map<String, Value>,
+    pub(super) phases: out::TimingsMs,
     pub(super) started: Option<Instant>,
 }
 
 impl Timings {
     pub(super) fn start() -> Self {
         Timings {
-            phases: Map::new(),
+            phases: out::TimingsMs::new(),
             started: Some(Instant::now()),
         }
     }
@@ -21,16 +21,16 @@ impl Timings {
         let t = Instant::now();
         let out = step();
         let ms = t.elapsed().as_millis() as u64;
-        let before = self.phases.get(name).and_then(Value::as_u64).unwrap_or(0);
-        self.phases.insert(name.to_owned(), (before + ms).into());
+        *self.phases.entry(name.to_owned()).or_insert(0) += ms;
         out
     }
 
-    pub(super) fn to_json(&self) -> Value {
+    /// Each phase's milliseconds, and `total` since the start.
+    pub(super) fn to_ms(&self) -> out::TimingsMs {
         let mut m = self.phases.clone();
         if let Some(s) = self.started {
-            m.insert("total".into(), (s.elapsed().as_millis() as u64).into());
+            m.insert("total".into(), s.elapsed().as_millis() as u64);
         }
-        Value::Object(m)
+        m
     }
 }

@@ -9,36 +9,12 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
-
+use super::event::{ErrorEvent, Event, Progress, ResultEvent, Start, WarningEvent};
+use super::results::{Cache, OpResult};
 use super::screen::{Display, Screen};
 use crate::error::{Error, Warning};
 
-/// The phases named in `progress` events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Measure,
-    Prepare,
-    Unpack,
-    Preserve,
-    Sync,
-    Swap,
-    Cleanup,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Measure => "measure",
-            Phase::Prepare => "prepare",
-            Phase::Unpack => "unpack",
-            Phase::Preserve => "preserve",
-            Phase::Sync => "sync",
-            Phase::Swap => "swap",
-            Phase::Cleanup => "cleanup",
-        }
-    }
-}
+pub use super::event::{Phase, Unit};
 
 /// Whether stderr shows progress (`--progress`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +35,8 @@ pub struct Events {
     finished: bool,
     out_failed: bool,
     last_progress: Option<(Instant, Phase, u64)>,
+    /// The phases that reported their start (`done` 0).
+    started_phases: Vec<Phase>,
 }
 
 impl Events {
@@ -79,6 +57,7 @@ impl Events {
             finished: false,
             out_failed: false,
             last_progress: None,
+            started_phases: Vec::new(),
         }
     }
 
@@ -87,11 +66,17 @@ impl Events {
         Events::new(out, Box::new(std::io::sink()), Display::Off, false)
     }
 
-    fn emit(&mut self, value: Value) {
+    fn emit(&mut self, event: &Event) {
         if self.finished {
             return;
         }
-        let mut line = value.to_string();
+        let mut line = match serde_json::to_string(event) {
+            Ok(line) => line,
+            Err(e) => {
+                self.log(&format!("internal error: cannot write an event: {e}"));
+                return;
+            }
+        };
         line.push('\n');
         let out = &mut self.out;
         let mut written = Ok(());
@@ -115,20 +100,26 @@ impl Events {
     }
 
     pub fn start(&mut self, op: &str, driver: &str, pool: Option<&str>, volume: Option<&str>) {
-        let mut v = json!({"event": "start", "api": 1, "op": op, "driver": driver});
-        if let Some(pool) = pool {
-            v["pool"] = pool.into();
-        }
-        if let Some(volume) = volume {
-            v["volume"] = volume.into();
-        }
-        self.emit(v);
+        self.emit(&Event::Start(Start {
+            api: super::request::API_VERSION,
+            op: op.to_owned(),
+            driver: driver.to_owned(),
+            pool: pool.map(str::to_owned),
+            volume: volume.map(str::to_owned),
+        }));
     }
 
     /// Reports progress. An event is dropped when it repeats the previous one, or when less
     /// than 100 ms passed since the previous one of the same phase, except a phase's first and
-    /// final (`done == total`) event.
-    pub fn progress(&mut self, phase: Phase, done: u64, total: u64, unit: &str) {
+    /// final (`done == total`) event. Every phase starts with an event whose `done` is 0: one
+    /// is sent first when a phase's first report is later than that (a cached measure).
+    pub fn progress(&mut self, phase: Phase, done: u64, total: u64, unit: Unit) {
+        if !self.started_phases.contains(&phase) {
+            self.started_phases.push(phase);
+            if done != 0 {
+                self.progress(phase, 0, total, unit);
+            }
+        }
         let now = Instant::now();
         if let Some((at, last_phase, last_done)) = self.last_progress {
             if last_phase == phase
@@ -138,29 +129,30 @@ impl Events {
             }
         }
         self.last_progress = Some((now, phase, done));
-        self.emit(json!({
-            "event": "progress", "phase": phase.as_str(), "done": done, "total": total, "unit": unit
+        self.emit(&Event::Progress(Progress {
+            phase,
+            done,
+            total,
+            unit,
         }));
         self.screen.progress(phase, done, total, unit);
     }
 
     pub fn warning(&mut self, code: Warning, message: &str) {
         self.log(&format!("warning: {message}"));
-        self.emit(json!({"event": "warning", "code": code.as_str(), "message": message}));
+        self.emit(&Event::Warning(WarningEvent {
+            code,
+            message: message.to_owned(),
+        }));
     }
 
-    /// The final success event; `body` holds the op's fields (`volume`, `image`, ...).
-    pub fn result(&mut self, op: &str, body: Map<String, Value>) {
+    /// The final success event.
+    pub fn result(&mut self, result: OpResult) {
         let summary = self
             .screen
             .shows_progress()
-            .then(|| summary(op, &body, self.started));
-        let mut v = Map::new();
-        v.insert("event".into(), "result".into());
-        v.insert("ok".into(), true.into());
-        v.insert("op".into(), op.into());
-        v.extend(body);
-        self.emit(Value::Object(v));
+            .then(|| summary(&result, self.started));
+        self.emit(&Event::Result(Box::new(ResultEvent { ok: true, result })));
         self.finished = true;
         self.screen.finish(summary.as_deref());
     }
@@ -168,8 +160,11 @@ impl Events {
     /// The final failure event.
     pub fn error(&mut self, err: &Error) {
         self.log(&format!("error: {}: {}", err.code, err.message));
-        self.emit(json!({
-            "event": "error", "code": err.code.as_str(), "message": err.message, "details": err.details
+        self.emit(&Event::Error(ErrorEvent {
+            ok: false,
+            code: err.code,
+            message: err.message.clone(),
+            details: err.details.clone(),
         }));
         self.finished = true;
         self.screen.finish(None);
@@ -178,20 +173,18 @@ impl Events {
 
 /// The one line that ends a request shown with progress: what was done to what, how long it
 /// took, and where an image volume was involved, whether it was there already.
-fn summary(op: &str, body: &Map<String, Value>, started: Instant) -> String {
-    let volume = body
-        .get("volume")
-        .and_then(|v| v.get("name"))
-        .and_then(Value::as_str)
-        .map(|name| format!(" {name}"))
+fn summary(result: &OpResult, started: Instant) -> String {
+    let op = result.op();
+    let volume = result
+        .volume()
+        .map(|v| format!(" {}", v.name))
         .unwrap_or_default();
-    let cache = match body
-        .get("image")
-        .and_then(|i| i.get("cache"))
-        .and_then(Value::as_str)
-    {
-        Some("hit") => " (cloned from its image volume)",
-        Some("miss") => " (image volume built, then cloned)",
+    let cache = match result.image() {
+        Some(super::results::ImageInfo::Image(image)) => match image.cache {
+            Some(Cache::Hit) => " (cloned from its image volume)",
+            Some(Cache::Miss) => " (image volume built, then cloned)",
+            _ => "",
+        },
         _ => "",
     };
     format!(
@@ -203,6 +196,8 @@ fn summary(op: &str, body: &Map<String, Value>, started: Instant) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::results::{self, OpResult};
+    use serde_json::Value;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
@@ -222,10 +217,13 @@ mod tests {
         let buf = Shared::default();
         let mut ev = Events::to_writer(Box::new(buf.clone()));
         for i in 0..1000 {
-            ev.progress(Phase::Unpack, i, 1000, "bytes");
+            ev.progress(Phase::Unpack, i, 1000, Unit::Bytes);
         }
-        ev.progress(Phase::Unpack, 1000, 1000, "bytes");
-        ev.result("measure", Map::new());
+        ev.progress(Phase::Unpack, 1000, 1000, Unit::Bytes);
+        ev.result(OpResult::Images(results::ImageVolumes {
+            image_volumes: false,
+            images: Vec::new(),
+        }));
         ev.warning(Warning::Recovered, "dropped");
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<Value> = text
@@ -235,5 +233,35 @@ mod tests {
         assert!(lines.len() <= 4, "{lines:?}");
         assert_eq!(lines[lines.len() - 2]["done"], 1000);
         assert_eq!(lines.last().unwrap()["event"], "result");
+    }
+
+    #[test]
+    fn every_phase_starts_at_zero_and_errors_say_not_ok() {
+        let buf = Shared::default();
+        let mut ev = Events::to_writer(Box::new(buf.clone()));
+        ev.progress(Phase::Measure, 1, 1, Unit::Cached);
+        ev.progress(Phase::Unpack, 0, 10, Unit::Bytes);
+        ev.progress(Phase::Unpack, 10, 10, Unit::Bytes);
+        ev.error(&Error::new(crate::error::Code::NotFound, "gone"));
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let done: Vec<(&str, u64)> = lines
+            .iter()
+            .filter(|l| l["event"] == "progress")
+            .map(|l| (l["phase"].as_str().unwrap(), l["done"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            done,
+            [
+                ("measure", 0),
+                ("measure", 1),
+                ("unpack", 0),
+                ("unpack", 10)
+            ]
+        );
+        assert_eq!(lines.last().unwrap()["ok"], false);
     }
 }

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use reimage_driver::VolumeName;
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -21,7 +22,7 @@ pub const API_VERSION: u64 = 1;
 /// Requests are small; anything larger is not one.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotPolicy {
     Refuse,
@@ -29,7 +30,7 @@ pub enum SnapshotPolicy {
     Keep,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, JsonSchema)]
 pub enum Mode {
     #[serde(rename = "atomic")]
     Atomic,
@@ -37,7 +38,7 @@ pub enum Mode {
     InPlace,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SizePolicy {
     /// The volume grows to fit the image (the default).
@@ -173,8 +174,11 @@ impl Op {
 
 // ---- wire structs: exactly the fields each op accepts ----
 
-#[derive(Deserialize)]
+/// What the volume is filled from: `image` (with `rootfs_prefix`), `empty`, or a template
+/// `volume` and `snapshot` (same pool).
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Source")]
 struct WireSource {
     image: Option<String>,
     empty: Option<bool>,
@@ -184,33 +188,39 @@ struct WireSource {
     pool: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WireMeasure {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     source: WireSource,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WireVolume {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     pool: String,
     volume: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WireCreate {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     pool: String,
     volume: String,
@@ -223,12 +233,14 @@ struct WireCreate {
     unsupported_metadata: Option<UnsupportedMetadata>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WireRebuild {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     pool: String,
     volume: String,
@@ -244,63 +256,97 @@ struct WireRebuild {
     preserve: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WireDelete {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     pool: String,
     volume: String,
     snapshots: Option<SnapshotPolicy>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WireResize {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     pool: String,
     volume: String,
     size: Size,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WireRecover {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     pool: String,
     volume: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WireImages {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     pool: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WirePrune {
     #[allow(dead_code)]
+    #[schemars(range(min = 1, max = 1))]
     api: u64,
     #[allow(dead_code)]
+    #[schemars(skip)]
     op: String,
     pool: String,
     /// Seconds since an image volume was last used.
     older_than: Option<u64>,
     #[serde(default)]
     dry_run: bool,
+}
+
+/// Every request, by its `op`: what schema/request.json is generated from. Parsing does not
+/// use it (it reads `api` and `op` first, for errors that name them).
+#[derive(JsonSchema)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[allow(dead_code)]
+enum WireRequest {
+    Measure(WireMeasure),
+    Inspect(WireVolume),
+    Create(WireCreate),
+    Rebuild(WireRebuild),
+    Delete(WireDelete),
+    Resize(WireResize),
+    Recover(WireRecover),
+    Images(WireImages),
+    Prune(WirePrune),
+}
+
+/// The schema of a request, made with `settings`.
+pub(super) fn json_schema(settings: schemars::generate::SchemaSettings) -> schemars::Schema {
+    settings
+        .into_generator()
+        .into_root_schema_for::<WireRequest>()
 }
 
 /// Only `api` and `op`, read first so that the op's own struct can be chosen.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::events::Phase;
+use super::event::{Phase, Unit};
 
 const SPINNER: [char; 4] = ['-', '\\', '|', '/'];
 const TICK: Duration = Duration::from_millis(100);
@@ -36,7 +36,7 @@ struct Shown {
     phase: Phase,
     done: u64,
     total: u64,
-    unit: String,
+    unit: Unit,
     since: Instant,
 }
 
@@ -73,7 +73,7 @@ impl Screen {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
                     let mut s = lock(&state);
-                    if s.drawn && s.current.as_ref().is_some_and(|c| !counts_bytes(&c.unit)) {
+                    if s.drawn && s.current.as_ref().is_some_and(|c| !counts_bytes(c.unit)) {
                         s.frame += 1;
                         s.draw();
                     }
@@ -108,7 +108,7 @@ impl Screen {
         s.draw();
     }
 
-    pub fn progress(&self, phase: Phase, done: u64, total: u64, unit: &str) {
+    pub fn progress(&self, phase: Phase, done: u64, total: u64, unit: Unit) {
         let mut s = lock(&self.state);
         let since = match &s.current {
             Some(c) if c.phase == phase => c.since,
@@ -118,7 +118,7 @@ impl Screen {
             phase,
             done,
             total,
-            unit: unit.to_owned(),
+            unit,
             since,
         });
         match s.display {
@@ -159,8 +159,8 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn counts_bytes(unit: &str) -> bool {
-    unit == "bytes" || unit == "image_bytes"
+fn counts_bytes(unit: Unit) -> bool {
+    matches!(unit, Unit::Bytes | Unit::ImageBytes)
 }
 
 impl State {
@@ -209,14 +209,14 @@ impl State {
 /// The progress line: a bar for byte counts, a spinner for steps; the phase's elapsed time.
 fn describe(c: &Shown, frame: usize) -> String {
     let elapsed = c.since.elapsed().as_secs_f64();
-    if counts_bytes(&c.unit) {
+    if counts_bytes(c.unit) {
         let fraction = if c.total == 0 {
             1.0
         } else {
             (c.done as f64 / c.total as f64).min(1.0)
         };
         let filled = (fraction * WIDTH as f64) as usize;
-        let of = if c.unit == "image_bytes" {
+        let of = if c.unit == Unit::ImageBytes {
             " of the image"
         } else {
             ""
@@ -264,9 +264,9 @@ mod tests {
         let buf = Shared::default();
         let mut screen = Screen::new(Box::new(buf.clone()), Display::Lines);
         for done in 0..=100 {
-            screen.progress(Phase::Unpack, done, 100, "bytes");
+            screen.progress(Phase::Unpack, done, 100, Unit::Bytes);
         }
-        screen.progress(Phase::Sync, 0, 1, "steps");
+        screen.progress(Phase::Sync, 0, 1, Unit::Steps);
         screen.line("warning: something");
         screen.finish(Some("rebuild c1: done"));
         let text = String::from_utf8(lock_buf(&buf.0).clone()).unwrap_or_default();
@@ -282,7 +282,7 @@ mod tests {
     fn the_progress_line_is_cleared_before_other_output_and_drawn_again() {
         let buf = Shared::default();
         let mut screen = Screen::new(Box::new(buf.clone()), Display::Terminal);
-        screen.progress(Phase::Unpack, 50, 100, "bytes");
+        screen.progress(Phase::Unpack, 50, 100, Unit::Bytes);
         screen.around(|| lock_buf(&buf.0).extend_from_slice(b"{\"event\":\"x\"}\n"));
         screen.finish(None);
         let text = String::from_utf8(lock_buf(&buf.0).clone()).unwrap_or_default();

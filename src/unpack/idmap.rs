@@ -4,7 +4,7 @@
 
 /// One range of an id mapping: container ids `container..container+count` become host ids
 /// `host..host+count`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdRange {
     pub host: u32,

@@ -56,7 +56,7 @@ pub struct Options {
 
 /// What to do with an image's metadata item (an ACL, a file capability, any xattr) that the
 /// volume's filesystem refuses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UnsupportedMetadata {
     /// The request fails with `unsupported`, naming the path and the attribute (the default).

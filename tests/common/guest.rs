@@ -153,9 +153,42 @@ pub fn run_cases(filters: &[&str], banner: &str, bulky: &[usize]) {
         "guest tier {filters:?}: {} s in all",
         started.elapsed().as_secs()
     );
-    assert!(out.status.success(), "the guest tier failed (see above)");
+    assert!(
+        out.status.success(),
+        "the guest tier failed; its failures, again (the whole log is above):\n{}",
+        failures(&text)
+    );
     assert!(
         text.contains("test result: ok."),
         "the guest ran no test harness: {text}"
     );
+}
+
+/// The failing cases' own output from a libtest log (its `failures:` section and the panic
+/// lines), at most a few kilobytes: what a CI log that keeps only its end must still show.
+fn failures(text: &str) -> String {
+    const MAX: usize = 6000;
+    let mut picked = String::new();
+    let mut in_failures = false;
+    for line in text.lines() {
+        let line_trimmed = line.trim_start();
+        if line_trimmed == "failures:" {
+            in_failures = true;
+        } else if line_trimmed.starts_with("test result:") {
+            in_failures = false;
+        }
+        let panic_line = line.contains("panicked at") || line.contains("FAILED");
+        if (in_failures || panic_line) && !line_trimmed.starts_with("note: ") {
+            picked.push_str(line);
+            picked.push('\n');
+        }
+    }
+    if picked.len() > MAX {
+        let mut cut = picked.len() - MAX;
+        while !picked.is_char_boundary(cut) {
+            cut += 1;
+        }
+        picked = format!("[…]{}", &picked[cut..]);
+    }
+    picked
 }

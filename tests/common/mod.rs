@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod guest;
+pub mod schema;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -148,7 +149,13 @@ impl Env {
         }
         let out = child.wait_with_output().unwrap();
         trace(started, stdin, &out.stdout);
-        Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
+        let run = Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
+        if run.status == 0 {
+            if let Ok(request) = serde_json::from_slice::<Value>(stdin) {
+                schema::check_request(&request);
+            }
+        }
+        run
     }
 
     /// `reimage DRIVER` with this env's config, ready to take a request on stdin.
@@ -172,7 +179,11 @@ impl Env {
             .unwrap()
             .write_all(request.to_string().as_bytes());
         let out = child.wait_with_output().unwrap();
-        Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
+        let run = Run::from_output(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
+        if run.status == 0 {
+            schema::check_request(request);
+        }
+        run
     }
 
     /// Runs `reimage DRIVER` under `wrapper`, a command that ends by running the arguments
@@ -396,6 +407,7 @@ impl Run {
         for e in &events {
             assert!(e["event"].is_string(), "every line has an event key: {e}");
         }
+        schema::check_events(&events);
         Run {
             status,
             events,
@@ -475,6 +487,7 @@ impl Spawned {
     /// Waits for the end; returns the exit code (None when killed) and the remaining events.
     pub fn finish(mut self) -> (Option<i32>, Vec<Value>) {
         self.wait_for(|_| false);
+        schema::check_events(&self.seen);
         let status = self.child.wait().unwrap();
         (status.code(), self.seen)
     }
