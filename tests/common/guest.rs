@@ -91,12 +91,17 @@ echo '/scratch/cores/core.%e.%p' > /proc/sys/kernel/core_pattern
 echo 2 > /proc/sys/fs/suid_dumpable
 ";
 
-/// Prints the backtrace of every core left, with the binary that most likely dumped it.
+/// Prints the backtrace of every core left, with the binary that dumped it: reimage, a
+/// command on the PATH of that name (`zfs`, `zpool`, `lvcreate`, ...), else the test binary.
 fn backtraces(test_exe: &Path) -> String {
     format!(
         "for core in /scratch/cores/core.*; do
     [ -e \"$core\" ] || continue
-    case $core in */core.reimage.*) exe={} ;; *) exe={} ;; esac
+    name=${{core##*/core.}}; name=${{name%.*}}
+    case $name in
+        reimage) exe={} ;;
+        *) exe=$(command -v \"$name\" 2>/dev/null || echo {}) ;;
+    esac
     echo \"== $core ($exe)\"
     gdb -q -batch -ex 'thread apply all bt' \"$exe\" \"$core\" 2>&1 | tail -n 80 || true
 done
