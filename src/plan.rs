@@ -4,7 +4,6 @@
 //! Pure functions: no I/O, so every rule here is unit-tested.
 
 use reimage_driver::{PoolSpace, SizeModel, Usage};
-use serde_json::{json, Value};
 
 use crate::error::{Code, Error, Result};
 use crate::protocol::request::{Fill, Mode, SizePolicy};
@@ -26,6 +25,8 @@ pub struct Plan {
     /// An overcommitting pool (LVM thin): what its volumes were promised before this one,
     /// and the pool's real size.
     pub provisioned: Option<(u64, u64)>,
+    /// Bytes of the image volume this fill builds before it clones it (a miss).
+    pub image_bytes: Option<u64>,
 }
 
 pub fn grown(bytes: u64, headroom: f64) -> u64 {
@@ -37,12 +38,26 @@ pub fn grown(bytes: u64, headroom: f64) -> u64 {
     }
 }
 
-/// What the measured image needs.
+/// What the measured image needs, and where the new volume's blocks come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Need {
     /// Bytes on a 4 KiB-block filesystem (the measure estimate).
     pub bytes: u64,
     pub inodes: u64,
+    pub blocks: Blocks,
+}
+
+/// Where a new volume's blocks come from, which decides the space it takes from the pool now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocks {
+    /// Unpacked into the volume: the image's bytes and inodes, grown by the headroom.
+    Unpacked,
+    /// A clone of an image volume the pool holds: it shares every block and takes none now
+    /// (its size limit still counts what it shares).
+    Shared,
+    /// A clone of an image volume built first: the image volume takes the image's bytes and
+    /// inodes (grown by the headroom, the measure being an estimate), the clone none.
+    NewImageVolume,
 }
 
 /// Decides the size and checks the space for filling a volume with what `need` says.
@@ -55,7 +70,7 @@ pub fn plan_fill(
     mode: Mode,
     space: PoolSpace,
 ) -> Result<Plan> {
-    let inodes = need.inodes;
+    let (inodes, blocks) = (need.inodes, need.blocks);
     let need = need.bytes;
     let need_with_headroom = grown(need, fill.headroom);
     let target_size = match model {
@@ -81,10 +96,12 @@ pub fn plan_fill(
                 .max(need_with_headroom),
         }),
     };
-    let required = match (model, target_size) {
-        (SizeModel::Allocated, Some(size)) => size,
+    let required = match (model, target_size, blocks) {
+        (SizeModel::Allocated, Some(size), _) => size,
+        (_, _, Blocks::Shared) => 0,
         _ => need_with_headroom,
     };
+    let image_bytes = (blocks == Blocks::NewImageVolume).then_some(need_with_headroom);
     let freed = match (mode, current) {
         (Mode::InPlace, Some(usage)) => match model {
             SizeModel::Allocated => usage.size.unwrap_or(usage.used),
@@ -93,6 +110,22 @@ pub fn plan_fill(
         _ => 0,
     };
     let available = space.available.saturating_add(freed);
+    if required > available && image_bytes.is_some() {
+        return Err(Error::new(
+            Code::InsufficientSpace,
+            format!(
+                "the pool has {available} bytes free but this image's image volume, which every \
+                 volume filled from it shares, needs {required} (image {need} bytes + {:.0}% \
+                 headroom); free space in the pool (`prune` removes unused image volumes)",
+                fill.headroom * 100.0
+            ),
+        )
+        .with("needed", required)
+        .with("available", available)
+        .with("image_bytes", required)
+        .with("measured", need)
+        .with("headroom", fill.headroom));
+    }
     if required > available {
         return Err(Error::new(
             Code::InsufficientSpace,
@@ -107,7 +140,7 @@ pub fn plan_fill(
         .with("measured", need)
         .with("headroom", fill.headroom));
     }
-    if let Some(free_inodes) = space.inodes_available {
+    if let (Some(free_inodes), false) = (space.inodes_available, blocks == Blocks::Shared) {
         let freed = match (mode, current) {
             (Mode::InPlace, Some(usage)) => usage.inodes.unwrap_or(0),
             _ => 0,
@@ -132,21 +165,8 @@ pub fn plan_fill(
         available,
         size_ignored: fill.size.is_some() && model == SizeModel::Unlimited,
         provisioned: space.provisioned.map(|p| (p, space.total)),
+        image_bytes,
     })
-}
-
-impl Plan {
-    pub fn to_json(&self, steps: &[&str]) -> Value {
-        json!({
-            "measured_bytes": self.need,
-            "needed_with_headroom": self.need_with_headroom,
-            "target_size": self.target_size,
-            "required_space": self.required,
-            "available_space": self.available,
-            "provisioned_space": self.provisioned.map(|(p, _)| p),
-            "steps": steps,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -174,7 +194,11 @@ mod tests {
     };
 
     fn n(bytes: u64) -> Need {
-        Need { bytes, inodes: 1 }
+        Need {
+            bytes,
+            inodes: 1,
+            blocks: Blocks::Unpacked,
+        }
     }
 
     #[test]
@@ -292,6 +316,7 @@ mod tests {
             Need {
                 bytes: 1,
                 inodes: 11,
+                blocks: Blocks::Unpacked,
             },
             None,
             Mode::Atomic,
@@ -299,5 +324,58 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.details["needed_inodes"], 11);
+    }
+
+    #[test]
+    fn a_clone_takes_no_space_and_a_new_image_volume_takes_the_image() {
+        let full = PoolSpace {
+            available: 100,
+            total: 10_000,
+            inodes_available: Some(0),
+            provisioned: None,
+        };
+        let need = |blocks| Need {
+            bytes: 1000,
+            inodes: 10,
+            blocks,
+        };
+        // A clone of an image volume the pool holds: nothing to find room for, but the limit
+        // still counts what the clone shares.
+        let p = plan_fill(
+            SizeModel::Quota,
+            &fill(None, SizePolicy::Grow),
+            need(Blocks::Shared),
+            None,
+            Mode::Atomic,
+            full,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.required, p.target_size, p.image_bytes),
+            (0, Some(1200), None)
+        );
+        // The image volume built first needs the image's room, and says so.
+        let e = plan_fill(
+            SizeModel::Quota,
+            &fill(None, SizePolicy::Grow),
+            need(Blocks::NewImageVolume),
+            None,
+            Mode::Atomic,
+            full,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, Code::InsufficientSpace);
+        assert_eq!(e.details["image_bytes"], 1200);
+        assert!(e.message.contains("image volume"), "{e}");
+        let roomy = plan_fill(
+            SizeModel::Quota,
+            &fill(None, SizePolicy::Grow),
+            need(Blocks::NewImageVolume),
+            None,
+            Mode::Atomic,
+            ROOMY,
+        )
+        .unwrap();
+        assert_eq!(roomy.image_bytes, Some(1200));
     }
 }

@@ -359,9 +359,12 @@ fn a_pool_too_small_is_refused_before_anything_changes(backend: Backend) {
 }
 
 /// A nearly full filesystem: filled with real extents (fallocate) until about 64 MiB are
-/// left, so an image of 256 MiB cannot fit; statfs alone is approximate on btrfs.
+/// left, so an image of 256 MiB cannot fit; statfs alone is approximate on btrfs. Where the
+/// pool keeps image volumes, the refusal names the image volume's bytes, and a rebuild that
+/// clones an image volume the pool holds needs no room and goes through.
 fn a_nearly_full_pool_is_refused_before_anything_changes(backend: Backend) {
-    let (env, _a, _b) = populated_beside("nearly-full", backend, Some("512m"));
+    let (env, a, _b) = populated_beside("nearly-full", backend, Some("512m"));
+    let image_volumes = caps(&env).image_volumes;
     let bulky = bulky_image(&env);
     env.fill_pool_leaving(64 << 20);
     let before = (env.manifest_of("c1"), untouched(&env));
@@ -372,7 +375,17 @@ fn a_nearly_full_pool_is_refused_before_anything_changes(backend: Backend) {
         available < 128 << 20,
         "available {available} reflects the fill"
     );
+    assert_eq!(
+        e["details"]["image_bytes"].is_u64(),
+        image_volumes,
+        "image_bytes where an image volume was to be built: {e}"
+    );
     assert_eq!(before, (env.manifest_of("c1"), untouched(&env)));
+    if image_volumes {
+        let r = env.rebuild_from("c1", &a);
+        assert_eq!(r.ok()["image"]["cache"], "hit", "{:?}", r.events);
+        assert_eq!(env.manifest_of("c1"), before.0);
+    }
     env.unfill();
 }
 

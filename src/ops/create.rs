@@ -29,6 +29,7 @@ pub(super) fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Resu
         &idmap,
         None,
         Mode::Atomic,
+        true,
         (!fill.dry_run).then_some(pool.as_str()),
         &mut timings,
     )?;

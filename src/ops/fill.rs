@@ -8,7 +8,9 @@ use super::*;
 /// cannot be enforced. `builds` is the pool when the request goes on to build (not a dry run,
 /// an in-place rebuild or a refill): a first fill from an image may then measure it while it
 /// unpacks it — into a new image volume, here, or into the volume's new slot later, when the
-/// content comes back `Unmeasured` and without a plan (see `one_pass.rs`).
+/// content comes back `Unmeasured` and without a plan (see `one_pass.rs`). `clones`: the fill
+/// clones the content's image volume when the pool keeps one (not an in-place rebuild or a
+/// refill, which unpack into the volume), so the plan counts that volume's space instead.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn measure_and_plan(
     config: &Config,
@@ -17,6 +19,7 @@ pub(super) fn measure_and_plan(
     idmap: &IdMap,
     current: Option<&reimage_driver::Usage>,
     mode: Mode,
+    clones: bool,
     builds: Option<&str>,
     timings: &mut Timings,
 ) -> Result<(Content, Option<Plan>)> {
@@ -52,13 +55,15 @@ pub(super) fn measure_and_plan(
         }
     )
     .then(|| content.measurement().tally);
-    let plan = plan_for(held, fill, &content, current, mode, written)?;
+    let plan = plan_for(held, fill, &content, current, mode, written, clones)?;
     Ok((content, Some(plan)))
 }
 
 /// Plans the fill of the measured `content` against the pool, and warns when `size` cannot be
 /// enforced or the pool is overcommitted. `written`: what this request already unpacked into
-/// the pool (an image volume or the new slot, in one pass), counted as free.
+/// the pool (an image volume or the new slot, in one pass), counted as free. `clones`: the fill
+/// clones the content's image volume where the pool keeps them; such a fill takes no space
+/// when the pool holds the image volume, and the image volume's when it is built first.
 pub(super) fn plan_for(
     held: &mut LockedVolume<'_>,
     fill: &Fill,
@@ -66,13 +71,32 @@ pub(super) fn plan_for(
     current: Option<&reimage_driver::Usage>,
     mode: Mode,
     written: Option<Tally>,
+    clones: bool,
 ) -> Result<Plan> {
     let tally = content.measurement().tally;
+    let driver = held.driver;
+    let key = clones
+        .then(|| image_key(driver, content, &IdMap::new(fill.idmap.clone())))
+        .flatten();
+    let blocks = match key {
+        None => Blocks::Unpacked,
+        Some(key) => {
+            let held_by_pool = driver
+                .images()?
+                .iter()
+                .any(|image| image.sealed && image.key == key);
+            if held_by_pool {
+                Blocks::Shared
+            } else {
+                Blocks::NewImageVolume
+            }
+        }
+    };
     let need = Need {
         bytes: tally.allocated_bytes,
         inodes: tally.inodes,
+        blocks,
     };
-    let driver = held.driver;
     let plan = plan_fill(
         driver.capabilities().size_model,
         fill,
@@ -333,6 +357,7 @@ pub(super) fn dry_run_result(
             required_space: plan.required,
             available_space: plan.available,
             provisioned_space: plan.provisioned.map(|(p, _)| p),
+            image_bytes: plan.image_bytes,
             steps: steps.iter().map(|s| (*s).to_owned()).collect(),
             pending_recovery: pending,
         },

@@ -42,7 +42,7 @@ use crate::image;
 use crate::journal::{Intent, IntentOp, Journal, Phase};
 use crate::lock::VolumeLock;
 use crate::measure::{cache, digest, measure_image, Measurement, Tally};
-use crate::plan::{plan_fill, Need, Plan};
+use crate::plan::{plan_fill, Blocks, Need, Plan};
 use crate::protocol::events::{Events, Phase as EventPhase, Unit};
 use crate::protocol::request::{
     Fill, Mode, Op, SizePolicy, SnapshotPolicy, Source, UnsupportedMetadata,

@@ -151,6 +151,7 @@ pub(super) fn fill_new_in_one_pass(
                 later.current,
                 later.mode,
                 Some(written),
+                false,
             )?;
             if let Some(size) = fault::quota_override().or(plan.target_size) {
                 if driver.capabilities().size_model == reimage_driver::SizeModel::Quota {
@@ -172,7 +173,15 @@ pub(super) fn fill_new_in_one_pass(
                 None,
                 timings,
             )?;
-            let plan = plan_for(held, later.fill, &content, later.current, later.mode, None)?;
+            let plan = plan_for(
+                held,
+                later.fill,
+                &content,
+                later.current,
+                later.mode,
+                None,
+                false,
+            )?;
             let measured = Filling {
                 content: &content,
                 target_size: plan.target_size,

@@ -72,6 +72,7 @@ pub(super) fn rebuild(
         &idmap,
         Some(&current),
         mode,
+        mode == Mode::Atomic && !refill,
         (!fill.dry_run && mode == Mode::Atomic && !refill).then_some(pool.as_str()),
         &mut timings,
     )?;

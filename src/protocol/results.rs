@@ -118,6 +118,10 @@ pub struct PlanInfo {
     pub available_space: u64,
     /// What the thin pool's volumes are promised in all (thin LVM only).
     pub provisioned_space: Option<u64>,
+    /// Bytes the image volume this fill would build first takes (an image the pool keeps no
+    /// image volume of yet); counted in `required_space`. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_bytes: Option<u64>,
     /// The steps a real run takes, in order.
     pub steps: Vec<String>,
     /// An interrupted request on this volume would be recovered first.
