@@ -101,6 +101,9 @@ pub enum Warning {
     Overcommitted,
     /// The pool asks for quotas the filesystem cannot enforce.
     QuotaUnavailable,
+    /// Added to v1: the pool keeps image volumes, but this fill unpacked into the volume
+    /// (an in-place rebuild, or a refill that keeps snapshots).
+    ImageVolumeUnused,
 }
 
 impl Warning {
@@ -116,6 +119,7 @@ impl Warning {
             Warning::Locked => "locked",
             Warning::Overcommitted => "overcommitted",
             Warning::QuotaUnavailable => "quota_unavailable",
+            Warning::ImageVolumeUnused => "image_volume_unused",
         }
     }
 }

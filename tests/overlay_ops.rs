@@ -175,6 +175,34 @@ fn the_reported_mount_shows_the_image_and_a_rebuild_resets_or_rebases_the_upper_
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
 
+/// An in-place rebuild unpacks into the volume even though the pool keeps image volumes; the
+/// result says `cache: "off"` and a warning says why, which an atomic rebuild never does.
+#[test]
+fn an_in_place_rebuild_says_it_did_not_use_the_image_volume() {
+    let (env, a, _b) = env("overlay-in-place");
+    env.create_from("c1", &a).ok();
+    let atomic = env.rebuild_from("c1", &a);
+    assert_eq!(atomic.ok()["image"]["cache"], "hit");
+    assert!(atomic.warnings().is_empty(), "{:?}", atomic.warnings());
+    let in_place = env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": a}, "mode": "in-place"}),
+    ));
+    assert_eq!(in_place.ok()["image"]["cache"], "off");
+    assert_eq!(in_place.warnings(), ["image_volume_unused"]);
+    {
+        let view = mounted(&env, in_place.ok(), "in-place");
+        assert_same(
+            &gnu_manifest(&env, &a),
+            &manifest_at(&view),
+            &Ignore::default(),
+        );
+    }
+    env.run(&req("delete", "c1", json!({}))).ok();
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
 #[test]
 fn preserve_copies_the_merged_view_lower_only_files_and_opaque_directories() {
     let (env, a, b) = env("overlay-preserve");

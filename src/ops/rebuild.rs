@@ -109,6 +109,25 @@ pub(super) fn rebuild(
         };
         return Ok(dry_run_result(&planned(plan)?, &content, steps, pending));
     }
+    if driver.capabilities().image_volumes && matches!(content, Content::Image { .. }) {
+        let why = match mode {
+            _ if refill => Some(format!(
+                "keeping snapshots on the {} driver refills the volume in place",
+                driver.name()
+            )),
+            Mode::InPlace => Some("an in-place rebuild builds in the volume's own place".into()),
+            Mode::Atomic => None,
+        };
+        if let Some(why) = why {
+            held.events.warning(
+                Warning::ImageVolumeUnused,
+                &format!(
+                    "the image was unpacked into volume {volume}, not cloned from the pool's \
+                     image volume: {why} (an atomic rebuild that deletes snapshots clones it)"
+                ),
+            );
+        }
+    }
     cancelled_check()?;
     if refill {
         refill_in_place(
