@@ -12,7 +12,7 @@ pub(super) struct Timings {
 impl Timings {
     pub(super) fn start() -> Self {
         Timings {
-            phases: out::TimingsMs::new(),
+            phases: out::TimingsMs::default(),
             started: Some(Instant::now()),
         }
     }
@@ -21,7 +21,7 @@ impl Timings {
         let t = Instant::now();
         let out = step();
         let ms = t.elapsed().as_millis() as u64;
-        *self.phases.entry(name.to_owned()).or_insert(0) += ms;
+        self.phases.add(name, ms);
         out
     }
 
@@ -29,7 +29,7 @@ impl Timings {
     pub(super) fn to_ms(&self) -> out::TimingsMs {
         let mut m = self.phases.clone();
         if let Some(s) = self.started {
-            m.insert("total".into(), s.elapsed().as_millis() as u64);
+            m.add("total", s.elapsed().as_millis() as u64);
         }
         m
     }

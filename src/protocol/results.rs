@@ -66,8 +66,44 @@ impl OpResult {
     }
 }
 
-/// Wall time of each phase in milliseconds, and `total`.
-pub type TimingsMs = BTreeMap<String, u64>;
+/// Wall time of each phase in milliseconds, in the order the phases ran, and `total` last.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TimingsMs(pub Vec<(String, u64)>);
+
+impl TimingsMs {
+    /// Adds `ms` to phase `name`, which is appended when it is new.
+    pub fn add(&mut self, name: &str, ms: u64) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, total)) => *total += ms,
+            None => self.0.push((name.to_owned(), ms)),
+        }
+    }
+}
+
+impl Serialize for TimingsMs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, ms) in &self.0 {
+            map.serialize_entry(name, ms)?;
+        }
+        map.end()
+    }
+}
+
+impl JsonSchema for TimingsMs {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TimingsMs".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Milliseconds per phase (hash, measure, prepare, unpack, preserve, sync, swap, cleanup), in the order they ran, and total.",
+            "type": "object",
+            "additionalProperties": {"type": "integer", "minimum": 0}
+        })
+    }
+}
 
 /// `measure`: what the image holds.
 #[derive(Debug, Serialize, JsonSchema)]
