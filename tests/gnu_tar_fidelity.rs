@@ -65,6 +65,16 @@ fn every_compressor_real_tools_write() {
         ("lzma", tool("rich.tar.lzma", "xz --format=lzma -c")),
         ("lzo", tool("rich.tar.lzo", "lzop -c")),
         ("zstd", tool("rich.tar.pzst", "pzstd -q -c -p 2")),
+        // Multi-block (decoded on several threads), and two streams with padding between.
+        ("xz", tool("rich.tar.mt.xz", "xz -T2 --block-size=65536 -c")),
+        (
+            "xz",
+            tool(
+                "rich.tar.cat.xz",
+                "head -c 70000 | xz -c && printf '\\000\\000\\000\\000' && \
+                 tail -c +70001 \"$0\" | xz -c",
+            ),
+        ),
         (
             "lz4",
             tool(

@@ -14,6 +14,7 @@ pub mod readahead;
 pub mod sparse;
 pub mod squashfs;
 pub mod tar;
+pub mod xz;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -354,17 +355,11 @@ pub fn open_stream(
     let decoded: Box<dyn Read + Send> = match compression {
         Compression::None => return Ok((Box::new(raw), read)),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
-        Compression::Xz => {
-            // Bounded: a hostile header may ask for gigabytes of dictionary (xz -9 needs 64 MiB).
-            let stream = liblzma::stream::Stream::new_stream_decoder(
-                XZ_MEMLIMIT,
-                liblzma::stream::CONCATENATED,
-            )
-            .map_err(|e| {
-                Error::new(Code::ImageInvalid, format!("cannot start xz decoding: {e}"))
-            })?;
-            Box::new(liblzma::bufread::XzDecoder::new_stream(raw, stream))
-        }
+        // Bounded: a hostile header may ask for gigabytes of dictionary (xz -9 needs 64 MiB).
+        Compression::Xz => Box::new(
+            xz::XzStreams::new(raw, XZ_MEMLIMIT)
+                .map_err(|e| Error::new(Code::ImageInvalid, e.to_string()))?,
+        ),
         Compression::Zstd => {
             Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| {
                 Error::new(
