@@ -110,35 +110,33 @@ pub fn plan_fill(
         _ => 0,
     };
     let available = space.available.saturating_add(freed);
-    if required > available && image_bytes.is_some() {
-        return Err(Error::new(
-            Code::InsufficientSpace,
-            format!(
-                "the pool has {available} bytes free but this image's image volume, which every \
-                 volume filled from it shares, needs {required} (image {need} bytes + {:.0}% \
-                 headroom); free space in the pool (`prune` removes unused image volumes)",
-                fill.headroom * 100.0
-            ),
-        )
-        .with("needed", required)
-        .with("available", available)
-        .with("image_bytes", required)
-        .with("measured", need)
-        .with("headroom", fill.headroom));
-    }
     if required > available {
-        return Err(Error::new(
+        let (what, fix) = match image_bytes {
+            Some(_) => (
+                "this image's image volume, which every volume filled from it shares,",
+                "free space in the pool (`prune` removes unused image volumes)",
+            ),
+            None => (
+                "the new volume",
+                "free space in the pool or use a smaller headroom",
+            ),
+        };
+        let e = Error::new(
             Code::InsufficientSpace,
             format!(
-                "the pool has {available} bytes free but the new volume needs {required} \
-                 (image {need} bytes + {:.0}% headroom); free space in the pool or use a smaller headroom",
+                "the pool has {available} bytes free but {what} needs {required} (image {need} \
+                 bytes + {:.0}% headroom); {fix}",
                 fill.headroom * 100.0
             ),
         )
         .with("needed", required)
         .with("available", available)
         .with("measured", need)
-        .with("headroom", fill.headroom));
+        .with("headroom", fill.headroom);
+        return Err(match image_bytes {
+            Some(bytes) => e.with("image_bytes", bytes),
+            None => e,
+        });
     }
     if let (Some(free_inodes), false) = (space.inodes_available, blocks == Blocks::Shared) {
         let freed = match (mode, current) {

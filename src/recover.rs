@@ -24,17 +24,6 @@ pub enum Action {
     CleanedUp,
 }
 
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::RolledBack => "rolled_back",
-            Action::Completed => "completed",
-            Action::Lost => "lost",
-            Action::CleanedUp => "cleaned_up",
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub volume: VolumeName,

@@ -15,8 +15,6 @@ use std::fs::File;
 use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
 
-use serde_json::{json, Value};
-
 use crate::error::{Code, Error, Result};
 use crate::image::tar::{shown, Entry, Kind};
 use crate::image::{self, Compression, Detected, Format};
@@ -88,23 +86,6 @@ impl Measurement {
             tally: Tally::default(),
             rootfs_prefix: None,
         }
-    }
-
-    pub fn to_json(&self) -> Value {
-        let mut v = json!({
-            "format": self.format.as_str(),
-            "compression": self.compression.as_str(),
-            "unpacked_bytes": self.tally.unpacked_bytes,
-            "allocated_bytes": self.tally.allocated_bytes,
-            "inodes": self.tally.inodes,
-            "entries": self.tally.entries,
-        });
-        if let Some(prefix) = &self.rootfs_prefix {
-            v["rootfs_prefix"] = String::from_utf8_lossy(prefix.as_bytes())
-                .into_owned()
-                .into();
-        }
-        v
     }
 }
 

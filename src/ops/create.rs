@@ -30,7 +30,7 @@ pub(super) fn create(mut ctx: Ctx<'_>, volume: &VolumeName, fill: &Fill) -> Resu
         None,
         Mode::Atomic,
         true,
-        (!fill.dry_run).then_some(pool.as_str()),
+        &pool,
         &mut timings,
     )?;
     if fill.dry_run {

@@ -5,12 +5,12 @@ use super::*;
 
 /// Measures the fill's content and plans its size and space against the pool (the steps
 /// create and rebuild share before anything of the volume changes); warns when `size`
-/// cannot be enforced. `builds` is the pool when the request goes on to build (not a dry run,
-/// an in-place rebuild or a refill): a first fill from an image may then measure it while it
-/// unpacks it — into a new image volume, here, or into the volume's new slot later, when the
-/// content comes back `Unmeasured` and without a plan (see `one_pass.rs`). `clones`: the fill
-/// clones the content's image volume when the pool keeps one (not an in-place rebuild or a
-/// refill, which unpack into the volume), so the plan counts that volume's space instead.
+/// cannot be enforced. `clones`: the fill builds a new slot beside the volume, cloning the
+/// content's image volume where the pool keeps them (not an in-place rebuild or a refill,
+/// which unpack into the volume), so the plan counts that image volume's space instead. Such
+/// a fill, unless a dry run, may measure a first image while it unpacks it — into a new
+/// image volume of `pool`, here, or into the volume's new slot later, when the content comes
+/// back `Unmeasured` and without a plan (see `one_pass.rs`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn measure_and_plan(
     config: &Config,
@@ -20,10 +20,11 @@ pub(super) fn measure_and_plan(
     current: Option<&reimage_driver::Usage>,
     mode: Mode,
     clones: bool,
-    builds: Option<&str>,
+    pool: &str,
     timings: &mut Timings,
 ) -> Result<(Content, Option<Plan>)> {
     let driver = held.driver;
+    let builds = (clones && !fill.dry_run).then_some(pool);
     let content = match (&fill.source, builds) {
         (Source::Template { volume, snapshot }, _) => template_content(driver, volume, snapshot)?,
         (_, Some(pool)) => match open_image(config, held.state, &fill.source, held.image, idmap)? {
@@ -55,15 +56,19 @@ pub(super) fn measure_and_plan(
         }
     )
     .then(|| content.measurement().tally);
-    let plan = plan_for(held, fill, &content, current, mode, written, clones)?;
+    let blocks = if clones {
+        blocks_of(driver, &content, idmap)?
+    } else {
+        Blocks::Unpacked
+    };
+    let plan = plan_for(held, fill, &content, current, mode, written, blocks)?;
     Ok((content, Some(plan)))
 }
 
 /// Plans the fill of the measured `content` against the pool, and warns when `size` cannot be
 /// enforced or the pool is overcommitted. `written`: what this request already unpacked into
-/// the pool (an image volume or the new slot, in one pass), counted as free. `clones`: the fill
-/// clones the content's image volume where the pool keeps them; such a fill takes no space
-/// when the pool holds the image volume, and the image volume's when it is built first.
+/// the pool (an image volume or the new slot, in one pass), counted as free. `blocks`: where
+/// the new volume's blocks come from (see [`blocks_of`]).
 pub(super) fn plan_for(
     held: &mut LockedVolume<'_>,
     fill: &Fill,
@@ -71,27 +76,10 @@ pub(super) fn plan_for(
     current: Option<&reimage_driver::Usage>,
     mode: Mode,
     written: Option<Tally>,
-    clones: bool,
+    blocks: Blocks,
 ) -> Result<Plan> {
     let tally = content.measurement().tally;
     let driver = held.driver;
-    let key = clones
-        .then(|| image_key(driver, content, &IdMap::new(fill.idmap.clone())))
-        .flatten();
-    let blocks = match key {
-        None => Blocks::Unpacked,
-        Some(key) => {
-            let held_by_pool = driver
-                .images()?
-                .iter()
-                .any(|image| image.sealed && image.key == key);
-            if held_by_pool {
-                Blocks::Shared
-            } else {
-                Blocks::NewImageVolume
-            }
-        }
-    };
     let need = Need {
         bytes: tally.allocated_bytes,
         inodes: tally.inodes,

@@ -34,6 +34,31 @@ pub(super) fn image_key(driver: &dyn Driver, content: &Content, idmap: &IdMap) -
     key_of(driver, sha256, prefix_request.as_deref(), idmap)
 }
 
+/// Where a fill that clones `content`'s image volume (where the pool keeps them) gets its
+/// blocks: shared with an image volume the pool holds (one this request just built too), or
+/// from one it must build first; unpacked when there is no image volume to clone.
+pub(super) fn blocks_of(driver: &dyn Driver, content: &Content, idmap: &IdMap) -> Result<Blocks> {
+    let Some(key) = image_key(driver, content, idmap) else {
+        return Ok(Blocks::Unpacked);
+    };
+    if let Content::Image {
+        built_image_volume: true,
+        ..
+    } = content
+    {
+        return Ok(Blocks::Shared);
+    }
+    let held_by_pool = driver
+        .images()?
+        .iter()
+        .any(|image| image.sealed && image.key == key);
+    Ok(if held_by_pool {
+        Blocks::Shared
+    } else {
+        Blocks::NewImageVolume
+    })
+}
+
 /// The key of the image with SHA-256 `sha256` unpacked with the request's `rootfs_prefix`
 /// (detection being a function of the image's bytes, the request's value determines the
 /// tree as well as the detected one, and is known before the image is read).

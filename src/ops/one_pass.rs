@@ -151,7 +151,7 @@ pub(super) fn fill_new_in_one_pass(
                 later.current,
                 later.mode,
                 Some(written),
-                false,
+                Blocks::Unpacked,
             )?;
             if let Some(size) = fault::quota_override().or(plan.target_size) {
                 if driver.capabilities().size_model == reimage_driver::SizeModel::Quota {
@@ -180,7 +180,7 @@ pub(super) fn fill_new_in_one_pass(
                 later.current,
                 later.mode,
                 None,
-                false,
+                Blocks::Unpacked,
             )?;
             let measured = Filling {
                 content: &content,

@@ -65,6 +65,8 @@ pub(super) fn rebuild(
     let preserved = preserve_paths(preserve_list)?;
     let idmap = IdMap::new(fill.idmap.clone());
     let current = driver.usage(live)?;
+    // Only a new slot built beside the volume can be a clone of an image volume.
+    let clones = mode == Mode::Atomic && !refill;
     let (content, plan) = measure_and_plan(
         config,
         &mut held,
@@ -72,8 +74,8 @@ pub(super) fn rebuild(
         &idmap,
         Some(&current),
         mode,
-        mode == Mode::Atomic && !refill,
-        (!fill.dry_run && mode == Mode::Atomic && !refill).then_some(pool.as_str()),
+        clones,
+        &pool,
         &mut timings,
     )?;
     if fill.dry_run {
@@ -109,24 +111,22 @@ pub(super) fn rebuild(
         };
         return Ok(dry_run_result(&planned(plan)?, &content, steps, pending));
     }
-    if driver.capabilities().image_volumes && matches!(content, Content::Image { .. }) {
-        let why = match mode {
-            _ if refill => Some(format!(
+    if !clones && driver.capabilities().image_volumes && matches!(content, Content::Image { .. }) {
+        let why = if refill {
+            format!(
                 "keeping snapshots on the {} driver refills the volume in place",
                 driver.name()
-            )),
-            Mode::InPlace => Some("an in-place rebuild builds in the volume's own place".into()),
-            Mode::Atomic => None,
+            )
+        } else {
+            "an in-place rebuild builds in the volume's own place".to_owned()
         };
-        if let Some(why) = why {
-            held.events.warning(
-                Warning::ImageVolumeUnused,
-                &format!(
-                    "the image was unpacked into volume {volume}, not cloned from the pool's \
-                     image volume: {why} (an atomic rebuild that deletes snapshots clones it)"
-                ),
-            );
-        }
+        held.events.warning(
+            Warning::ImageVolumeUnused,
+            &format!(
+                "the image was unpacked into volume {volume}, not cloned from the pool's \
+                 image volume: {why} (an atomic rebuild that deletes snapshots clones it)"
+            ),
+        );
     }
     cancelled_check()?;
     if refill {

@@ -312,18 +312,6 @@ pub enum InterruptedOp {
     Delete,
 }
 
-impl InterruptedOp {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InterruptedOp::Create => "create",
-            InterruptedOp::Rebuild => "rebuild",
-            InterruptedOp::RebuildInPlace => "rebuild-in-place",
-            InterruptedOp::RebuildKeepingSnapshots => "rebuild-keeping-snapshots",
-            InterruptedOp::Delete => "delete",
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RecoveryAction {
