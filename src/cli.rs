@@ -235,7 +235,11 @@ pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
         Ok(Parsed::ListPools(config)) => return list_pools(&config),
         _ => {}
     }
-    let hardening = crate::privilege::reduce();
+    let mut hardening = match &parsed {
+        Ok(Parsed::Run(a)) => crate::privilege::load_modules(a.driver),
+        _ => Vec::new(),
+    };
+    hardening.extend(crate::privilege::reduce());
     signals::install();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let stderr_tty = std::io::stderr().is_terminal();

@@ -91,11 +91,14 @@ pub enum PoolSpec {
     /// Each volume an overlayfs upper layer in `path` over an image volume beside it;
     /// `quota`: a project quota per upper layer. It always keeps image volumes.
     Overlay { path: PathBuf, quota: bool },
-    /// Each volume an LV in `vg` (thin in `thin_pool` when set) holding `fs`.
+    /// Each volume an LV in `vg` (thin in `thin_pool` when set) holding `fs`;
+    /// `image_volumes` (thin pools only): each image unpacked once into a thin LV that
+    /// volumes are thin snapshots of.
     Lvm {
         vg: String,
         thin_pool: Option<String>,
         fs: Fs,
+        image_volumes: bool,
         mount_dir: PathBuf,
     },
 }
@@ -441,7 +444,6 @@ impl Config {
                 for (set, field) in [
                     (p.path.is_some(), "path"),
                     (p.quota.is_some(), "quota"),
-                    (p.image_volumes.is_some(), "image_volumes"),
                     (p.dataset.is_some(), "dataset"),
                     (p.quota_property.is_some(), "quota_property"),
                 ] {
@@ -463,8 +465,16 @@ impl Config {
                         invalid(format!("pools.{name}.fs {text:?} is not ext4 or xfs"))
                     })?,
                 };
+                // A thick LV has no cheap clone: every volume would copy its image volume
+                // whole, which costs what unpacking does and takes the space twice.
+                if p.image_volumes == Some(true) && p.thin_pool.is_none() {
+                    return Err(invalid(format!(
+                        "pools.{name}: image_volumes needs a thin pool (`thin_pool`): thick LVs have no copy-on-write clones"
+                    )));
+                }
                 PoolSpec::Lvm {
                     vg,
+                    image_volumes: p.image_volumes.unwrap_or(p.thin_pool.is_some()),
                     thin_pool: p.thin_pool.clone(),
                     fs,
                     mount_dir: mount_dir(),
@@ -662,7 +672,11 @@ mod tests {
         );
         assert!(matches!(
             c.pools["fast"].spec,
-            PoolSpec::Lvm { fs: Fs::Ext4, .. }
+            PoolSpec::Lvm {
+                fs: Fs::Ext4,
+                image_volumes: true,
+                ..
+            }
         ));
         assert!(c.pool_for("default", DriverKind::Btrfs).is_ok());
         assert_eq!(
@@ -687,6 +701,7 @@ mod tests {
             "[pools.\"-x\"]\ndriver = \"dir\"\npath = \"/x\"",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"v\"\nmount_dir = \"/m\"\nfs = \"btrfs\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"-o\"",
+            "[pools.a]\ndriver = \"lvm\"\nvg = \"v\"\nimage_volumes = true",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank//x\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank/../x\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank/a b\"",

@@ -44,11 +44,13 @@ pub fn open(pool: &Pool, state: &RecordDir) -> Result<Box<dyn Driver>> {
             vg,
             thin_pool,
             fs,
+            image_volumes,
             mount_dir,
         } => Box::new(LvmDriver::open(
             vg,
             thin_pool.as_deref(),
             *fs,
+            *image_volumes,
             mount_dir.clone(),
         )?),
     })

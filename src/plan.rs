@@ -14,6 +14,9 @@ pub struct Plan {
     pub need: u64,
     /// `need` grown by the headroom.
     pub need_with_headroom: u64,
+    /// Bytes the volume's filesystem keeps for itself at that size (an xfs log), added to
+    /// the size it gets; 0 where the volume is not a filesystem of its own size.
+    pub fs_overhead: u64,
     /// Size or quota the new volume gets; `None` where the driver has no sizes.
     pub target_size: Option<u64>,
     /// Bytes the pool must have free before anything is destroyed.
@@ -45,6 +48,8 @@ pub struct Need {
     pub bytes: u64,
     pub inodes: u64,
     pub blocks: Blocks,
+    /// See [`Plan::fs_overhead`].
+    pub fs_overhead: u64,
 }
 
 /// Where a new volume's blocks come from, which decides the space it takes from the pool now.
@@ -70,14 +75,14 @@ pub fn plan_fill(
     mode: Mode,
     space: PoolSpace,
 ) -> Result<Plan> {
-    let (inodes, blocks) = (need.inodes, need.blocks);
+    let (inodes, blocks, fs_overhead) = (need.inodes, need.blocks, need.fs_overhead);
     let need = need.bytes;
     let need_with_headroom = grown(need, fill.headroom);
     let target_size = match model {
         SizeModel::Unlimited => None,
         SizeModel::Quota | SizeModel::Allocated => Some(match (fill.size_policy, fill.size) {
             (SizePolicy::Exact, Some(size)) => {
-                if need > size {
+                if need.saturating_add(fs_overhead) > size {
                     return Err(Error::new(
                         Code::InsufficientSpace,
                         format!(
@@ -85,7 +90,7 @@ pub fn plan_fill(
                              give a larger size or drop size_policy"
                         ),
                     )
-                    .with("needed", need)
+                    .with("needed", need.saturating_add(fs_overhead))
                     .with("size", size));
                 }
                 size
@@ -93,7 +98,7 @@ pub fn plan_fill(
             (_, size) => size
                 .unwrap_or(0)
                 .max(current.and_then(|u| u.size).unwrap_or(0))
-                .max(need_with_headroom),
+                .max(need_with_headroom.saturating_add(fs_overhead)),
         }),
     };
     let required = match (model, target_size, blocks) {
@@ -158,6 +163,7 @@ pub fn plan_fill(
     Ok(Plan {
         need,
         need_with_headroom,
+        fs_overhead,
         target_size,
         required,
         available,
@@ -196,6 +202,7 @@ mod tests {
             bytes,
             inodes: 1,
             blocks: Blocks::Unpacked,
+            fs_overhead: 0,
         }
     }
 
@@ -315,6 +322,7 @@ mod tests {
                 bytes: 1,
                 inodes: 11,
                 blocks: Blocks::Unpacked,
+                fs_overhead: 0,
             },
             None,
             Mode::Atomic,
@@ -322,6 +330,42 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.details["needed_inodes"], 11);
+    }
+
+    #[test]
+    fn a_filesystem_of_its_own_size_gets_its_overhead_on_top() {
+        let roomy = PoolSpace {
+            available: 1 << 40,
+            total: 1 << 40,
+            inodes_available: None,
+            provisioned: None,
+        };
+        let need = Need {
+            fs_overhead: 64,
+            ..n(1000)
+        };
+        let plan = plan_fill(
+            SizeModel::Quota,
+            &fill(None, SizePolicy::Grow),
+            need,
+            None,
+            Mode::Atomic,
+            roomy,
+        )
+        .unwrap();
+        assert_eq!(plan.target_size, Some(grown(1000, 0.2) + 64));
+        // Space is asked for what is written, not for the filesystem's reservations.
+        assert_eq!(plan.required, grown(1000, 0.2));
+        let e = plan_fill(
+            SizeModel::Quota,
+            &fill(Some(1030), SizePolicy::Exact),
+            need,
+            None,
+            Mode::Atomic,
+            roomy,
+        )
+        .unwrap_err();
+        assert_eq!(e.details["needed"], 1064);
     }
 
     #[test]
@@ -336,6 +380,7 @@ mod tests {
             bytes: 1000,
             inodes: 10,
             blocks,
+            fs_overhead: 0,
         };
         // A clone of an image volume the pool holds: nothing to find room for, but the limit
         // still counts what the clone shares.

@@ -12,6 +12,8 @@
 
 use rustix::thread::{CapabilitySet, CapabilitySets};
 
+use crate::config::DriverKind;
+
 /// What unpacking and the drivers need.
 pub fn needed() -> CapabilitySet {
     CapabilitySet::CHOWN // owners from the image
@@ -38,6 +40,29 @@ fn private_mounts() -> std::result::Result<(), String> {
         MountPropagationFlags::DOWNSTREAM | MountPropagationFlags::REC,
     )
     .map_err(|e| format!("could not make the mounts of reimage's namespace private: {e}"))
+}
+
+/// Loads the kernel modules the driver's backend needs but does not load itself, while
+/// reimage may still load modules (it gives that up in [`reduce`]); returns what failed, for
+/// the log. `lvm`: LVM's `lvcreate` wants the `snapshot` device-mapper target for every
+/// snapshot, thin ones too (which do not use it), and loading it is its own `modprobe`.
+pub fn load_modules(driver: DriverKind) -> Vec<String> {
+    let wanted: &[&str] = match driver {
+        DriverKind::Lvm => &["dm_snapshot"],
+        _ => &[],
+    };
+    let mut notes = Vec::new();
+    for module in wanted {
+        if std::path::Path::new("/sys/module").join(module).exists() {
+            continue;
+        }
+        if let Err(e) = reimage_driver::command::run("modprobe", ["-q", module]) {
+            notes.push(format!(
+                "could not load the kernel module {module} (LVM needs it to snapshot or clone a volume): {e}"
+            ));
+        }
+    }
+    notes
 }
 
 /// Applies the reductions; returns what could not be done (for the log), never failing the

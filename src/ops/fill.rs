@@ -84,6 +84,7 @@ pub(super) fn plan_for(
         bytes: tally.allocated_bytes,
         inodes: tally.inodes,
         blocks,
+        fs_overhead: driver.fs_overhead(crate::plan::grown(tally.allocated_bytes, fill.headroom)),
     };
     let plan = plan_fill(
         driver.capabilities().size_model,
@@ -137,10 +138,15 @@ pub(super) fn size_clone(driver: &dyn Driver, slot: Slot<'_>, filling: &Filling<
         _ => size,
     };
     if used > size {
+        let (code, limit, word) = if driver.capabilities().full_at_size {
+            (Code::InsufficientSpace, "size", "the volume is full")
+        } else {
+            (Code::QuotaExceeded, "quota", "quota exceeded")
+        };
         return Err(Error::new(
-            Code::QuotaExceeded,
+            code,
             format!(
-                "the volume's quota of {size} bytes is smaller than the {used} bytes of what it is cloned from (quota exceeded)"
+                "the volume's {limit} of {size} bytes is smaller than the {used} bytes of what it is cloned from ({word})"
             ),
         )
         .with("volume_size", size)
@@ -417,6 +423,9 @@ pub(super) struct Filling<'a> {
     pub(super) grow_to_fit: Option<f64>,
     /// For `Unmeasured` content: what the plan made once it is measured needs.
     pub(super) plan_later: Option<PlanLater<'a>>,
+    /// The bytes an image volume of the content needs (the measure with headroom), for a
+    /// driver that sizes it when it creates it.
+    pub(super) image_size: Option<u64>,
 }
 
 /// What planning needs besides the measurement, for a fill measured while it unpacks.
@@ -443,6 +452,7 @@ impl<'a> Filling<'a> {
             target_size: plan.and_then(|p| p.target_size),
             grow_to_fit: (fill.size_policy != SizePolicy::Exact).then_some(fill.headroom),
             plan_later: plan.is_none().then_some(later),
+            image_size: plan.map(|p| p.need_with_headroom.saturating_add(p.fs_overhead)),
         }
     }
 }

@@ -235,7 +235,7 @@ fn build_image(
     // An unsealed one is what an interrupted build left: never used, built again.
     driver.destroy_image(key, false)?;
     let built = (|| {
-        driver.create_image(key)?;
+        driver.create_image(key, filling.image_size)?;
         fault::point("image:created")?;
         let root = driver.open_image(key)?;
         let events = &mut *held.events;
@@ -356,8 +356,9 @@ pub(super) fn build_new(
 /// the record of its image volume, or while building that image volume (one decode of the
 /// image instead of two). It is measured first, as without image volumes, where none of these
 /// applies: a squashfs image (whose measure reads only its tables), an image whose first
-/// entry misled the guess of its rootfs prefix, and an image the build refused (so that it is
-/// refused as anywhere else, by measure).
+/// entry misled the guess of its rootfs prefix, an image the build refused (so that it is
+/// refused as anywhere else, by measure), and a pool whose image volumes are sized when
+/// created (no `late_limit`: an LV's filesystem).
 pub(super) fn measure_or_build(
     held: &mut LockedVolume<'_>,
     pool: &str,
@@ -367,7 +368,10 @@ pub(super) fn measure_or_build(
     timings: &mut Timings,
 ) -> Result<Content> {
     let driver = held.driver;
-    if opened.detected.format != image::Format::Tar || opened.remembered().is_some() {
+    if opened.detected.format != image::Format::Tar
+        || opened.remembered().is_some()
+        || !driver.capabilities().late_limit
+    {
         return measure_opened(held.state, held.events, opened, idmap, None, timings);
     }
     let sha256 = timings.time("hash", || opened.sha256())?;
@@ -443,7 +447,7 @@ fn build_alongside(
     driver.destroy_image(key, false)?;
     let budget = budget_of(driver, fill)?;
     let built = (|| {
-        driver.create_image(key)?;
+        driver.create_image(key, None)?;
         fault::point("image:created")?;
         let root = driver.open_image(key)?;
         let measured = timings.time("unpack", || {

@@ -265,6 +265,7 @@ impl Driver for BtrfsDriver {
             templates: true,
             late_limit: true,
             size_counts_image: true,
+            full_at_size: false,
         }
     }
 
@@ -402,7 +403,7 @@ impl Driver for BtrfsDriver {
         self.pool.leftovers()
     }
 
-    fn create_image(&self, key: &ImageKey) -> Result<()> {
+    fn create_image(&self, key: &ImageKey, _size: Option<u64>) -> Result<()> {
         let name = image_name(key, false);
         let cname = CString::new(name.as_str())
             .map_err(|_| Error::new(ErrorKind::Failed, "an image key holds a NUL"))?;

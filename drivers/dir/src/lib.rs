@@ -85,6 +85,7 @@ impl Driver for DirDriver {
             templates: false,
             late_limit: true,
             size_counts_image: true,
+            full_at_size: false,
         }
     }
 

@@ -76,6 +76,7 @@ impl FakeDriver {
                 templates: true,
                 late_limit: true,
                 size_counts_image: true,
+                full_at_size: false,
             },
             state: RefCell::new(State::default()),
         }
@@ -416,7 +417,7 @@ impl Driver for FakeDriver {
             .collect()
     }
 
-    fn create_image(&self, key: &ImageKey) -> Result<()> {
+    fn create_image(&self, key: &ImageKey, _size: Option<u64>) -> Result<()> {
         self.image_call("create_image", key)?;
         if self
             .state

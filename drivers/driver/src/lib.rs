@@ -183,6 +183,9 @@ pub struct Capabilities {
     /// but overlay, whose limit is its upper layer's: the lower image volume is shared and
     /// counted nowhere).
     pub size_counts_image: bool,
+    /// A volume at its size is full (its size is its filesystem's, lvm): what does not fit
+    /// is `insufficient_space`, not `quota_exceeded`.
+    pub full_at_size: bool,
 }
 
 /// Size and usage of one volume.
@@ -389,6 +392,13 @@ pub trait Driver {
     /// Opens the root directory of the volume in `slot`, mounting it first where needed.
     fn open_root(&self, slot: Slot<'_>) -> Result<Mounted>;
 
+    /// Bytes a volume's filesystem keeps for itself beside `content` bytes of files (an xfs
+    /// log), where the volume is a filesystem of its own size; the plan adds them to the
+    /// size it gives a volume.
+    fn fs_overhead(&self, _content: u64) -> u64 {
+        0
+    }
+
     /// Names a process or mount that keeps the volume in `slot` busy, if any.
     fn busy(&self, slot: Slot<'_>) -> Result<Option<String>>;
 
@@ -460,8 +470,11 @@ pub trait Driver {
     }
 
     /// [`Capabilities::image_volumes`]: creates the empty, writable, unsealed image volume
-    /// `key`. Fails with `AlreadyExists` if an unsealed one is there.
-    fn create_image(&self, _key: &ImageKey) -> Result<()> {
+    /// `key`. Fails with `AlreadyExists` if an unsealed one is there. `size`: the bytes the
+    /// image needs with headroom, when it was measured first; a driver whose volumes have a
+    /// fixed size (an LV's filesystem) needs it and has no [`Capabilities::late_limit`], so
+    /// its image volumes are never built before the image is measured.
+    fn create_image(&self, _key: &ImageKey, _size: Option<u64>) -> Result<()> {
         Err(no_image_volumes())
     }
 

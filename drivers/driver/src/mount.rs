@@ -40,12 +40,23 @@ pub fn mount_for_filling(
     dir: PathBuf,
     read_only: bool,
 ) -> Result<Mounted> {
+    mount_with_options(source, fstype, dir, read_only, None)
+}
+
+/// [`mount_for_filling`] with the filesystem's own mount options (`data`, e.g. `nouuid`).
+pub fn mount_with_options(
+    source: &str,
+    fstype: &str,
+    dir: PathBuf,
+    read_only: bool,
+    data: Option<&std::ffi::CStr>,
+) -> Result<Mounted> {
     private_dirs(&dir)?;
     let mut flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     if read_only {
         flags |= MountFlags::RDONLY;
     }
-    rustix::mount::mount(source, &dir, fstype, flags, None).map_err(|e| {
+    rustix::mount::mount(source, &dir, fstype, flags, data).map_err(|e| {
         let _ = std::fs::remove_dir(&dir);
         Error::errno(
             format!("mounting {source} ({fstype}) at {}", dir.display()),

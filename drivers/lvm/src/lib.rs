@@ -20,6 +20,12 @@
 //!   `keep` works for thin pools: when an old LV is removed its snapshots get the tag
 //!   `reimage.of=NAME` and are still listed as the volume's. Thick snapshots die with their
 //!   origin, so `keep` is refused there.
+//! - Image volumes (thin pools): an image is unpacked once into a thin LV `u+KEY`, sized to
+//!   the measured image, checked with `e2fsck` (ext4), made read-only and renamed `i+KEY`
+//!   (the rename is the seal). A volume filled from it is a thin snapshot of it, grown to
+//!   its size. An xfs clone gets a filesystem UUID of its own (the kernel refuses a second
+//!   mount of an xfs UUID); an ext4 clone keeps its image's, as ext4 allows. Thin snapshots
+//!   outlive their origin, so removing an image volume never touches its clones.
 
 mod report;
 
@@ -29,8 +35,8 @@ use std::path::PathBuf;
 
 use reimage_driver::command::{self, Failure};
 use reimage_driver::{
-    mount, mounts, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace,
-    Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
+    mount, mounts, Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume, KeepSnapshots,
+    Mounted, PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 use report::{Lv, LV_FIELDS, VG_FIELDS};
 
@@ -87,6 +93,8 @@ pub struct LvmDriver {
     vg: String,
     thin_pool: Option<String>,
     fs: Fs,
+    /// Images are unpacked once into thin LVs that volumes are snapshots of (thin only).
+    image_volumes: bool,
     mount_dir: PathBuf,
     /// The volume group's LVs as last listed, dropped by every change this driver makes:
     /// one request reads the list many times, and every `lvm` run costs a device scan.
@@ -114,6 +122,24 @@ pub fn dm_path(vg: &str, lv: &str) -> String {
         vg.replace('-', "--"),
         lv.replace('-', "--")
     )
+}
+
+/// The LV name of image volume `key`: `i+KEY` sealed, `u+KEY` while it is built. Short,
+/// because device-mapper names (`VG-LV`) have 127 bytes at most; never a volume's, whose
+/// LV names start with `v+`, `n+` or `o+`.
+pub fn image_lv_name(key: &ImageKey, sealed: bool) -> String {
+    format!("{}+{key}", if sealed { 'i' } else { 'u' })
+}
+
+/// The key and state of an image volume's LV name; `None` for any other LV.
+pub fn image_of(lv_name: &str) -> Option<(ImageKey, bool)> {
+    let (prefix, key) = lv_name.split_at_checked(2)?;
+    let sealed = match prefix {
+        "i+" => true,
+        "u+" => false,
+        _ => return None,
+    };
+    Some((ImageKey::parse(key)?, sealed))
 }
 
 /// The volume and slot an LV name stands for, if it is one of ours.
@@ -168,10 +194,12 @@ impl LvmDriver {
         vg: &str,
         thin_pool: Option<&str>,
         fs: Fs,
+        image_volumes: bool,
         mount_dir: PathBuf,
     ) -> Result<LvmDriver> {
         let driver = LvmDriver {
             vg: vg.to_owned(),
+            image_volumes: image_volumes && thin_pool.is_some(),
             thin_pool: thin_pool.map(str::to_owned),
             fs,
             mount_dir,
@@ -268,9 +296,17 @@ impl LvmDriver {
     }
 
     fn mount_point(&self, slot: Slot<'_>) -> PathBuf {
+        self.mount_point_of(&lv_name(slot))
+    }
+
+    fn mount_point_of(&self, lv_name: &str) -> PathBuf {
         self.mount_dir
             .join(format!("lvm-{}", self.vg))
-            .join(lv_name(slot))
+            .join(lv_name)
+    }
+
+    fn find_named(&self, name: &str) -> Result<Option<Lv>> {
+        Ok(self.lvs()?.into_iter().find(|lv| lv.lv_name == name))
     }
 
     /// Where the LV's device is mounted in this namespace.
@@ -329,6 +365,125 @@ impl LvmDriver {
         removed.map(drop)
     }
 
+    /// Creates the LV `name` of `bytes` (thin in the pool, if there is one) holding an empty
+    /// filesystem; removes it again when a step fails.
+    fn make_lv(&self, name: &str, bytes: u64) -> Result<()> {
+        let size = format!("{}b", self.lv_size(bytes));
+        match &self.thin_pool {
+            Some(pool) => self.change(&[
+                "lvcreate",
+                "-q",
+                "-y",
+                "-n",
+                name,
+                "-V",
+                &size,
+                "--thinpool",
+                pool,
+                &self.vg,
+            ]),
+            None => self.change(&[
+                "lvcreate",
+                "-q",
+                "-y",
+                "--wipesignatures",
+                "y",
+                "-n",
+                name,
+                "-L",
+                &size,
+                &self.vg,
+            ]),
+        }?;
+        let made = self.require_named(name).and_then(|lv| {
+            self.mkfs(&lv.lv_dm_path)?;
+            // A volume holds exactly its image: not mkfs.ext4's empty lost+found.
+            let root = mount::mount_for_filling(
+                &lv.lv_dm_path,
+                self.fs.name(),
+                self.mount_point_of(name),
+                false,
+            )?;
+            match rustix::fs::unlinkat(root.root(), c"lost+found", rustix::fs::AtFlags::REMOVEDIR) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(Error::errno("removing lost+found", e)),
+            }
+            root.release()
+        });
+        if let Err(e) = made {
+            let _ = self.remove(name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn require_named(&self, name: &str) -> Result<Lv> {
+        self.find_named(name)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("LV {}/{name} does not exist", self.vg),
+            )
+        })
+    }
+
+    /// Makes the empty `slot` a writable thin snapshot of the LV `origin`, active, with a
+    /// filesystem UUID of its own where the filesystem needs one.
+    fn snapshot_into(&self, origin: &str, slot: Slot<'_>) -> Result<()> {
+        let name = lv_name(slot);
+        self.change(&[
+            "lvcreate",
+            "-q",
+            "-y",
+            "-s",
+            "-kn",
+            "-p",
+            "rw",
+            "-n",
+            &name,
+            &format!("{}/{origin}", self.vg),
+        ])?;
+        let made = self.require(slot).and_then(|lv| match self.fs {
+            // Two xfs with one UUID cannot be mounted at once, and every clone of an image
+            // would share it.
+            Fs::Xfs => self.new_xfs_uuid(slot, &lv),
+            Fs::Ext4 => Ok(()),
+        });
+        if let Err(e) = made {
+            let _ = self.remove(&name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Gives the xfs of the (unmounted) LV in `slot` a UUID of its own. A snapshot of a
+    /// mounted xfs has a log to replay first, which a mount does (`nouuid`: its origin may be
+    /// mounted under the same UUID).
+    fn new_xfs_uuid(&self, slot: Slot<'_>, lv: &Lv) -> Result<()> {
+        let dev = lv.lv_dm_path.as_str();
+        match command::run("xfs_admin", ["-U", "generate", dev]) {
+            Ok(_) => return Ok(()),
+            Err(f) if f.stderr.contains("log") || f.stdout.contains("log") => {}
+            Err(f) => return Err(Error::new(classify(&f), f.to_string())),
+        }
+        mount::mount_with_options(
+            dev,
+            self.fs.name(),
+            self.mount_point(slot),
+            false,
+            Some(c"nouuid"),
+        )?
+        .release()?;
+        run("xfs_admin", &["-U", "generate", dev]).map(drop)
+    }
+
+    /// Unmounts every mount of the LV in this namespace.
+    fn unmount_all(&self, lv: &Lv) -> Result<()> {
+        for dir in self.mounted_at(lv)? {
+            mount::unmount(&dir)?;
+        }
+        Ok(())
+    }
+
     /// The LV size for a volume of `bytes`: whole MiB (LVM rounds on to whole extents), and
     /// what the filesystem needs at least.
     fn lv_size(&self, bytes: u64) -> u64 {
@@ -369,10 +524,17 @@ impl LvmDriver {
     fn grow_fs(&self, slot: Slot<'_>, lv: &Lv) -> Result<()> {
         let dev = lv.lv_dm_path.as_str();
         match self.fs {
-            Fs::Ext4 => {
-                fsck(dev)?;
-                run("resize2fs", &[dev]).map(drop)
-            }
+            // resize2fs asks for a forced check when the filesystem was mounted read-write
+            // since its last one; a clone of a sealed image volume (checked when sealed) is
+            // grown without.
+            Fs::Ext4 => match command::run("resize2fs", [dev]) {
+                Ok(_) => Ok(()),
+                Err(f) if f.stderr.contains("e2fsck -f") => {
+                    fsck(dev)?;
+                    run("resize2fs", &[dev]).map(drop)
+                }
+                Err(f) => Err(Error::new(classify(&f), f.to_string())),
+            },
             Fs::Xfs => {
                 let mounted =
                     mount::mount_for_filling(dev, self.fs.name(), self.mount_point(slot), false)?;
@@ -434,10 +596,12 @@ impl Driver for LvmDriver {
             exchange: false,
             // A read-only mount and statvfs, no walk.
             cheap_usage: true,
-            image_volumes: false,
-            templates: false,
+            image_volumes: self.image_volumes,
+            // Thin snapshots are writable LVs of their own; thick ones die with their origin.
+            templates: thin,
             late_limit: false,
             size_counts_image: true,
+            full_at_size: true,
         }
     }
 
@@ -456,55 +620,7 @@ impl Driver for LvmDriver {
     }
 
     fn create(&self, slot: Slot<'_>, size: Option<u64>) -> Result<()> {
-        let bytes = self.lv_size(size.unwrap_or(1 << 30));
-        let name = lv_name(slot);
-        let size = format!("{bytes}b");
-        match &self.thin_pool {
-            Some(pool) => self.change(&[
-                "lvcreate",
-                "-q",
-                "-y",
-                "-n",
-                &name,
-                "-V",
-                &size,
-                "--thinpool",
-                pool,
-                &self.vg,
-            ]),
-            None => self.change(&[
-                "lvcreate",
-                "-q",
-                "-y",
-                "--wipesignatures",
-                "y",
-                "-n",
-                &name,
-                "-L",
-                &size,
-                &self.vg,
-            ]),
-        }?;
-        let made = self.require(slot).and_then(|lv| {
-            self.mkfs(&lv.lv_dm_path)?;
-            // A volume holds exactly its image: not mkfs.ext4's empty lost+found.
-            let root = mount::mount_for_filling(
-                &lv.lv_dm_path,
-                self.fs.name(),
-                self.mount_point(slot),
-                false,
-            )?;
-            match rustix::fs::unlinkat(root.root(), c"lost+found", rustix::fs::AtFlags::REMOVEDIR) {
-                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => return Err(Error::errno("removing lost+found", e)),
-            }
-            root.release()
-        });
-        if let Err(e) = made {
-            let _ = self.remove(&name);
-            return Err(e);
-        }
-        Ok(())
+        self.make_lv(&lv_name(slot), size.unwrap_or(1 << 30))
     }
 
     fn destroy(&self, slot: Slot<'_>, with_snapshots: bool) -> Result<()> {
@@ -693,6 +809,17 @@ impl Driver for LvmDriver {
         )
     }
 
+    /// xfs keeps a log of 64 MiB on any filesystem of the sizes volumes have, and reserves
+    /// about 3% for its reflink and reverse-mapping btrees (mkfs.xfs 6.1 on 0.5–1 GiB):
+    /// without them a volume sized to its content by the headroom alone fills up. ext4's
+    /// journal and inode tables fit in the headroom.
+    fn fs_overhead(&self, content: u64) -> u64 {
+        match self.fs {
+            Fs::Xfs => (64 << 20) + content / 16,
+            Fs::Ext4 => 0,
+        }
+    }
+
     fn busy(&self, slot: Slot<'_>) -> Result<Option<String>> {
         let Some(lv) = self.find(slot)? else {
             return Ok(None);
@@ -722,6 +849,129 @@ impl Driver for LvmDriver {
                 &format!("{}/{}", self.vg, lv.lv_name),
             ])?;
         }
+        Ok(())
+    }
+
+    fn create_image(&self, key: &ImageKey, size: Option<u64>) -> Result<()> {
+        let size = size.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "an lvm image volume is sized when it is created: the image must be measured first",
+            )
+        })?;
+        let name = image_lv_name(key, false);
+        if self.find_named(&name)?.is_some() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("unsealed image volume {key} already exists"),
+            ));
+        }
+        self.make_lv(&name, size)
+    }
+
+    fn open_image(&self, key: &ImageKey) -> Result<Mounted> {
+        let name = image_lv_name(key, false);
+        let lv = self.require_named(&name)?;
+        mount::mount_for_filling(
+            &lv.lv_dm_path,
+            self.fs.name(),
+            self.mount_point_of(&name),
+            false,
+        )
+    }
+
+    fn seal_image(&self, key: &ImageKey) -> Result<()> {
+        let (unsealed, sealed) = (image_lv_name(key, false), image_lv_name(key, true));
+        let lv = self.require_named(&unsealed)?;
+        self.unmount_all(&lv)?;
+        let _ = std::fs::remove_dir(self.mount_point_of(&unsealed));
+        if self.fs == Fs::Ext4 {
+            // Checked once here, so that growing each clone needs no check of its own (a
+            // check is due after each read-write mount). The check makes the lost+found the
+            // volume was made without; it goes again offline, which is not a mount.
+            fsck(&lv.lv_dm_path)?;
+            run(
+                "debugfs",
+                &["-w", "-R", "rmdir lost+found", lv.lv_dm_path.as_str()],
+            )?;
+        }
+        let path = format!("{}/{unsealed}", self.vg);
+        self.change(&["lvchange", "-q", "-p", "r", &path])?;
+        // The rename is the seal: under the unsealed name it is still a leftover.
+        self.change(&["lvrename", "-q", &self.vg, &unsealed, &sealed])
+            .map(drop)
+    }
+
+    fn clone_snapshot(&self, template: &VolumeName, snapshot: &str, slot: Slot<'_>) -> Result<()> {
+        if self.thin_pool.is_none() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("this pool's LVs are thick: a snapshot of {template} cannot be cloned (templates need a thin pool)"),
+            ));
+        }
+        let live = Slot::live(template);
+        if self.find(live)?.is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("template volume {template} does not exist"),
+            ));
+        }
+        let all = self.lvs()?;
+        if !self
+            .snapshot_lvs(&all, live)
+            .iter()
+            .any(|lv| lv.lv_name == snapshot)
+        {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("volume {template} has no snapshot {snapshot}"),
+            ));
+        }
+        self.snapshot_into(snapshot, slot)
+    }
+
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
+        let name = image_lv_name(key, true);
+        self.require_named(&name)?;
+        self.snapshot_into(&name, slot)
+    }
+
+    /// Listed afresh: other requests build and remove image volumes.
+    fn images(&self) -> Result<Vec<ImageVolume>> {
+        self.listed.replace(None);
+        let all = self.lvs()?;
+        let mut found: Vec<ImageVolume> = all
+            .iter()
+            .filter_map(|lv| {
+                let (key, sealed) = image_of(&lv.lv_name)?;
+                let mut clones: Vec<String> = all
+                    .iter()
+                    .filter(|c| c.origin == lv.lv_name)
+                    .filter_map(|c| slot_of(&c.lv_name))
+                    .map(|(volume, _)| volume.as_str().to_owned())
+                    .collect();
+                clones.sort();
+                clones.dedup();
+                Some(ImageVolume {
+                    key,
+                    sealed,
+                    clones,
+                })
+            })
+            .collect();
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    /// Thin snapshots outlive their origin: the clones keep their content.
+    fn destroy_image(&self, key: &ImageKey, sealed: bool) -> Result<()> {
+        let name = image_lv_name(key, sealed);
+        let Some(lv) = self.find_named(&name)? else {
+            return Ok(());
+        };
+        self.unmount_all(&lv)?;
+        self.remove(&name)?;
+        let _ = std::fs::remove_dir(self.mount_point_of(&name));
         Ok(())
     }
 
@@ -769,7 +1019,14 @@ mod tests {
                 assert!(!lv.starts_with("snapshot") && !lv.starts_with("pvmove"));
                 assert!(seen.insert(lv.clone()), "{lv} twice");
                 assert_eq!(slot_of(&lv), Some((v.clone(), kind)));
+                assert_eq!(image_of(&lv), None);
             }
+        }
+        let key = ImageKey::parse(&"0f".repeat(32)).unwrap();
+        for sealed in [true, false] {
+            let name = image_lv_name(&key, sealed);
+            assert_eq!(image_of(&name), Some((key.clone(), sealed)));
+            assert_eq!(slot_of(&name), None);
         }
     }
 }

@@ -363,6 +363,7 @@ impl Driver for OverlayDriver {
             late_limit: true,
             // The limit is the upper layer's: the shared image volume is not counted.
             size_counts_image: false,
+            full_at_size: false,
         }
     }
 
@@ -484,7 +485,7 @@ impl Driver for OverlayDriver {
         }))
     }
 
-    fn create_image(&self, key: &ImageKey) -> Result<()> {
+    fn create_image(&self, key: &ImageKey, _size: Option<u64>) -> Result<()> {
         let name = image_name(key, false);
         rustix::fs::mkdirat(&self.pool.fd, cstr(&name)?, Mode::from_raw_mode(0o755)).map_err(|e| {
             match e {

@@ -398,6 +398,7 @@ impl Driver for ZfsDriver {
             templates: true,
             late_limit: true,
             size_counts_image: true,
+            full_at_size: false,
         }
     }
 
@@ -667,7 +668,7 @@ impl Driver for ZfsDriver {
         )
     }
 
-    fn create_image(&self, key: &ImageKey) -> Result<()> {
+    fn create_image(&self, key: &ImageKey, _size: Option<u64>) -> Result<()> {
         let dataset = self.image_dataset(key, false);
         let mut args = vec!["create", "-o", "mountpoint=legacy"];
         for property in VOLUME_PROPERTIES {

@@ -75,9 +75,14 @@ impl Lvm {
         path
     }
 
-    fn mount(&self, lv: &str, at: PathBuf) -> View {
-        // xfs refuses a second mount of a snapshot with the same uuid unless told.
-        let options = if self.xfs { "nouuid" } else { "defaults" };
+    /// Mounts a volume's LV as a manager would; `snapshot`: a snapshot the test took, whose
+    /// xfs has its origin's UUID (the kernel refuses a second mount of one unless told).
+    fn mount(&self, lv: &str, at: PathBuf, snapshot: bool) -> View {
+        let options = if self.xfs && snapshot {
+            "nouuid"
+        } else {
+            "defaults"
+        };
         View::mount(&["-o", options], &self.device(lv), at)
     }
 }
@@ -117,7 +122,7 @@ impl Storage for Lvm {
     }
 
     fn view(&self, volume: &str, at: PathBuf) -> View {
-        self.mount(&self.lv(volume), at)
+        self.mount(&self.lv(volume), at, false)
     }
 
     fn take_snapshot(&self, volume: &str, name: &str) -> Snapshot {
@@ -131,7 +136,7 @@ impl Storage for Lvm {
     }
 
     fn snapshot_view(&self, snap: &Snapshot, at: PathBuf) -> Option<View> {
-        Self::exists_named(&snap.0).then(|| self.mount(&snap.0, at))
+        Self::exists_named(&snap.0).then(|| self.mount(&snap.0, at, true))
     }
 
     fn drop_snapshot(&self, snap: Snapshot) {
@@ -204,13 +209,14 @@ impl Storage for Lvm {
         sh(Command::new("lvremove").args(["-q", "-y", &format!("{}/filler", self.vg)]));
     }
 
-    /// Temporary LVs, and mount points left in the driver's `mount_dir`.
+    /// Temporary LVs, unsealed image volumes, and mount points left in the driver's `mount_dir`.
     fn leftovers(&self) -> Vec<String> {
         let all = sh(Command::new("lvs").args(["--noheadings", "-o", "lv_name", &self.vg]));
         let mut left: Vec<String> = all
             .split_whitespace()
             .filter(|n| {
                 reimage_driver_lvm::slot_of(n).is_some_and(|(_, kind)| kind != SlotKind::Live)
+                    || reimage_driver_lvm::image_of(n).is_some_and(|(_, sealed)| !sealed)
             })
             .map(str::to_owned)
             .collect();
