@@ -728,7 +728,8 @@ impl Driver for LvmDriver {
     fn set_size(&self, slot: Slot<'_>, bytes: u64) -> Result<()> {
         let lv = self.require(slot)?;
         let current = lv.size()?;
-        let bytes = self.lv_size(bytes);
+        // What LVM would make of it: a size within the last extent is the current one.
+        let bytes = lv.in_extents(self.lv_size(bytes))?;
         if bytes > current {
             self.change(&[
                 "lvextend",

@@ -44,10 +44,12 @@ pub struct Lv {
     /// says how much room is left without a `vgs` of its own.
     pub vg_size: String,
     pub vg_free: String,
+    /// LV sizes are whole extents of this many bytes.
+    pub vg_extent_size: String,
 }
 
 pub const LV_FIELDS: &str =
-    "lv_name,lv_uuid,lv_size,origin,pool_lv,data_percent,lv_device_open,lv_dm_path,lv_tags,lv_attr,lv_time,vg_size,vg_free";
+    "lv_name,lv_uuid,lv_size,origin,pool_lv,data_percent,lv_device_open,lv_dm_path,lv_tags,lv_attr,lv_time,vg_size,vg_free,vg_extent_size";
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct Vg {
@@ -102,6 +104,12 @@ impl Lv {
         self.lv_tags.split(',').filter(|t| !t.is_empty())
     }
 
+    /// `bytes` rounded up to whole extents, as LVM sizes this LV.
+    pub fn in_extents(&self, size: u64) -> Result<u64> {
+        let extent = bytes("vg_extent_size", &self.vg_extent_size)?.max(1);
+        Ok(size.div_ceil(extent).saturating_mul(extent))
+    }
+
     pub fn is_open(&self) -> bool {
         self.lv_device_open == "open"
     }
@@ -117,7 +125,7 @@ mod tests {
       "report": [
           {
               "lv": [
-                  {"lv_name":"v+c1", "lv_uuid":"abc", "lv_size":"33554432", "origin":"", "pool_lv":"pool", "data_percent":"12.50", "lv_device_open":"", "lv_dm_path":"/dev/mapper/vg0-v+c1", "lv_tags":"a,b", "lv_attr":"Vwi-a-tz--", "lv_time":"2026-11-22 05:00:00 +0000", "vg_size":"1073741824", "vg_free":"536870912"}
+                  {"lv_name":"v+c1", "lv_uuid":"abc", "lv_size":"33554432", "origin":"", "pool_lv":"pool", "data_percent":"12.50", "lv_device_open":"", "lv_dm_path":"/dev/mapper/vg0-v+c1", "lv_tags":"a,b", "lv_attr":"Vwi-a-tz--", "lv_time":"2026-11-22 05:00:00 +0000", "vg_size":"1073741824", "vg_free":"536870912", "vg_extent_size":"4194304"}
               ]
           }
       ]
@@ -128,5 +136,7 @@ mod tests {
         assert_eq!(percent("d", &lvs[0].data_percent).unwrap(), 12.5);
         assert_eq!(lvs[0].tags().collect::<Vec<_>>(), ["a", "b"]);
         assert!(!lvs[0].is_open());
+        assert_eq!(lvs[0].in_extents(1).unwrap(), 4 << 20);
+        assert_eq!(lvs[0].in_extents(8 << 20).unwrap(), 8 << 20);
     }
 }
