@@ -1164,6 +1164,83 @@ fn a_volume_is_filled_from_a_template(backend: Backend) {
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
 
+/// A volume refilled in place (zfs `snapshots: "keep"`) holds new content but stays a zfs
+/// clone of the image volume it was filled from: `prune` parks that image volume (renamed
+/// aside, no longer listed or cloned) instead of keeping it as in use, and deleting the last
+/// volume that depends on it destroys it, leaving nothing of reimage's in the pool.
+fn a_parked_image_volume_goes_with_its_last_holder(backend: Backend) {
+    let (env, a, b) = populated("parked", backend);
+    if !caps(&env).image_volumes || !caps(&env).refill {
+        return not_applicable(
+            "parked image volumes",
+            backend,
+            "no volume depends on an image volume whose content it no longer holds",
+        );
+    }
+    let (expected_a, expected_b) = (gnu_manifest(&env, &a), gnu_manifest(&env, &b));
+    let ignore = Ignore::default();
+    // `c1`, a clone of A's image volume, refilled from B in place to keep its snapshot.
+    let snap = env.take_snapshot("c1", "s1");
+    env.run(&req(
+        "rebuild",
+        "c1",
+        json!({"source": {"image": b}, "snapshots": "keep"}),
+    ))
+    .ok();
+    let listed = env.run(&json!({"api": 1, "op": "images", "pool": "default"}));
+    let images = listed.ok()["images"].as_array().unwrap().clone();
+    let held: Vec<&Value> = images
+        .iter()
+        .filter(|i| i["holders"] == json!(["c1"]))
+        .collect();
+    assert_eq!(held.len(), 1, "{images:?}");
+    assert_eq!(held[0]["volumes"], json!([]));
+    let key = held[0]["key"].as_str().unwrap().to_owned();
+    // A dry run says so and changes nothing.
+    let dry = env.run(&json!({"api": 1, "op": "prune", "pool": "default", "dry_run": true}));
+    assert_eq!(dry.ok()["parked"][0]["key"], key.as_str());
+    assert_eq!(
+        env.run(&json!({"api": 1, "op": "images", "pool": "default"}))
+            .ok()["images"],
+        json!(images)
+    );
+    let pruned = env.run(&json!({"api": 1, "op": "prune", "pool": "default"}));
+    assert_eq!(
+        pruned.ok()["parked"][0]["key"],
+        key.as_str(),
+        "{}",
+        pruned.last()
+    );
+    assert_eq!(pruned.ok()["parked"][0]["holders"], json!(["c1"]));
+    let listed = env.run(&json!({"api": 1, "op": "images", "pool": "default"}));
+    assert!(
+        listed.ok()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["key"] != key.as_str()),
+        "{}",
+        listed.last()
+    );
+    // Nothing of the volume changed.
+    assert_same(&expected_b, &env.manifest_of("c1"), &ignore);
+    assert_same(&expected_a, &env.snapshot_manifest(&snap).unwrap(), &ignore);
+    // A parked image volume is never cloned: A again builds a new one.
+    let r = env.create_from("c2", &a);
+    assert_eq!(cache_of(&r), "miss");
+    assert_same(&expected_a, &env.manifest_of("c2"), &ignore);
+    // Its last holder gone, the parked image volume goes too.
+    env.run(&req("delete", "c1", json!({"snapshots": "delete"})))
+        .ok();
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+    env.run(&req("delete", "c2", json!({}))).ok();
+    let pruned = env.run(&json!({"api": 1, "op": "prune", "pool": "default"}));
+    assert!(pruned.ok().get("parked").is_none(), "{}", pruned.last());
+    let listed = env.run(&json!({"api": 1, "op": "images", "pool": "default"}));
+    assert_eq!(listed.ok()["images"], json!([]));
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
 /// Eight requests that need the same new image volume at once build it once and clone it.
 fn concurrent_fills_build_an_image_volume_once(backend: Backend) {
     let (env, _a, b) = populated("images-at-once", backend);
@@ -1258,6 +1335,7 @@ all_cases!(btrfs_without_quota = Backend::Btrfs { quota: false });
 // Image volumes: on the backends that keep them.
 conformance!(btrfs_image_volumes = Backend::Btrfs { quota: true }; #[cfg_attr(any(), ignore)];
     image_volumes_are_built_once_and_cloned,
+    a_parked_image_volume_goes_with_its_last_holder,
     a_miss_decodes_the_image_once,
     a_volume_is_filled_from_a_template,
     concurrent_fills_build_an_image_volume_once,
@@ -1265,6 +1343,7 @@ conformance!(btrfs_image_volumes = Backend::Btrfs { quota: true }; #[cfg_attr(an
 conformance!(zfs_image_volumes = Backend::Zfs { quota: false };
     #[ignore = "runs inside the QEMU guest (see *_in_the_guest)"];
     image_volumes_are_built_once_and_cloned,
+    a_parked_image_volume_goes_with_its_last_holder,
     a_miss_decodes_the_image_once,
     a_volume_is_filled_from_a_template,
     concurrent_fills_build_an_image_volume_once,

@@ -20,6 +20,7 @@ pub(super) fn images(ctx: Ctx<'_>) -> Result<out::ImageVolumes> {
                 allocated_bytes: record.as_ref().map(|r| r.allocated_bytes),
                 inodes: record.as_ref().map(|r| r.inodes),
                 volumes: image.clones,
+                holders: image.holders,
                 created: record.as_ref().map(|r| r.created),
                 last_used: record.as_ref().map(|r| r.last_used),
             }

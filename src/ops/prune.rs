@@ -1,7 +1,8 @@
 //! `prune`: removes the image volumes that no volume depends on (with `older_than`, only
 //! those unused for that long), and the unsealed leftovers of interrupted builds. An image
 //! volume that a running request is building or cloning is skipped; so is one a volume was
-//! cloned from, so no prune ever changes a volume.
+//! cloned from, so no prune ever changes a volume. One that only holders depend on (zfs
+//! clones refilled in place) is parked: renamed aside, it goes with its last holder.
 
 use super::*;
 
@@ -9,7 +10,7 @@ pub(super) fn prune(ctx: Ctx<'_>, older_than: Option<u64>, dry_run: bool) -> Res
     let (pool, driver) = needs(&ctx)?;
     let records = image_records(ctx.state, &pool.name)?;
     let now = now();
-    let (mut removed, mut kept) = (Vec::new(), Vec::new());
+    let (mut removed, mut kept, mut parked) = (Vec::new(), Vec::new(), Vec::new());
     for image in driver.images()? {
         let key = image.key.as_str().to_owned();
         if !image.clones.is_empty() {
@@ -33,12 +34,24 @@ pub(super) fn prune(ctx: Ctx<'_>, older_than: Option<u64>, dry_run: bool) -> Res
             continue;
         };
         // Looked at again under the lock: a clone may have been made meanwhile.
-        let still_free = driver
+        let Some(image) = driver
             .images()?
-            .iter()
-            .any(|i| i.key == image.key && i.sealed == image.sealed && i.clones.is_empty());
-        if !still_free {
+            .into_iter()
+            .find(|i| i.key == image.key && i.sealed == image.sealed && i.clones.is_empty())
+        else {
             kept.push(kept_image(&key, out::KeptWhy::InUse));
+            continue;
+        };
+        if image.sealed && !image.holders.is_empty() {
+            if !dry_run {
+                driver.park_image(&image.key)?;
+                let _ = records.remove(&format!("{key}.json"));
+            }
+            parked.push(out::ParkedImage {
+                key,
+                holders: image.holders,
+                allocated_bytes: record.map(|r| r.allocated_bytes),
+            });
             continue;
         }
         if !dry_run {
@@ -68,6 +81,7 @@ pub(super) fn prune(ctx: Ctx<'_>, older_than: Option<u64>, dry_run: bool) -> Res
         dry_run: dry_run.then_some(true),
         removed,
         kept,
+        parked,
     })
 }
 

@@ -347,6 +347,10 @@ pub struct ImageVolume {
     pub inodes: Option<u64>,
     /// The volumes cloned from it.
     pub volumes: Vec<String>,
+    /// Volumes refilled in place since they were cloned from it (zfs): they hold other
+    /// content but still depend on it, so `prune` parks it rather than destroying it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<String>,
     /// Seconds since the epoch.
     pub created: Option<u64>,
     pub last_used: Option<u64>,
@@ -359,6 +363,18 @@ pub struct Pruned {
     pub dry_run: Option<bool>,
     pub removed: Vec<PrunedImage>,
     pub kept: Vec<KeptImage>,
+    /// Image volumes no volume holds the content of, which volumes refilled in place still
+    /// depend on (zfs): renamed aside, no longer listed or cloned, and destroyed with the
+    /// last of `holders`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parked: Vec<ParkedImage>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ParkedImage {
+    pub key: String,
+    pub holders: Vec<String>,
+    pub allocated_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]

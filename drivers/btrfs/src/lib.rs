@@ -547,6 +547,7 @@ impl Driver for BtrfsDriver {
                 key,
                 sealed,
                 clones,
+                holders: Vec::new(),
             });
         }
         found.sort_by(|a, b| a.key.cmp(&b.key));

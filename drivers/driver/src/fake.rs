@@ -488,6 +488,7 @@ impl Driver for FakeDriver {
                     .filter(|(_, o)| o.origin.as_ref() == Some(key) && *sealed)
                     .map(|((name, _), _)| name.clone())
                     .collect(),
+                holders: Vec::new(),
             })
             .collect())
     }

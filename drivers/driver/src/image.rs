@@ -52,14 +52,21 @@ pub fn parse_image_name(name: &str) -> Option<(ImageKey, bool)> {
     Some((ImageKey::parse(name.strip_prefix(SEALED_PREFIX)?)?, true))
 }
 
+/// The prefix of a parked image volume's name (zfs): `.reimage-parked.KEY.GUID`.
+pub const PARKED_PREFIX: &str = ".reimage-parked.";
+
 /// One image volume of a pool, as its driver finds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageVolume {
     pub key: ImageKey,
     /// Complete and read-only; only a sealed image volume is cloned.
     pub sealed: bool,
-    /// The volumes that were cloned from it and still share its blocks.
+    /// The volumes that were cloned from it and still hold its content.
     pub clones: Vec<String>,
+    /// Volumes the backend keeps depending on it although they no longer hold its content
+    /// (a zfs clone refilled in place): it cannot be destroyed before they are, so it is
+    /// parked instead ([`crate::Driver::park_image`]).
+    pub holders: Vec<String>,
 }
 
 #[cfg(test)]

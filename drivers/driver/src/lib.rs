@@ -510,6 +510,16 @@ pub trait Driver {
         Ok(Vec::new())
     }
 
+    /// Renames the sealed image volume `key` aside, where only [`ImageVolume::holders`]
+    /// depend on it: it is no longer listed or cloned, and [`Driver::destroy`] of its last
+    /// holder destroys it.
+    fn park_image(&self, _key: &ImageKey) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "this driver's image volumes have no holders to park them for",
+        ))
+    }
+
     /// Destroys the image volume `key` (`sealed` says which); a missing one is not an error.
     /// Volumes cloned from it keep their content.
     fn destroy_image(&self, _key: &ImageKey, _sealed: bool) -> Result<()> {

@@ -957,6 +957,7 @@ impl Driver for LvmDriver {
                     key,
                     sealed,
                     clones,
+                    holders: Vec::new(),
                 })
             })
             .collect();

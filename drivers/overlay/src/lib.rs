@@ -548,6 +548,7 @@ impl Driver for OverlayDriver {
                 key,
                 sealed,
                 clones,
+                holders: Vec::new(),
             });
         }
         found.sort_by(|a, b| a.key.cmp(&b.key));

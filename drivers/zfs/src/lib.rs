@@ -43,6 +43,16 @@ pub const GUARD: &str = "reimage-guard";
 /// The snapshot of a sealed image volume that volumes are cloned from.
 pub const SEALED: &str = "sealed";
 
+/// The user property naming the image volume whose content a volume holds: set on a clone
+/// of an image volume, `none` once the volume is refilled in place (it stays a zfs clone of
+/// the image volume, a holder, without its content). Unset on a clone: made before the
+/// property was, counted as holding the content.
+pub const IMAGE_PROPERTY: &str = "reimage:image";
+
+/// What a parked image volume's dataset is named after (its guid): short, as zfs names
+/// are at most 255 bytes.
+const PARKED: &str = reimage_driver::image::PARKED_PREFIX;
+
 /// The longest parent dataset name: a zfs name has at most 255 bytes, and reimage adds
 /// `/.reimage-new.` (14), a volume name (64) and `@reimage-guard` (14).
 const MAX_PARENT_DATASET: usize = 255 - 14 - 64 - 1 - GUARD.len();
@@ -291,14 +301,41 @@ impl ZfsDriver {
     /// The directory the dataset `PARENT/leaf` is mounted on while it is filled.
     /// Makes the empty `slot` a writable clone of snapshot `origin` (an image volume's seal
     /// or a template's snapshot), with a volume's own properties (not `readonly=on`).
-    fn clone_of(&self, origin: &str, slot: Slot<'_>) -> Result<()> {
+    fn clone_of(&self, origin: &str, slot: Slot<'_>, image: Option<&ImageKey>) -> Result<()> {
         let dataset = self.dataset(slot);
         let mut args = vec!["clone", "-o", "mountpoint=legacy", "-o", "readonly=off"];
         for property in VOLUME_PROPERTIES {
             args.extend(["-o", property]);
         }
+        let holds = image.map(|key| format!("{IMAGE_PROPERTY}={key}"));
+        if let Some(holds) = &holds {
+            args.extend(["-o", holds]);
+        }
         args.extend([origin, dataset.as_str()]);
         self.change(&args, false).map(drop)
+    }
+
+    /// Destroys the parked image volume whose seal is `origin` (a destroyed volume's
+    /// origin), once no clone of it is left; anything else is left alone.
+    fn destroy_parked_without_holders(&self, origin: &str) -> Result<()> {
+        let Some((dataset, SEALED)) = origin.split_once('@') else {
+            return Ok(());
+        };
+        let parked = dataset
+            .strip_prefix(&format!("{}/", self.parent))
+            .is_some_and(|leaf| leaf.starts_with(PARKED) && !leaf.contains('/'));
+        if !parked {
+            return Ok(());
+        }
+        let clones = match zfs(&["list", "-H", "-o", "clones", origin]) {
+            Ok(out) => out,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if !listing::clone_list(clones.trim()).is_empty() {
+            return Ok(());
+        }
+        self.change(&["destroy", "-r", dataset], true).map(drop)
     }
 
     fn mount_point_of(&self, leaf: &str) -> PathBuf {
@@ -473,11 +510,18 @@ impl Driver for ZfsDriver {
                 format!("{slot} has snapshots, which zfs destroys with it"),
             ));
         }
+        let origin = self
+            .listing(slot.volume, false)?
+            .filesystem(&dataset)?
+            .map(|row| row.origin.clone());
         for dir in self.mounted_at(slot)? {
             mount::unmount(&dir)?;
         }
         self.change(&["destroy", "-r", &dataset], true)?;
         self.forget_mount_points(slot);
+        if let Some(origin) = origin {
+            self.destroy_parked_without_holders(&origin)?;
+        }
         Ok(())
     }
 
@@ -656,6 +700,16 @@ impl Driver for ZfsDriver {
         if !self.has_guard(slot)? {
             return Ok(());
         }
+        // Refilled: a clone of an image volume no longer holds its content (set before the
+        // guard goes, so that a crash in between leaves the same answer to recovery).
+        let dataset = self.dataset(slot);
+        let listing = self.listing(slot.volume, false)?;
+        let holds_an_image = listing
+            .filesystem(&dataset)?
+            .is_some_and(|row| row.origin != "-" && row.image != "none");
+        if holds_an_image {
+            self.change(&["set", &format!("{IMAGE_PROPERTY}=none"), &dataset], false)?;
+        }
         self.change(&["destroy", &self.guard(slot)], true).map(drop)
     }
 
@@ -715,15 +769,16 @@ impl Driver for ZfsDriver {
             ));
         }
         let origin = format!("{}@{snapshot}", self.dataset(live));
-        self.clone_of(&origin, slot)
+        self.clone_of(&origin, slot, None)
     }
 
     fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
         let origin = format!("{}@{SEALED}", self.image_dataset(key, true));
-        self.clone_of(&origin, slot)
+        self.clone_of(&origin, slot, Some(key))
     }
 
     fn images(&self) -> Result<Vec<ImageVolume>> {
+        let fields = format!("name,clones,{IMAGE_PROPERTY}");
         let out = zfs(&[
             "list",
             "-H",
@@ -734,13 +789,28 @@ impl Driver for ZfsDriver {
             "-t",
             "filesystem,snapshot",
             "-o",
-            "name,clones",
+            &fields,
             &self.parent,
         ])?;
+        let rows: Vec<[&str; 3]> = out
+            .lines()
+            .map(|line| {
+                let mut f = line.split('\t');
+                [
+                    f.next().unwrap_or(""),
+                    f.next().unwrap_or(""),
+                    f.next().unwrap_or("-"),
+                ]
+            })
+            .collect();
+        let holds = |dataset: &str| {
+            rows.iter()
+                .find(|[name, ..]| *name == dataset)
+                .map_or("-", |[.., image]| *image)
+        };
         let below = format!("{}/", self.parent);
         let mut found: Vec<ImageVolume> = Vec::new();
-        for line in out.lines() {
-            let (name, clones) = line.split_once('\t').unwrap_or((line, ""));
+        for [name, clones, _] in &rows {
             let Some(leaf) = name.strip_prefix(&below) else {
                 continue;
             };
@@ -751,6 +821,7 @@ impl Driver for ZfsDriver {
                             key,
                             sealed,
                             clones: Vec::new(),
+                            holders: Vec::new(),
                         });
                     }
                 }
@@ -772,17 +843,32 @@ impl Driver for ZfsDriver {
                             Some((volume, _)) => volume.as_str().to_owned(),
                             None => leaf.to_owned(),
                         };
-                        if !image.clones.contains(&volume) {
-                            image.clones.push(volume);
+                        // Unset: a clone made before the property was, taken as holding it.
+                        let held = holds(&clone);
+                        let list = if held == "-" || held == key.as_str() {
+                            &mut image.clones
+                        } else {
+                            &mut image.holders
+                        };
+                        if !list.contains(&volume) {
+                            list.push(volume);
                         }
                     }
                     image.clones.sort();
+                    image.holders.sort();
                 }
                 Some(_) => {}
             }
         }
         found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
+    }
+
+    fn park_image(&self, key: &ImageKey) -> Result<()> {
+        let dataset = self.image_dataset(key, true);
+        let guid = zfs(&["get", "-H", "-p", "-o", "value", "guid", &dataset])?;
+        let parked = format!("{}/{PARKED}{}", self.parent, guid.trim());
+        self.change(&["rename", &dataset, &parked], true).map(drop)
     }
 
     fn destroy_image(&self, key: &ImageKey, sealed: bool) -> Result<()> {

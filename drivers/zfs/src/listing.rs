@@ -22,6 +22,11 @@ pub struct Row {
     pub limit: String,
     /// For a snapshot, its clones, comma-separated (`-` or empty if none).
     pub clones: String,
+    /// For a clone, the snapshot it was cloned from (`-` if none).
+    pub origin: String,
+    /// The user property [`crate::IMAGE_PROPERTY`]: the image volume a clone holds the
+    /// content of (`-` if unset).
+    pub image: String,
 }
 
 #[derive(Clone, Debug)]
@@ -37,7 +42,10 @@ impl Listing {
     /// Lists `datasets` (any of which may be missing), their snapshots and their direct
     /// children, with the size limit property `limit`.
     pub fn read(datasets: Vec<String>, limit: &str) -> Result<Listing> {
-        let fields = format!("name,type,guid,used,referenced,{limit},clones");
+        let fields = format!(
+            "name,type,guid,used,referenced,{limit},clones,origin,{}",
+            crate::IMAGE_PROPERTY
+        );
         let mut args = vec![
             "list",
             "-H",
@@ -71,6 +79,8 @@ impl Listing {
                     referenced: fields.next()?,
                     limit: fields.next()?,
                     clones: fields.next()?,
+                    origin: fields.next()?,
+                    image: fields.next()?,
                 })
             })
             .collect();
@@ -157,6 +167,8 @@ mod tests {
             referenced: "0".into(),
             limit: "0".into(),
             clones: clones.into(),
+            origin: "-".into(),
+            image: "-".into(),
         }
     }
 

@@ -154,6 +154,7 @@ impl Storage for Zfs {
                 reimage_driver::temporary_slot(dataset).is_some()
                     || name.ends_with(&guard)
                     || dataset.starts_with(reimage_driver::image::UNSEALED_PREFIX)
+                    || dataset.starts_with(reimage_driver::image::PARKED_PREFIX)
             })
             .collect();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
