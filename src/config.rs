@@ -14,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 
 use reimage_driver::VolumeName;
 use reimage_driver_lvm::Fs;
-use reimage_driver_zfs::QuotaProperty;
+use reimage_driver_zfs::{ImageClone, QuotaProperty};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use serde::Deserialize;
 
@@ -86,6 +86,8 @@ pub enum PoolSpec {
         quota_property: QuotaProperty,
         /// Each image unpacked once into an image volume that volumes are clones of.
         image_volumes: bool,
+        /// How a volume is made from an image volume: a `zfs clone`, or a copy.
+        image_clone: ImageClone,
         mount_dir: PathBuf,
     },
     /// Each volume an overlayfs upper layer in `path` over an image volume beside it;
@@ -165,6 +167,7 @@ struct WirePool {
     quota: Option<bool>,
     quota_property: Option<String>,
     image_volumes: Option<bool>,
+    zfs_clone: Option<String>,
 }
 
 fn invalid(message: impl Into<String>) -> Error {
@@ -371,6 +374,7 @@ impl Config {
                     (p.thin_pool.is_some(), "thin_pool"),
                     (p.fs.is_some(), "fs"),
                     (p.mount_dir.is_some(), "mount_dir"),
+                    (p.zfs_clone.is_some(), "zfs_clone"),
                 ] {
                     not_for(set, field)?;
                 }
@@ -433,10 +437,23 @@ impl Config {
                         "pools.{name}: image_volumes needs quota_property = \"refquota\" (a zfs quota does not count the blocks a clone shares with its image volume)"
                     )));
                 }
+                let image_volumes = p.image_volumes.unwrap_or(refquota);
+                let image_clone = match p.zfs_clone.as_deref() {
+                    None => ImageClone::Clone,
+                    Some(_) if !image_volumes => return Err(invalid(format!(
+                        "pools.{name}.zfs_clone: the pool keeps no image volumes to clone or copy"
+                    ))),
+                    Some(text) => ImageClone::parse(text).ok_or_else(|| {
+                        invalid(format!(
+                            "pools.{name}.zfs_clone {text:?} is not \"clone\" or \"copy\""
+                        ))
+                    })?,
+                };
                 PoolSpec::Zfs {
                     dataset,
                     quota_property,
-                    image_volumes: p.image_volumes.unwrap_or(refquota),
+                    image_volumes,
+                    image_clone,
                     mount_dir: mount_dir(),
                 }
             }
@@ -446,6 +463,7 @@ impl Config {
                     (p.quota.is_some(), "quota"),
                     (p.dataset.is_some(), "dataset"),
                     (p.quota_property.is_some(), "quota_property"),
+                    (p.zfs_clone.is_some(), "zfs_clone"),
                 ] {
                     not_for(set, field)?;
                 }
@@ -702,6 +720,9 @@ mod tests {
             "[pools.a]\ndriver = \"lvm\"\nvg = \"v\"\nmount_dir = \"/m\"\nfs = \"btrfs\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"-o\"",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"v\"\nimage_volumes = true",
+            "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank/r\"\nzfs_clone = \"send\"",
+            "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank/r\"\nimage_volumes = false\nzfs_clone = \"copy\"",
+            "[pools.a]\ndriver = \"btrfs\"\npath = \"/x\"\nzfs_clone = \"copy\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank//x\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank/../x\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank/a b\"",

@@ -33,11 +33,13 @@ pub fn open(pool: &Pool, state: &RecordDir) -> Result<Box<dyn Driver>> {
             dataset,
             quota_property,
             image_volumes,
+            image_clone,
             mount_dir,
         } => Box::new(ZfsDriver::open(
             dataset,
             *quota_property,
             *image_volumes,
+            *image_clone,
             mount_dir.clone(),
         )?),
         PoolSpec::Lvm {

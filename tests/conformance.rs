@@ -939,6 +939,8 @@ fn image_volumes_are_built_once_and_cloned(backend: Backend) {
     assert_eq!(cache_of(&r), "hit");
     assert_eq!(r.ok()["image"]["sha256"].as_str().map(str::len), Some(64));
     assert_same(&expected_a, &env.manifest_of("c2"), &ignore);
+    // What the clone was made from is none of its snapshots (a zfs copy receives the seal).
+    assert_eq!(r.ok()["volume"]["snapshots"], json!([]), "{}", r.last());
     {
         // Two clones of one image volume can be used at once (an xfs clone has a UUID of
         // its own: the kernel mounts one xfs UUID once).
@@ -1360,6 +1362,12 @@ conformance!(lvm_image_volumes_xfs = Backend::Lvm { thin: true, xfs: true };
     image_volumes_are_built_once_and_cloned,
     a_volume_is_filled_from_a_template,
 );
+// zfs with `zfs_clone = "copy"`: volumes are copies of image volumes, not clones.
+conformance!(zfs_image_copies = Backend::ZfsCopies;
+    #[ignore = "runs inside the QEMU guest (see *_in_the_guest)"];
+    image_volumes_are_built_once_and_cloned,
+    concurrent_fills_build_an_image_volume_once,
+);
 // Overlay: every volume's lower layer is an image volume.
 all_cases!(overlay = Backend::Overlay { quota: false });
 conformance!(overlay_image_volumes = Backend::Overlay { quota: false }; #[cfg_attr(any(), ignore)];
@@ -1435,7 +1443,12 @@ conformance!(dir_prjquota_xfs = Backend::DirQuota { xfs: true };
 #[test]
 fn zfs_in_the_guest() {
     common::guest::run_cases(
-        &["zfs::", "zfs_quota::", "zfs_image_volumes::"],
+        &[
+            "zfs::",
+            "zfs_quota::",
+            "zfs_image_volumes::",
+            "zfs_image_copies::",
+        ],
         "zfs version",
         &[64],
     );

@@ -2,11 +2,12 @@
 //! its own, sealed, and cloned into every volume filled from it.
 //!
 //! An image volume's key is the SHA-256 of the image file and of everything that changes the
-//! unpacked tree (`rootfs_prefix`, `idmap`, the driver), so two requests share one only when
-//! they would unpack the same tree. It is built under a lock named by its key, so that
-//! requests that need the same missing image volume build it once (the others wait for it and
-//! clone it), and it is sealed as the build's last step: an unsealed image volume is never
-//! cloned, and one left by a crash is removed by `recover` or by the next build of its key.
+//! unpacked tree (`rootfs_prefix`, `idmap`, the driver and the filesystem it makes), so two
+//! requests share one only when they would unpack the same tree. It is built under a lock
+//! named by its key, so that requests that need the same missing image volume build it once
+//! (the others wait for it and clone it), and it is sealed as the build's last step: an
+//! unsealed image volume is never cloned, and one left by a crash is removed by `recover` or
+//! by the next build of its key.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -84,12 +85,18 @@ fn key_of(
         .iter()
         .map(|r| format!("{}:{}:{};", r.host, r.container, r.count))
         .collect();
+    let variant = driver.image_variant();
+    let driver_part = if variant.is_empty() {
+        driver.name().to_owned()
+    } else {
+        format!("{}:{variant}", driver.name())
+    };
     ImageKey::parse(&digest::sha256_of(&[
         b"reimage image volume 2",
         sha256.as_bytes(),
         &prefix,
         ranges.as_bytes(),
-        driver.name().as_bytes(),
+        driver_part.as_bytes(),
     ]))
 }
 

@@ -237,9 +237,141 @@ where
     }
 }
 
+/// Runs `first | second`: `first`'s stdout into `second`'s stdin, both by argument vector
+/// as [`run`] runs one program, in one process group that the command timeout kills whole.
+/// Returns `second`'s stdout, or the failure of whichever failed (`first`'s stderr told
+/// too: a `second` that stopped reading makes `first` fail on its pipe).
+pub fn run_piped(first: (&str, &[&str]), second: (&str, &[&str])) -> Result<String, Failure> {
+    let command = std::iter::once(first.0)
+        .chain(first.1.iter().copied())
+        .chain(std::iter::once("|"))
+        .chain(std::iter::once(second.0))
+        .chain(second.1.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let failure = |status: Option<i32>, stderr: String, stdout: String| Failure {
+        command: command.clone(),
+        status,
+        stderr,
+        stdout,
+    };
+    let cannot = |program: &str, e: std::io::Error| {
+        failure(
+            None,
+            format!("cannot run {program}: {e} (is it installed in {PATH}?)"),
+            String::new(),
+        )
+    };
+    let mut writer = Command::new(first.0)
+        .args(first.1)
+        .env_clear()
+        .env("PATH", PATH)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| cannot(first.0, e))?;
+    let group = i32::try_from(writer.id()).unwrap_or(0);
+    let Some(pipe) = writer.stdout.take() else {
+        let _ = writer.kill();
+        let _ = writer.wait();
+        return Err(failure(
+            None,
+            "no pipe to the second program".into(),
+            String::new(),
+        ));
+    };
+    let reader = Command::new(second.0)
+        .args(second.1)
+        .env_clear()
+        .env("PATH", PATH)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::from(pipe))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(group)
+        .spawn();
+    let mut reader = match reader {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = writer.kill();
+            let _ = writer.wait();
+            return Err(cannot(second.0, e));
+        }
+    };
+    let outcome = watch(&mut reader, timeout());
+    if outcome.timed_out {
+        // The whole group went with the reader; the writer is reaped below.
+        let _ = writer.kill();
+    }
+    // The writer's stderr is small (a message at most) and read once it has exited.
+    let written = writer.wait_with_output();
+    let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&outcome.stderr).trim().to_owned();
+    let (writer_status, writer_stderr) = match written {
+        Ok(out) => (
+            Some(out.status),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ),
+        Err(e) => (None, format!("waiting for {}: {e}", first.0)),
+    };
+    if outcome.timed_out {
+        return Err(failure(
+            None,
+            format!(
+                "it was still running after {} s and was killed (the limit is `command_timeout` in the config)",
+                timeout().as_secs()
+            ),
+            stdout,
+        ));
+    }
+    let both = |own: String| {
+        if writer_stderr.is_empty() {
+            own
+        } else {
+            format!("{own}; {}: {writer_stderr}", first.0)
+        }
+    };
+    match outcome.status {
+        Some(Ok(s)) if !s.success() => return Err(failure(s.code(), both(stderr), stdout)),
+        Some(Err(e)) => {
+            return Err(failure(
+                None,
+                format!("waiting for {}: {e}", second.0),
+                stdout,
+            ))
+        }
+        None => return Err(failure(None, format!("lost track of {}", second.0), stdout)),
+        Some(Ok(_)) => {}
+    }
+    match writer_status {
+        Some(s) if s.success() => Ok(stdout),
+        Some(s) => Err(failure(s.code(), writer_stderr, stdout)),
+        None => Err(failure(None, writer_stderr, stdout)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pipe_carries_the_first_programs_output_and_names_a_failure() {
+        let out = run_piped(("printf", &["a\\nb\\n"]), ("wc", &["-l"])).unwrap();
+        assert_eq!(out.trim(), "2");
+        let e = run_piped(("sh", &["-c", "echo nope >&2; exit 3"]), ("cat", &[])).unwrap_err();
+        assert_eq!(e.status, Some(3));
+        assert!(e.stderr.contains("nope"), "{e}");
+        let e = run_piped(
+            ("echo", &["x"]),
+            ("sh", &["-c", "cat >/dev/null; echo bad >&2; exit 4"]),
+        )
+        .unwrap_err();
+        assert_eq!(e.status, Some(4));
+        assert!(e.stderr.contains("bad"), "{e}");
+    }
 
     #[test]
     fn children_get_a_cleared_environment() {

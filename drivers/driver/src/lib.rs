@@ -392,6 +392,13 @@ pub trait Driver {
     /// Opens the root directory of the volume in `slot`, mounting it first where needed.
     fn open_root(&self, slot: Slot<'_>) -> Result<Mounted>;
 
+    /// What else than the driver decides the tree an image unpacks to in this pool (the
+    /// filesystem an lvm pool makes): part of every image volume's key, so that a pool whose
+    /// config changes it never clones an image volume made the other way. Empty for none.
+    fn image_variant(&self) -> &'static str {
+        ""
+    }
+
     /// Bytes a volume's filesystem keeps for itself beside `content` bytes of files (an xfs
     /// log), where the volume is a filesystem of its own size; the plan adds them to the
     /// size it gives a volume.

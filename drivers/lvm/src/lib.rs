@@ -810,6 +810,10 @@ impl Driver for LvmDriver {
         )
     }
 
+    fn image_variant(&self) -> &'static str {
+        self.fs.name()
+    }
+
     /// xfs keeps a log of 64 MiB on any filesystem of the sizes volumes have, and reserves
     /// about 3% for its reflink and reverse-mapping btrees (mkfs.xfs 6.1 on 0.5–1 GiB):
     /// without them a volume sized to its content by the headroom alone fills up. ext4's

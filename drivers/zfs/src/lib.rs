@@ -121,11 +121,32 @@ impl QuotaProperty {
     }
 }
 
+/// How a volume is made from an image volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageClone {
+    /// `zfs clone` of its seal: instant, shares every block, and depends on the image
+    /// volume until it is destroyed.
+    Clone,
+    /// `zfs send | zfs recv` of its seal: a copy of every block that depends on nothing.
+    Copy,
+}
+
+impl ImageClone {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "clone" => Some(ImageClone::Clone),
+            "copy" => Some(ImageClone::Copy),
+            _ => None,
+        }
+    }
+}
+
 pub struct ZfsDriver {
     /// The parent dataset that holds the volumes.
     parent: String,
     quota: QuotaProperty,
     image_volumes: bool,
+    image_clone: ImageClone,
     /// Where volumes are mounted while being filled (one directory per dataset).
     mount_dir: PathBuf,
     /// The last listing of one volume's slots, until the driver changes the pool.
@@ -201,6 +222,7 @@ impl ZfsDriver {
         parent: &str,
         quota: QuotaProperty,
         image_volumes: bool,
+        image_clone: ImageClone,
         mount_dir: PathBuf,
     ) -> Result<ZfsDriver> {
         // The type and the space in one command: an operation asks for the space once,
@@ -230,6 +252,7 @@ impl ZfsDriver {
             parent: parent.to_owned(),
             quota,
             image_volumes,
+            image_clone,
             mount_dir,
             listed: RefCell::new(None),
             written: Cell::new(false),
@@ -336,6 +359,33 @@ impl ZfsDriver {
             return Ok(());
         }
         self.change(&["destroy", "-r", dataset], true).map(drop)
+    }
+
+    /// Makes the empty `slot` a copy of the image volume `key`'s seal `origin` that
+    /// depends on nothing (`zfs send | zfs recv`), with a volume's own properties.
+    fn copy_of(&self, origin: &str, slot: Slot<'_>, key: &ImageKey) -> Result<()> {
+        let dataset = self.dataset(slot);
+        let holds = format!("{IMAGE_PROPERTY}={key}");
+        let mut recv = vec![
+            "recv",
+            "-o",
+            "mountpoint=legacy",
+            "-o",
+            "readonly=off",
+            "-o",
+            &holds,
+        ];
+        for property in VOLUME_PROPERTIES {
+            recv.extend(["-o", property]);
+        }
+        recv.push(&dataset);
+        self.listed.replace(None);
+        self.space.set(None);
+        command::run_piped(("zfs", &["send", origin]), ("zfs", &recv))
+            .map_err(|f| Error::new(classify(&f), f.to_string()))?;
+        // The received snapshot is the image volume's seal, not one of the volume's.
+        self.change(&["destroy", &format!("{dataset}@{SEALED}")], true)
+            .map(drop)
     }
 
     fn mount_point_of(&self, leaf: &str) -> PathBuf {
@@ -706,7 +756,7 @@ impl Driver for ZfsDriver {
         let listing = self.listing(slot.volume, false)?;
         let holds_an_image = listing
             .filesystem(&dataset)?
-            .is_some_and(|row| row.origin != "-" && row.image != "none");
+            .is_some_and(|row| row.image != "-" && row.image != "none");
         if holds_an_image {
             self.change(&["set", &format!("{IMAGE_PROPERTY}=none"), &dataset], false)?;
         }
@@ -774,7 +824,10 @@ impl Driver for ZfsDriver {
 
     fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
         let origin = format!("{}@{SEALED}", self.image_dataset(key, true));
-        self.clone_of(&origin, slot, Some(key))
+        match self.image_clone {
+            ImageClone::Clone => self.clone_of(&origin, slot, Some(key)),
+            ImageClone::Copy => self.copy_of(&origin, slot, key),
+        }
     }
 
     fn images(&self) -> Result<Vec<ImageVolume>> {
@@ -858,6 +911,29 @@ impl Driver for ZfsDriver {
                     image.holders.sort();
                 }
                 Some(_) => {}
+            }
+        }
+        // Copies (`zfs_clone = "copy"`) depend on nothing; the property says what they hold.
+        for [name, _, held] in &rows {
+            let Some(leaf) = name.strip_prefix(&below) else {
+                continue;
+            };
+            if leaf.contains(['/', '@']) {
+                continue;
+            }
+            let Some(image) = found
+                .iter_mut()
+                .find(|i| i.sealed && i.key.as_str() == *held)
+            else {
+                continue;
+            };
+            let volume = match temporary_slot(leaf) {
+                Some((volume, _)) => volume.as_str().to_owned(),
+                None => leaf.to_owned(),
+            };
+            if !image.clones.contains(&volume) {
+                image.clones.push(volume);
+                image.clones.sort();
             }
         }
         found.sort_by(|a, b| a.key.cmp(&b.key));

@@ -25,6 +25,8 @@ pub enum Backend {
     /// A zpool on a loop device made for the test (inside the QEMU guest), volumes under
     /// its dataset `reimage`, limited by `refquota` or (`quota: true`) by `quota`.
     Zfs { quota: bool },
+    /// As `Zfs` (refquota), with `zfs_clone = "copy"`: volumes are copies of image volumes.
+    ZfsCopies,
     /// A volume group on a loop device (inside the QEMU guest), thick or with a thin pool,
     /// volumes holding ext4 or (`xfs: true`) xfs.
     Lvm { thin: bool, xfs: bool },
@@ -43,7 +45,8 @@ impl Backend {
         match self {
             Backend::Dir => Box::new(dir::Dir::new(dir)),
             Backend::Btrfs { quota } => Box::new(btrfs::Btrfs::new(dir, quota)),
-            Backend::Zfs { quota } => Box::new(zfs::Zfs::new(dir, id, quota)),
+            Backend::Zfs { quota } => Box::new(zfs::Zfs::new(dir, id, quota, false)),
+            Backend::ZfsCopies => Box::new(zfs::Zfs::new(dir, id, false, true)),
             Backend::Lvm { thin, xfs } => Box::new(lvm::Lvm::new(dir, id, thin, xfs)),
             Backend::DirQuota { xfs } => Box::new(dir_quota::new(dir, xfs)),
             Backend::Overlay { quota } => Box::new(overlay::Overlay::new(dir, quota)),

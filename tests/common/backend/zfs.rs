@@ -12,11 +12,13 @@ use crate::common::{sh, succeeds};
 pub struct Zfs {
     zpool: String,
     quota: bool,
+    /// `zfs_clone = "copy"`.
+    copies: bool,
     _devices: Devices,
 }
 
 impl Zfs {
-    pub fn new(dir: &Path, id: &str, quota: bool) -> Zfs {
+    pub fn new(dir: &Path, id: &str, quota: bool, copies: bool) -> Zfs {
         let mut devices = Devices::default();
         let device = devices.loop_device(&dir.join("zfs.img"), 1 << 30);
         let zpool = global_name(id);
@@ -26,6 +28,7 @@ impl Zfs {
         let zfs = Zfs {
             zpool,
             quota,
+            copies,
             _devices: devices,
         };
         sh(Command::new("zfs").args(["create", &zfs.dataset()]));
@@ -84,8 +87,13 @@ impl Storage for Zfs {
 
     fn pool_config(&self) -> String {
         let property = if self.quota { "quota" } else { "refquota" };
+        let copies = if self.copies {
+            "zfs_clone = \"copy\"\n"
+        } else {
+            ""
+        };
         format!(
-            "dataset = {:?}\nquota_property = {property:?}\n",
+            "dataset = {:?}\nquota_property = {property:?}\n{copies}",
             self.dataset()
         )
     }
