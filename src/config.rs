@@ -440,9 +440,11 @@ impl Config {
                 let image_volumes = p.image_volumes.unwrap_or(refquota);
                 let image_clone = match p.zfs_clone.as_deref() {
                     None => ImageClone::Clone,
-                    Some(_) if !image_volumes => return Err(invalid(format!(
+                    Some(_) if !image_volumes => {
+                        return Err(invalid(format!(
                         "pools.{name}.zfs_clone: the pool keeps no image volumes to clone or copy"
-                    ))),
+                    )))
+                    }
                     Some(text) => ImageClone::parse(text).ok_or_else(|| {
                         invalid(format!(
                             "pools.{name}.zfs_clone {text:?} is not \"clone\" or \"copy\""

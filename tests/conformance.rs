@@ -1454,6 +1454,33 @@ fn zfs_in_the_guest() {
     );
 }
 
+/// What the guest tiers read from a guest's log: the cases that failed, and whether
+/// reimage died of a memory fault (then those cases run once more; see `run_cases`).
+#[test]
+fn a_guest_log_names_its_failed_cases_and_crashes() {
+    const LOG: &str = "failures:
+
+---- zfs::a stdout ----
+thread 'zfs::a' panicked at x
+    indented::output of the case
+failures:
+    zfs::a
+    zfs_quota::b
+
+test result: FAILED. 1 passed; 2 failed
+== /scratch/cores/core.reimage.875 (/x/reimage)
+Program terminated with signal SIGSEGV, Segmentation fault.
+";
+    assert_eq!(common::guest::failed_cases(LOG), ["zfs::a", "zfs_quota::b"]);
+    assert!(common::guest::emulator_crash(LOG));
+    assert!(!common::guest::emulator_crash(
+        &LOG.replace("core.reimage.", "core.zfs.")
+    ));
+    assert!(!common::guest::emulator_crash(
+        &LOG.replace("SIGSEGV", "SIGABRT")
+    ));
+}
+
 /// The lvm cases (thick ext4, thin ext4, thin xfs) inside the guest.
 #[test]
 fn lvm_in_the_guest() {

@@ -133,33 +133,56 @@ pub fn run_cases(filters: &[&str], banner: &str, bulky: &[usize]) {
     let root = env!("CARGO_MANIFEST_DIR");
     let fixtures = HostFixtures::make(bulky);
     let (cases, repeat) = chase(filters);
-    let script = format!(
-        "set -e\nmodprobe zfs 2>/dev/null || true\n{SCRATCH}{CORES}export {FIXTURES_VAR}={}\n{banner}\nstatus=0\nfor round in $(seq {repeat}); do\n    [ {repeat} -eq 1 ] || echo \"== round $round of {repeat}\"\n    {} --ignored --test-threads 2 --show-output {cases} || {{ status=$?; break; }}\ndone\n{}exit $status\n",
-        fixtures.dir.display(),
-        exe.display(),
-        backtraces(&exe),
-    );
+    let boot = |cases: &str, repeat: u32| {
+        let script = format!(
+            "set -e\nmodprobe zfs 2>/dev/null || true\n{SCRATCH}{CORES}export {FIXTURES_VAR}={}\n{banner}\nstatus=0\nfor round in $(seq {repeat}); do\n    [ {repeat} -eq 1 ] || echo \"== round $round of {repeat}\"\n    {} --ignored --test-threads 2 --show-output {cases} || {{ status=$?; break; }}\ndone\n{}exit $status\n",
+            fixtures.dir.display(),
+            exe.display(),
+            backtraces(&exe),
+        );
+        let out = Command::new(format!("{root}/scripts/guest"))
+            .arg(&script)
+            .current_dir(root)
+            .env("GUEST_MEM", "4096")
+            .env("GUEST_DISK_GB", "24")
+            .env("GUEST_TIMEOUT", (2700 * repeat).to_string())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{text}");
+        (out.status.success(), text)
+    };
     let started = std::time::Instant::now();
-    let out = Command::new(format!("{root}/scripts/guest"))
-        .arg(&script)
-        .current_dir(root)
-        .env("GUEST_MEM", "4096")
-        .env("GUEST_DISK_GB", "24")
-        .env("GUEST_TIMEOUT", (2700 * repeat).to_string())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
+    let (mut passed, mut text) = boot(&cases, repeat);
+    // See the README's *Known problem*: reimage has died of SIGSEGV in the emulated guest,
+    // in safe code, a few times in hundreds of runs, never on the host. The cases that failed
+    // then run once more in a fresh guest; the crash's backtrace stays in the log above.
+    let crashed = emulator_crash(&text);
+    if !passed && crashed && repeat == 1 {
+        let failed = failed_cases(&text);
+        if !failed.is_empty() {
+            eprintln!(
+                "guest tier {filters:?}: reimage died of a signal in the guest (backtrace above); running {} again in a fresh guest",
+                failed.join(" ")
+            );
+            let first = failures(&text);
+            (passed, text) = boot(&format!("--exact {}", failed.join(" ")), 1);
+            eprintln!(
+                "guest tier {filters:?}: the rerun {}; the first run's failures were:\n{first}",
+                if passed { "passed" } else { "failed too" }
+            );
+        }
+    }
     eprintln!(
         "guest tier {filters:?}: {} s in all",
         started.elapsed().as_secs()
     );
     assert!(
-        out.status.success(),
+        passed,
         "the guest tier failed; its failures, again (the whole log is above):\n{}",
         failures(&text)
     );
@@ -167,6 +190,47 @@ pub fn run_cases(filters: &[&str], banner: &str, bulky: &[usize]) {
         text.contains("test result: ok."),
         "the guest ran no test harness: {text}"
     );
+}
+
+/// Whether a guest log shows reimage itself killed by a memory fault (a core of `reimage`
+/// that gdb says ended with SIGSEGV or SIGBUS).
+pub fn emulator_crash(text: &str) -> bool {
+    let mut in_reimage_core = false;
+    for line in text.lines() {
+        if line.starts_with("== /scratch/cores/core.") {
+            in_reimage_core = line.contains("/core.reimage.");
+        } else if in_reimage_core
+            && line.starts_with("Program terminated with signal")
+            && (line.contains("SIGSEGV") || line.contains("SIGBUS"))
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// The names of the cases a libtest log says failed: the indented names under its last
+/// `failures:` heading (the first such heading is followed by the cases' output instead).
+pub fn failed_cases(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut listing = false;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed == "failures:" {
+            listing = true;
+        } else if listing
+            && line.starts_with("    ")
+            && trimmed.contains("::")
+            && !trimmed.contains(' ')
+        {
+            names.push(trimmed.to_owned());
+        } else if !trimmed.is_empty() {
+            listing = false;
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// The failing cases' own output from a libtest log (its `failures:` section and the panic
