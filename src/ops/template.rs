@@ -19,7 +19,7 @@ pub(super) fn template_content(
         return Err(Error::new(
             Code::Unsupported,
             format!(
-                "the {} driver cannot fill a volume from a snapshot of another volume; templates need writable clones of snapshots (btrfs, zfs)",
+                "the {} driver cannot fill a volume from a snapshot of another volume; templates need writable clones of snapshots (btrfs, zfs, thin lvm)",
                 driver.name()
             ),
         ));

@@ -502,7 +502,7 @@ pub trait Driver {
         Err(Error::new(
             ErrorKind::Unsupported,
             format!(
-                "this driver cannot clone a snapshot ({template}@{snapshot}): templates need a driver with writable clones of snapshots (btrfs, zfs)"
+                "this driver cannot clone a snapshot ({template}@{snapshot}): templates need a driver with writable clones of snapshots (btrfs, zfs, thin lvm)"
             ),
         ))
     }
