@@ -334,12 +334,6 @@ mod tests {
 
     #[test]
     fn a_filesystem_of_its_own_size_gets_its_overhead_on_top() {
-        let roomy = PoolSpace {
-            available: 1 << 40,
-            total: 1 << 40,
-            inodes_available: None,
-            provisioned: None,
-        };
         let need = Need {
             fs_overhead: 64,
             ..n(1000)
@@ -350,7 +344,7 @@ mod tests {
             need,
             None,
             Mode::Atomic,
-            roomy,
+            ROOMY,
         )
         .unwrap();
         assert_eq!(plan.target_size, Some(grown(1000, 0.2) + 64));
@@ -362,7 +356,7 @@ mod tests {
             need,
             None,
             Mode::Atomic,
-            roomy,
+            ROOMY,
         )
         .unwrap_err();
         assert_eq!(e.details["needed"], 1064);

@@ -415,9 +415,9 @@ fn recovery_after_a_crash(backend: Backend) {
     );
     let r = env.run(&json!({"api": 1, "op": "recover", "pool": "default"}));
     if image_volumes {
-        // lvm measures first and builds the image volume under the volume's journal, which
-        // is rolled back (nothing of the volume changed yet).
-        let recovered = if env.storage().driver() == "lvm" {
+        // Measured first, the image volume is built under the volume's journal, which is
+        // rolled back (nothing of the volume changed yet).
+        let recovered = if env.storage().image_volume_sized_first() {
             json!([{"volume": "c1", "op": "rebuild", "action": "rolled_back"}])
         } else {
             json!([])
@@ -1033,8 +1033,8 @@ fn a_miss_decodes_the_image_once(backend: Backend) {
     let r = env.create_from("u1", &unified);
     assert_eq!(cache_of(&r), "miss");
     assert_eq!(r.ok()["image"]["rootfs_prefix"], "rootfs");
-    // An LV's filesystem is made at its size: lvm measures before it builds.
-    let measures_first = env.storage().driver() == "lvm";
+    // An image volume made at the image's size is built after the image is measured.
+    let measures_first = env.storage().image_volume_sized_first();
     assert_eq!(
         r.ok()["timings_ms"].get("measure").is_some(),
         measures_first,

@@ -171,6 +171,37 @@ fn watch(child: &mut Child, limit: Duration) -> Outcome {
     }
 }
 
+/// `program` with `args`, as every program here runs: a cleared environment with [`PATH`]
+/// and `LC_ALL=C`, stdin from /dev/null, stdout and stderr piped.
+fn prepared<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Command {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", PATH)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+fn cannot_run(program: &str, e: &std::io::Error) -> String {
+    format!("cannot run {program}: {e} (is it installed in {PATH}?)")
+}
+
+fn killed_after(limit: Duration, stderr: &str) -> String {
+    let printed = if stderr.is_empty() {
+        String::new()
+    } else {
+        format!("; it said: {stderr}")
+    };
+    format!(
+        "it was still running after {} s and was killed (the limit is `command_timeout` in the config){printed}",
+        limit.as_secs()
+    )
+}
+
 /// [`run`] with an explicit time limit.
 pub fn run_for<I, S>(program: &str, args: I, limit: Duration) -> Result<String, Failure>
 where
@@ -191,43 +222,15 @@ where
         stderr,
         stdout,
     };
-    let mut child = match Command::new(program)
-        .args(&args)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-    {
+    let mut child = match prepared(program, &args).process_group(0).spawn() {
         Ok(child) => child,
-        Err(e) => {
-            return Err(failure(
-                None,
-                format!("cannot run {program}: {e} (is it installed in {PATH}?)"),
-                String::new(),
-            ))
-        }
+        Err(e) => return Err(failure(None, cannot_run(program, &e), String::new())),
     };
     let outcome = watch(&mut child, limit);
     let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&outcome.stderr).trim().to_owned();
     if outcome.timed_out {
-        let printed = if stderr.is_empty() {
-            String::new()
-        } else {
-            format!("; it said: {stderr}")
-        };
-        return Err(failure(
-            None,
-            format!(
-                "it was still running after {} s and was killed (the limit is `command_timeout` in the config){printed}",
-                limit.as_secs()
-            ),
-            stdout,
-        ));
+        return Err(failure(None, killed_after(limit, &stderr), stdout));
     }
     match outcome.status {
         Some(Ok(s)) if s.success() => Ok(stdout),
@@ -255,21 +258,9 @@ pub fn run_piped(first: (&str, &[&str]), second: (&str, &[&str])) -> Result<Stri
         stderr,
         stdout,
     };
-    let cannot = |program: &str, e: std::io::Error| {
-        failure(
-            None,
-            format!("cannot run {program}: {e} (is it installed in {PATH}?)"),
-            String::new(),
-        )
-    };
-    let mut writer = Command::new(first.0)
-        .args(first.1)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let cannot =
+        |program: &str, e: std::io::Error| failure(None, cannot_run(program, &e), String::new());
+    let mut writer = prepared(first.0, first.1)
         .process_group(0)
         .spawn()
         .map_err(|e| cannot(first.0, e))?;
@@ -283,14 +274,8 @@ pub fn run_piped(first: (&str, &[&str]), second: (&str, &[&str])) -> Result<Stri
             String::new(),
         ));
     };
-    let reader = Command::new(second.0)
-        .args(second.1)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("LC_ALL", "C")
+    let reader = prepared(second.0, second.1)
         .stdin(Stdio::from(pipe))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .process_group(group)
         .spawn();
     let mut reader = match reader {
@@ -301,7 +286,8 @@ pub fn run_piped(first: (&str, &[&str]), second: (&str, &[&str])) -> Result<Stri
             return Err(cannot(second.0, e));
         }
     };
-    let outcome = watch(&mut reader, timeout());
+    let limit = timeout();
+    let outcome = watch(&mut reader, limit);
     if outcome.timed_out {
         // The whole group went with the reader; the writer is reaped below.
         let _ = writer.kill();
@@ -318,14 +304,7 @@ pub fn run_piped(first: (&str, &[&str]), second: (&str, &[&str])) -> Result<Stri
         Err(e) => (None, format!("waiting for {}: {e}", first.0)),
     };
     if outcome.timed_out {
-        return Err(failure(
-            None,
-            format!(
-                "it was still running after {} s and was killed (the limit is `command_timeout` in the config)",
-                timeout().as_secs()
-            ),
-            stdout,
-        ));
+        return Err(failure(None, killed_after(limit, &stderr), stdout));
     }
     let both = |own: String| {
         if writer_stderr.is_empty() {

@@ -629,9 +629,7 @@ impl Driver for LvmDriver {
         let Some(lv) = all.iter().find(|lv| lv.lv_name == name) else {
             return Ok(());
         };
-        for dir in self.mounted_at(lv)? {
-            mount::unmount(&dir)?;
-        }
+        self.unmount_all(lv)?;
         let snapshots = self.snapshot_lvs(&all, slot);
         if with_snapshots {
             for snap in &snapshots {
@@ -864,14 +862,9 @@ impl Driver for LvmDriver {
                 "an lvm image volume is sized when it is created: the image must be measured first",
             )
         })?;
-        let name = image_lv_name(key, false);
-        if self.find_named(&name)?.is_some() {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!("unsealed image volume {key} already exists"),
-            ));
-        }
-        self.make_lv(&name, size)
+        // lvcreate refuses a name that exists (`AlreadyExists`), before make_lv could
+        // remove anything.
+        self.make_lv(&image_lv_name(key, false), size)
     }
 
     fn open_image(&self, key: &ImageKey) -> Result<Mounted> {

@@ -216,6 +216,29 @@ fn parse_u64(what: &str, text: &str) -> Result<u64> {
     })
 }
 
+/// The volume a dataset below the parent (`leaf`: its name there) is a slot of.
+fn volume_of(leaf: &str) -> String {
+    match temporary_slot(leaf) {
+        Some((volume, _)) => volume.as_str().to_owned(),
+        None => leaf.to_owned(),
+    }
+}
+
+/// The `-o` options of a volume made from a snapshot (`zfs clone`, `zfs recv`): legacy
+/// mountpoint, writable, the properties every volume gets, and which image volume's content
+/// it holds, if any.
+fn volume_options(image: Option<&ImageKey>) -> Vec<String> {
+    let mut options: Vec<String> = ["mountpoint=legacy", "readonly=off"]
+        .into_iter()
+        .chain(VOLUME_PROPERTIES)
+        .flat_map(|property| ["-o".to_owned(), property.to_owned()])
+        .collect();
+    if let Some(key) = image {
+        options.extend(["-o".to_owned(), format!("{IMAGE_PROPERTY}={key}")]);
+    }
+    options
+}
+
 impl ZfsDriver {
     /// A driver for the volumes under `parent`, which must be an existing filesystem dataset.
     pub fn open(
@@ -326,14 +349,9 @@ impl ZfsDriver {
     /// or a template's snapshot), with a volume's own properties (not `readonly=on`).
     fn clone_of(&self, origin: &str, slot: Slot<'_>, image: Option<&ImageKey>) -> Result<()> {
         let dataset = self.dataset(slot);
-        let mut args = vec!["clone", "-o", "mountpoint=legacy", "-o", "readonly=off"];
-        for property in VOLUME_PROPERTIES {
-            args.extend(["-o", property]);
-        }
-        let holds = image.map(|key| format!("{IMAGE_PROPERTY}={key}"));
-        if let Some(holds) = &holds {
-            args.extend(["-o", holds]);
-        }
+        let options = volume_options(image);
+        let mut args = vec!["clone"];
+        args.extend(options.iter().map(String::as_str));
         args.extend([origin, dataset.as_str()]);
         self.change(&args, false).map(drop)
     }
@@ -365,19 +383,9 @@ impl ZfsDriver {
     /// depends on nothing (`zfs send | zfs recv`), with a volume's own properties.
     fn copy_of(&self, origin: &str, slot: Slot<'_>, key: &ImageKey) -> Result<()> {
         let dataset = self.dataset(slot);
-        let holds = format!("{IMAGE_PROPERTY}={key}");
-        let mut recv = vec![
-            "recv",
-            "-o",
-            "mountpoint=legacy",
-            "-o",
-            "readonly=off",
-            "-o",
-            &holds,
-        ];
-        for property in VOLUME_PROPERTIES {
-            recv.extend(["-o", property]);
-        }
+        let options = volume_options(Some(key));
+        let mut recv = vec!["recv"];
+        recv.extend(options.iter().map(String::as_str));
         recv.push(&dataset);
         self.listed.replace(None);
         self.space.set(None);
@@ -892,10 +900,7 @@ impl Driver for ZfsDriver {
                         let Some(leaf) = clone.strip_prefix(&below) else {
                             continue;
                         };
-                        let volume = match temporary_slot(leaf) {
-                            Some((volume, _)) => volume.as_str().to_owned(),
-                            None => leaf.to_owned(),
-                        };
+                        let volume = volume_of(leaf);
                         // Unset: a clone made before the property was, taken as holding it.
                         let held = holds(&clone);
                         let list = if held == "-" || held == key.as_str() {
@@ -927,10 +932,7 @@ impl Driver for ZfsDriver {
             else {
                 continue;
             };
-            let volume = match temporary_slot(leaf) {
-                Some((volume, _)) => volume.as_str().to_owned(),
-                None => leaf.to_owned(),
-            };
+            let volume = volume_of(leaf);
             if !image.clones.contains(&volume) {
                 image.clones.push(volume);
                 image.clones.sort();

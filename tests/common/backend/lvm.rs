@@ -117,6 +117,10 @@ impl Storage for Lvm {
         None
     }
 
+    fn image_volume_sized_first(&self) -> bool {
+        true
+    }
+
     fn exists(&self, volume: &str) -> bool {
         Self::exists_named(&self.lv(volume))
     }

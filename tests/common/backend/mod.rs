@@ -95,6 +95,13 @@ pub trait Storage {
         self.volume_dir().is_some()
     }
 
+    /// Whether an image volume is made at the image's size (a filesystem on an LV), so a
+    /// miss measures the image first and builds the image volume under the volume's journal,
+    /// instead of building it while it measures.
+    fn image_volume_sized_first(&self) -> bool {
+        false
+    }
+
     /// Whether the live volume exists.
     fn exists(&self, volume: &str) -> bool;
 
