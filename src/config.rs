@@ -70,8 +70,15 @@ pub struct Pool {
 /// was loaded. A new driver is one more variant.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PoolSpec {
-    /// Each volume a directory in `path`; `quota`: a project quota per volume.
-    Dir { path: PathBuf, quota: bool },
+    /// Each volume a directory in `path`; `quota`: a project quota per volume;
+    /// `image_volumes` (only where the filesystem has reflinks, checked when the pool is
+    /// opened): each image unpacked once into an image volume that volumes are reflink
+    /// copies of.
+    Dir {
+        path: PathBuf,
+        quota: bool,
+        image_volumes: bool,
+    },
     /// Each volume a subvolume in `path`; `quota`: qgroup limits; `image_volumes`: each
     /// image unpacked once into an image volume that volumes are snapshots of.
     Btrfs {
@@ -381,8 +388,11 @@ impl Config {
                 let path = needed(p.path.clone(), "path")?;
                 let quota = p.quota.unwrap_or(false);
                 if driver == DriverKind::Dir {
-                    not_for(p.image_volumes.is_some(), "image_volumes")?;
-                    PoolSpec::Dir { path, quota }
+                    PoolSpec::Dir {
+                        path,
+                        quota,
+                        image_volumes: p.image_volumes.unwrap_or(false),
+                    }
                 } else if driver == DriverKind::Overlay {
                     if p.image_volumes == Some(false) {
                         return Err(invalid(format!(
@@ -732,7 +742,6 @@ mod tests {
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank\"\nquota_property = \"reservation\"",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank\"\npath = \"/x\"",
             "[pools.a]\ndriver = \"dir\"\npath = \"/x\"\nquota_property = \"quota\"",
-            "[pools.a]\ndriver = \"dir\"\npath = \"/x\"\nimage_volumes = true",
             "[pools.a]\ndriver = \"zfs\"\ndataset = \"tank/r\"\nquota_property = \"quota\"\nimage_volumes = true",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"-o\"",
             "[pools.a]\ndriver = \"lvm\"\nvg = \"vg0\"\nthin_pool = \"a b\"",

@@ -1,7 +1,7 @@
 //! From a pool's validated spec to its driver.
 
 use reimage_driver::records::RecordDir;
-use reimage_driver::Driver;
+use reimage_driver::{Driver, ErrorKind};
 use reimage_driver_btrfs::BtrfsDriver;
 use reimage_driver_dir::DirDriver;
 use reimage_driver_lvm::LvmDriver;
@@ -9,12 +9,28 @@ use reimage_driver_overlay::OverlayDriver;
 use reimage_driver_zfs::ZfsDriver;
 
 use crate::config::{Pool, PoolSpec};
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
 
 /// The driver for `pool`; `state` holds what a driver keeps between requests.
 pub fn open(pool: &Pool, state: &RecordDir) -> Result<Box<dyn Driver>> {
     Ok(match &pool.spec {
-        PoolSpec::Dir { path, quota } => Box::new(DirDriver::open(path, *quota)?),
+        PoolSpec::Dir {
+            path,
+            quota,
+            image_volumes,
+        } => Box::new(
+            DirDriver::open(path, *quota, *image_volumes).map_err(|e| match e.kind {
+                // Asked for image volumes where the filesystem has no reflinks.
+                ErrorKind::Unsupported => Error::new(
+                    Code::ConfigInvalid,
+                    format!(
+                        "pools.{}: image_volumes = true: {}; move the pool there or remove `image_volumes = true`",
+                        pool.name, e.message
+                    ),
+                ),
+                _ => Error::from(e),
+            })?,
+        ),
         PoolSpec::Overlay { path, quota } => Box::new(OverlayDriver::open(path, *quota)?),
         PoolSpec::Btrfs {
             path,

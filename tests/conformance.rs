@@ -1376,6 +1376,14 @@ conformance!(overlay_image_volumes = Backend::Overlay { quota: false }; #[cfg_at
     a_volume_is_filled_from_a_template,
     concurrent_fills_build_an_image_volume_once,
 );
+// A dir pool on btrfs keeps image volumes: its volumes are reflink copies of them.
+all_cases!(dir_reflinks = Backend::DirReflinks);
+conformance!(dir_reflinks_image_volumes = Backend::DirReflinks; #[cfg_attr(any(), ignore)];
+    image_volumes_are_built_once_and_cloned,
+    a_miss_decodes_the_image_once,
+    a_volume_is_filled_from_a_template,
+    concurrent_fills_build_an_image_volume_once,
+);
 all_cases!(zfs = Backend::Zfs { quota: false }; guest);
 all_cases!(lvm_thin_ext4 = Backend::Lvm { thin: true, xfs: false }; guest);
 

@@ -465,6 +465,29 @@ fn a_pool_without_image_volumes_lists_and_prunes_nothing() {
     );
 }
 
+/// Image volumes on a dir pool need reflinks: asked for on a filesystem without them (the
+/// test machine's ext4), every request is `config_invalid`, naming the cause and the fix, and
+/// nothing changes.
+#[test]
+fn image_volumes_without_reflinks_are_config_invalid() {
+    let env = Env::new("no-reflinks");
+    let a = rich_image(&env, "a.tar", 1, TarFormat::Gnu, Compression::None);
+    env.create_from("c1", &a).ok();
+    let before = env.snapshot();
+    env.write_config(&format!("{}image_volumes = true\n", env.default_config()));
+    for request in [
+        json!({"api": 1, "op": "rebuild", "pool": "default", "volume": "c1", "source": {"image": a}}),
+        json!({"api": 1, "op": "images", "pool": "default"}),
+    ] {
+        let r = env.run(&request);
+        let e = r.failed("config_invalid", 2);
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains("reflinks"), "{e}");
+        assert!(message.contains("image_volumes"), "{e}");
+    }
+    assert_eq!(before, env.snapshot());
+}
+
 /// `--list-pools` prints each configured pool and its driver for scripts (the boot-time
 /// recovery), reads no request, and refuses a config it cannot use as a request would.
 #[test]

@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use reimage_driver::ImageKey;
+use reimage_driver::{Cloned, ImageKey};
 
 use crate::measure::alongside::Measured;
 
@@ -220,8 +220,14 @@ pub(super) fn clone_new(
         Cache::Miss
     };
     let root = prepare_new(held, created, timings, || {
-        driver.clone_image(key, Slot::building(volume))?;
-        size_clone(driver, Slot::building(volume), filling)
+        let slot = Slot::building(volume);
+        if let Cloned::CopyFrom(image) = driver.clone_image(key, slot)? {
+            let copy = driver.open_root(slot)?;
+            crate::preserve::reflink_tree(image.root(), copy.root())?;
+            copy.release()?;
+            image.release()?;
+        }
+        size_clone(driver, slot, filling)
     })?;
     if let Some(mut record) = read_record(&records, key) {
         record.last_used = now();

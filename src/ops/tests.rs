@@ -99,6 +99,7 @@ impl World {
                 spec: PoolSpec::Dir {
                     path: dir.join("volumes"),
                     quota: false,
+                    image_volumes: false,
                 },
             },
             image_a: image(&dir.join("images"), "a.tar", b"a"),

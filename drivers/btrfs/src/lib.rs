@@ -21,7 +21,7 @@ use reimage_driver::image::{image_name, parse_image_name};
 use reimage_driver::pooldir::PoolDir;
 use reimage_driver::records::RecordDir;
 use reimage_driver::{
-    temporary_slot, tree, Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume,
+    temporary_slot, tree, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume,
     KeepSnapshots, Mounted, PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 use rustix::fs::{Mode, OFlags};
@@ -498,21 +498,21 @@ impl Driver for BtrfsDriver {
         )
     }
 
-    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<Cloned> {
         let source = self.subvol_named(&image_name(key, true))?.ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
                 format!("image volume {key} does not exist"),
             )
         })?;
-        ioctl::snapshot_create(source.as_fd(), self.pool.fd.as_fd(), &PoolDir::cname(slot)).map_err(
-            |e| match e {
+        ioctl::snapshot_create(source.as_fd(), self.pool.fd.as_fd(), &PoolDir::cname(slot))
+            .map_err(|e| match e {
                 Errno::EXIST => {
                     Error::new(ErrorKind::AlreadyExists, format!("{slot} already exists"))
                 }
                 e => Error::errno(format!("cloning image volume {key} into {slot}"), e),
-            },
-        )
+            })?;
+        Ok(Cloned::Whole)
     }
 
     fn images(&self) -> Result<Vec<ImageVolume>> {

@@ -2,22 +2,65 @@
 //! naming, renames and swaps are [`PoolDir`]'s). Destroying a volume removes its tree
 //! fd-relative, never following a symlink and never crossing into a mount.
 //!
+//! Image volumes (`image_volumes = true`, only on a filesystem with reflinks: btrfs, xfs) are
+//! directories beside the volumes ([`reimage_driver::pooldir::PoolDir`]'s image methods). A
+//! volume filled from one is a copy the core makes of its tree, every file a reflink
+//! ([`Cloned::CopyFrom`]): it shares the image volume's blocks but depends on nothing, so an
+//! image volume can always be removed. Which image volume a volume was copied from is
+//! recorded beside it, outside its tree, in `.reimage-copy.INO` (its root directory's inode
+//! number, which renames and swaps keep): `images` lists those volumes as the image volume's
+//! users and `prune` keeps it for them, since removing it would free almost nothing while
+//! they share its blocks. A record lost or changed by hand only changes what `prune` keeps.
+//!
 //! Sizes: with `quota = true` on a filesystem that has project quotas (ext4, xfs), each
 //! volume is a project ([`project`]) limited to its size; otherwise `size` is advisory and
 //! the core warns about it (and about a filesystem without project quotas).
 
 pub mod project;
 
-use std::os::fd::AsFd;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
 use reimage_driver::pooldir::PoolDir;
 use reimage_driver::{
-    tree, Capabilities, Driver, Error, ErrorKind, KeepSnapshots, Mounted, PoolSpace, PoolWarning,
-    Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
+    temporary_slot, tree, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume,
+    KeepSnapshots, Mounted, PoolSpace, PoolWarning, Result, SizeModel, Slot, SlotKind, Usage,
+    VolumeName,
 };
-use rustix::fs::Mode;
+use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
+
+/// The prefix of a copy's record: `.reimage-copy.INO` holds the key of the image volume the
+/// volume whose root has inode INO was copied from.
+const COPY_RECORD_PREFIX: &str = ".reimage-copy.";
+
+/// Why the filesystem of the directory `dir` cannot share a file's blocks with a copy
+/// (`FICLONE`), or `None` when it can. Probed with two unnamed files that vanish with it.
+pub fn no_reflinks(dir: BorrowedFd<'_>) -> Option<String> {
+    let tmpfile = || {
+        rustix::fs::openat(
+            dir,
+            c".",
+            OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+    };
+    let probe = tmpfile().and_then(|a| {
+        let b = tmpfile()?;
+        rustix::fs::ioctl_ficlone(&b, &a)
+    });
+    match probe {
+        Ok(()) => None,
+        Err(Errno::OPNOTSUPP | Errno::NOTTY | Errno::INVAL | Errno::XDEV) => Some(
+            "its filesystem has no reflinks (FICLONE); image volumes on a dir pool need btrfs or xfs (mkfs.xfs -m reflink=1)".to_owned(),
+        ),
+        Err(e) => Some(format!(
+            "probing it for reflinks failed: {}",
+            std::io::Error::from(e)
+        )),
+    }
+}
 
 pub struct DirDriver {
     pool: PoolDir,
@@ -27,12 +70,24 @@ pub struct DirDriver {
     quota_unavailable: Option<String>,
     /// The pool is on xfs, whose project quotas fail writes with ENOSPC.
     xfs: bool,
+    /// The pool keeps image volumes (its filesystem has reflinks).
+    image_volumes: bool,
 }
 
 impl DirDriver {
-    /// Opens the pool directory (see [`PoolDir::open`]); `quota` asks for project quotas.
-    pub fn open(path: &Path, quota: bool) -> Result<Self> {
+    /// Opens the pool directory (see [`PoolDir::open`]); `quota` asks for project quotas,
+    /// `image_volumes` for image volumes: `Unsupported` where the filesystem has no reflinks.
+    pub fn open(path: &Path, quota: bool, image_volumes: bool) -> Result<Self> {
         let pool = PoolDir::open(path)?;
+        if let Some(why) = image_volumes
+            .then(|| no_reflinks(pool.fd.as_fd()))
+            .flatten()
+        {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("pool path {}: {why}", path.display()),
+            ));
+        }
         let quota_unavailable = quota
             .then(|| project::unsupported(pool.fd.as_fd()))
             .flatten();
@@ -40,6 +95,7 @@ impl DirDriver {
         let xfs = rustix::fs::fstatfs(&pool.fd).is_ok_and(|st| st.f_type == XFS_SUPER_MAGIC);
         Ok(DirDriver {
             xfs,
+            image_volumes,
             quota: quota && quota_unavailable.is_none(),
             quota_unavailable,
             pool,
@@ -58,6 +114,41 @@ impl DirDriver {
             project::id_of(root.root())
         } else {
             project::assign(root.root())
+        }
+    }
+
+    /// The root inode of the volume in `slot`, `None` when the slot is empty.
+    fn inode(&self, slot: Slot<'_>) -> Result<Option<u64>> {
+        Ok(self.pool.stat(slot)?.map(|st| st.st_ino))
+    }
+
+    /// Every copy record: (root inode, image key, the record's name).
+    fn copy_records(&self) -> Result<Vec<(u64, ImageKey, String)>> {
+        let mut found = Vec::new();
+        for name in self.pool.names()? {
+            let Some(ino) = name
+                .strip_prefix(COPY_RECORD_PREFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Ok(text) = std::fs::read_to_string(self.pool.path.join(&name)) else {
+                continue; // removed meanwhile
+            };
+            if let Some(key) = ImageKey::parse(text.trim_end()) {
+                found.push((ino, key, name));
+            }
+        }
+        Ok(found)
+    }
+
+    fn remove_record(&self, name: &str) -> Result<()> {
+        match rustix::fs::unlinkat(&self.pool.fd, name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(Error::errno(
+                format!("removing {}", self.pool.path.join(name).display()),
+                e,
+            )),
         }
     }
 }
@@ -81,7 +172,7 @@ impl Driver for DirDriver {
             shrink: self.quota,
             exchange: true,
             cheap_usage: self.quota,
-            image_volumes: false,
+            image_volumes: self.image_volumes,
             templates: false,
             late_limit: true,
             size_counts_image: true,
@@ -112,7 +203,11 @@ impl Driver for DirDriver {
         Ok(())
     }
 
+    /// The copy record goes first: a slot left without it is still removed by recovery.
     fn destroy(&self, slot: Slot<'_>, _with_snapshots: bool) -> Result<()> {
+        if let Some(ino) = self.inode(slot)? {
+            self.remove_record(&format!("{COPY_RECORD_PREFIX}{ino}"))?;
+        }
         self.pool.remove(slot)
     }
 
@@ -182,6 +277,95 @@ impl Driver for DirDriver {
     fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
         self.pool.leftovers()
     }
+
+    fn create_image(&self, key: &ImageKey, _size: Option<u64>) -> Result<()> {
+        self.pool.create_image_dir(key)
+    }
+
+    fn open_image(&self, key: &ImageKey) -> Result<Mounted> {
+        Ok(Mounted::unmanaged(self.pool.require_image_dir(key, false)?))
+    }
+
+    fn seal_image(&self, key: &ImageKey) -> Result<()> {
+        self.pool.seal_image_dir(key)
+    }
+
+    /// An empty volume and its copy record, for the core to fill with a reflink copy.
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<Cloned> {
+        let image = self.pool.require_image_dir(key, true)?;
+        self.create(slot, None)?;
+        let ino = self
+            .inode(slot)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} vanished")))?;
+        let name = format!("{COPY_RECORD_PREFIX}{ino}");
+        let shown = self.pool.path.join(&name);
+        let record = rustix::fs::openat(
+            &self.pool.fd,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .map_err(|e| Error::errno(format!("creating {}", shown.display()), e))?;
+        std::fs::File::from(record)
+            .write_all(format!("{key}\n").as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", shown.display()), e))?;
+        Ok(Cloned::CopyFrom(Mounted::unmanaged(image)))
+    }
+
+    /// Users of a sealed image volume: the volumes (and temporary slots) recorded as its copies.
+    fn images(&self) -> Result<Vec<ImageVolume>> {
+        let mut slots = Vec::new();
+        for name in self.pool.names()? {
+            let (volume, kind) = match temporary_slot(&name) {
+                Some(found) => found,
+                None => match VolumeName::parse(&name) {
+                    Ok(volume) => (volume, SlotKind::Live),
+                    Err(_) => continue,
+                },
+            };
+            if let Ok(Some(ino)) = self.inode(Slot {
+                volume: &volume,
+                kind,
+            }) {
+                slots.push((ino, volume.as_str().to_owned()));
+            }
+        }
+        let records = self.copy_records()?;
+        Ok(self
+            .pool
+            .image_dirs()?
+            .into_iter()
+            .map(|(key, sealed)| {
+                let mut clones: Vec<String> = records
+                    .iter()
+                    .filter(|(_, used, _)| sealed && *used == key)
+                    .flat_map(|(ino, _, _)| slots.iter().filter(move |(i, _)| i == ino))
+                    .map(|(_, volume)| volume.clone())
+                    .collect();
+                clones.sort();
+                clones.dedup();
+                ImageVolume {
+                    key,
+                    sealed,
+                    clones,
+                    holders: Vec::new(),
+                }
+            })
+            .collect())
+    }
+
+    /// Copies share blocks with the image volume but never depend on it. Records naming it
+    /// go with it (those of volumes removed by hand, since the core destroys only an image
+    /// volume without users).
+    fn destroy_image(&self, key: &ImageKey, sealed: bool) -> Result<()> {
+        self.pool.remove_image_dir(key, sealed)?;
+        for (_, used, name) in self.copy_records()? {
+            if used == *key {
+                self.remove_record(&name)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -190,7 +374,7 @@ mod tests {
 
     fn pool() -> (tempfile_dir::TempDir, DirDriver) {
         let dir = tempfile_dir::TempDir::new();
-        let driver = DirDriver::open(dir.path(), false).unwrap();
+        let driver = DirDriver::open(dir.path(), false, false).unwrap();
         (dir, driver)
     }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{Mode, OFlags};
 
 use crate::{
-    Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume, KeepSnapshots, Mounted,
+    Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume, KeepSnapshots, Mounted,
     PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 
@@ -461,7 +461,7 @@ impl Driver for FakeDriver {
         Ok(())
     }
 
-    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<Cloned> {
         self.image_call("clone_image", key)?;
         let source = self
             .state
@@ -470,7 +470,8 @@ impl Driver for FakeDriver {
             .get(&(key.clone(), true))
             .cloned()
             .ok_or_else(|| Error::new(ErrorKind::NotFound, "no sealed image"))?;
-        self.clone_into(&source, slot, Some(key.clone()))
+        self.clone_into(&source, slot, Some(key.clone()))?;
+        Ok(Cloned::Whole)
     }
 
     fn images(&self) -> Result<Vec<ImageVolume>> {

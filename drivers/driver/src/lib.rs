@@ -14,6 +14,7 @@ pub mod command;
 #[cfg(feature = "testing")]
 pub mod fake;
 pub mod image;
+mod image_dir;
 pub mod mount;
 mod name;
 pub mod pooldir;
@@ -186,6 +187,16 @@ pub struct Capabilities {
     /// A volume at its size is full (its size is its filesystem's, lvm): what does not fit
     /// is `insufficient_space`, not `quota_exceeded`.
     pub full_at_size: bool,
+}
+
+/// What [`Driver::clone_image`] made.
+pub enum Cloned {
+    /// The slot holds the image volume's content: the backend cloned or copied it whole.
+    Whole,
+    /// The slot is an empty volume, and this is the sealed image volume's root: the core
+    /// copies its tree into the slot, every file a reflink of the image volume's (a dir pool:
+    /// the filesystem shares file extents but clones no trees).
+    CopyFrom(Mounted),
 }
 
 /// Size and usage of one volume.
@@ -507,8 +518,9 @@ pub trait Driver {
         ))
     }
 
-    /// Makes the volume in `slot` (empty) a writable clone of the sealed image volume `key`.
-    fn clone_image(&self, _key: &ImageKey, _slot: Slot<'_>) -> Result<()> {
+    /// Makes the volume in `slot` (empty) a writable clone of the sealed image volume `key`,
+    /// or (see [`Cloned::CopyFrom`]) an empty volume for the core to copy it into.
+    fn clone_image(&self, _key: &ImageKey, _slot: Slot<'_>) -> Result<Cloned> {
         Err(no_image_volumes())
     }
 

@@ -35,8 +35,8 @@ use std::path::PathBuf;
 
 use reimage_driver::command::{self, Failure};
 use reimage_driver::{
-    mount, mounts, Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume, KeepSnapshots,
-    Mounted, PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
+    mount, mounts, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume,
+    KeepSnapshots, Mounted, PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
 };
 use report::{Lv, LV_FIELDS, VG_FIELDS};
 
@@ -928,10 +928,11 @@ impl Driver for LvmDriver {
         self.snapshot_into(snapshot, slot)
     }
 
-    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<Cloned> {
         let name = image_lv_name(key, true);
         self.require_named(&name)?;
-        self.snapshot_into(&name, slot)
+        self.snapshot_into(&name, slot)?;
+        Ok(Cloned::Whole)
     }
 
     /// Listed afresh: other requests build and remove image volumes.

@@ -20,19 +20,18 @@
 
 pub mod mount;
 
-use std::ffi::CString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use reimage_driver::image::{image_name, parse_image_name};
+use reimage_driver::image::image_name;
 use reimage_driver::pooldir::PoolDir;
 use reimage_driver::{
-    temporary_slot, tree, Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume,
+    temporary_slot, tree, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume,
     KeepSnapshots, MountSpec, Mounted, PoolSpace, PoolWarning, Result, SizeModel, Slot, SlotKind,
     Usage, VolumeName,
 };
 use reimage_driver_dir::project;
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Timespec, Timestamps};
+use rustix::fs::{Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use mount::Layers;
@@ -93,10 +92,6 @@ pub struct OverlayDriver {
     quota_unavailable: Option<String>,
     /// The pool is on xfs, whose project quotas fail writes with ENOSPC.
     xfs: bool,
-}
-
-fn cstr(name: &str) -> Result<CString> {
-    CString::new(name).map_err(|_| Error::new(ErrorKind::Failed, format!("{name:?} holds a NUL")))
 }
 
 fn open_dir_at(dir: BorrowedFd<'_>, name: &str) -> std::result::Result<OwnedFd, Errno> {
@@ -274,18 +269,6 @@ impl OverlayDriver {
                 e,
             )
         })
-    }
-
-    fn image_dir(&self, key: &ImageKey, sealed: bool) -> Result<Option<OwnedFd>> {
-        let name = image_name(key, sealed);
-        match open_dir_at(self.pool.fd.as_fd(), &name) {
-            Ok(fd) => Ok(Some(fd)),
-            Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(Error::errno(
-                format!("opening {}", self.pool.path.join(name).display()),
-                e,
-            )),
-        }
     }
 
     /// Every slot's lower layer: `(volume, lower)` for each live and temporary slot.
@@ -486,57 +469,27 @@ impl Driver for OverlayDriver {
     }
 
     fn create_image(&self, key: &ImageKey, _size: Option<u64>) -> Result<()> {
-        let name = image_name(key, false);
-        rustix::fs::mkdirat(&self.pool.fd, cstr(&name)?, Mode::from_raw_mode(0o755)).map_err(|e| {
-            match e {
-                Errno::EXIST => Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("unsealed image volume {key} already exists"),
-                ),
-                e => Error::errno(format!("creating image volume {key}"), e),
-            }
-        })
+        self.pool.create_image_dir(key)
     }
 
     fn open_image(&self, key: &ImageKey) -> Result<Mounted> {
-        self.image_dir(key, false)?
-            .map(Mounted::unmanaged)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("unsealed image volume {key} does not exist"),
-                )
-            })
+        Ok(Mounted::unmanaged(self.pool.require_image_dir(key, false)?))
     }
 
     fn seal_image(&self, key: &ImageKey) -> Result<()> {
-        rustix::fs::renameat_with(
-            &self.pool.fd,
-            cstr(&image_name(key, false))?,
-            &self.pool.fd,
-            cstr(&image_name(key, true))?,
-            RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| Error::errno(format!("sealing image volume {key}"), e))
+        self.pool.seal_image_dir(key)
     }
 
-    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
-        let image = self.image_dir(key, true)?.ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("image volume {key} does not exist"),
-            )
-        })?;
-        self.make_slot(slot, &Lower::Image(key.clone()), image.as_fd(), None)
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<Cloned> {
+        let image = self.pool.require_image_dir(key, true)?;
+        self.make_slot(slot, &Lower::Image(key.clone()), image.as_fd(), None)?;
+        Ok(Cloned::Whole)
     }
 
     fn images(&self) -> Result<Vec<ImageVolume>> {
         let lowers = self.lowers()?;
         let mut found = Vec::new();
-        for name in self.pool.names()? {
-            let Some((key, sealed)) = parse_image_name(&name) else {
-                continue;
-            };
+        for (key, sealed) in self.pool.image_dirs()? {
             let mut clones: Vec<String> = lowers
                 .iter()
                 .filter(|(_, lower)| sealed && *lower == Lower::Image(key.clone()))
@@ -551,7 +504,6 @@ impl Driver for OverlayDriver {
                 holders: Vec::new(),
             });
         }
-        found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
     }
 
@@ -582,16 +534,7 @@ impl Driver for OverlayDriver {
                 format!("image volume {key} is in use ({holder})"),
             ));
         }
-        match rustix::fs::statat(&self.pool.fd, cstr(&name)?, AtFlags::SYMLINK_NOFOLLOW) {
-            Err(Errno::NOENT) => return Ok(()),
-            Err(e) => return Err(Error::errno(format!("stat of image volume {key}"), e)),
-            Ok(_) => {}
-        }
-        tree::remove_tree(
-            self.pool.fd.as_fd(),
-            &cstr(&name)?,
-            &self.pool.path.join(&name).display().to_string(),
-        )
+        self.pool.remove_image_dir(key, sealed)
     }
 }
 

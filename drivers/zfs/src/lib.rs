@@ -33,8 +33,9 @@ use listing::Listing;
 use reimage_driver::command::{self, Failure};
 use reimage_driver::image::{image_name, parse_image_name};
 use reimage_driver::{
-    mount, mounts, temporary_slot, Capabilities, Driver, Error, ErrorKind, ImageKey, ImageVolume,
-    KeepSnapshots, Mounted, PoolSpace, Result, SizeModel, Slot, SlotKind, Usage, VolumeName,
+    mount, mounts, temporary_slot, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey,
+    ImageVolume, KeepSnapshots, Mounted, PoolSpace, Result, SizeModel, Slot, SlotKind, Usage,
+    VolumeName,
 };
 
 /// The snapshot a refill can roll back to; not listed among the volume's snapshots.
@@ -830,12 +831,13 @@ impl Driver for ZfsDriver {
         self.clone_of(&origin, slot, None)
     }
 
-    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<()> {
+    fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<Cloned> {
         let origin = format!("{}@{SEALED}", self.image_dataset(key, true));
         match self.image_clone {
-            ImageClone::Clone => self.clone_of(&origin, slot, Some(key)),
-            ImageClone::Copy => self.copy_of(&origin, slot, key),
+            ImageClone::Clone => self.clone_of(&origin, slot, Some(key))?,
+            ImageClone::Copy => self.copy_of(&origin, slot, key)?,
         }
+        Ok(Cloned::Whole)
     }
 
     fn images(&self) -> Result<Vec<ImageVolume>> {

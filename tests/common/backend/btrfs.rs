@@ -14,13 +14,19 @@ pub struct Btrfs {
     mount: PathBuf,
 }
 
+/// A fresh 1 GiB btrfs on a loop device, mounted at `dir/mnt`.
+pub fn filesystem(dir: &Path) -> (PathBuf, Devices) {
+    let mut devices = Devices::default();
+    let device = devices.loop_device(&dir.join("btrfs.img"), 1 << 30);
+    sh(Command::new("mkfs.btrfs").args(["-q", "-f", &device]));
+    let mount = dir.join("mnt");
+    devices.mount(&[], &device, &mount);
+    (mount, devices)
+}
+
 impl Btrfs {
     pub fn new(dir: &Path, quota: bool) -> Btrfs {
-        let mut devices = Devices::default();
-        let device = devices.loop_device(&dir.join("btrfs.img"), 1 << 30);
-        sh(Command::new("mkfs.btrfs").args(["-q", "-f", &device]));
-        let mount = dir.join("mnt");
-        devices.mount(&[], &device, &mount);
+        let (mount, devices) = filesystem(dir);
         let dir = Dir::on(mount.clone(), devices);
         Btrfs {
             dir: if quota { dir.with_quota() } else { dir },
@@ -80,9 +86,7 @@ impl Storage for Btrfs {
 
     /// Temporary slots, and image volumes that were never sealed.
     fn leftovers(&self) -> Vec<String> {
-        let mut found = self.dir.leftovers();
-        found.extend(super::unsealed_images(&self.dir.pool));
-        found
+        self.dir.leftovers()
     }
 
     fn nest(&self, volume: &str, protected: bool) -> bool {

@@ -12,6 +12,8 @@ pub struct Dir {
     filler_dir: PathBuf,
     /// The pool limits volumes with project quotas.
     quota: bool,
+    /// The pool keeps image volumes (its filesystem has reflinks).
+    image_volumes: bool,
     /// The pool is a directory on the test machine's own filesystem (not on a device made
     /// for it, which is small already).
     on_host: bool,
@@ -39,6 +41,7 @@ impl Dir {
             pool,
             filler_dir: filesystem,
             quota: false,
+            image_volumes: false,
             on_host: false,
             devices,
         }
@@ -47,6 +50,13 @@ impl Dir {
     pub fn with_quota(self) -> Dir {
         Dir {
             quota: true,
+            ..self
+        }
+    }
+
+    pub fn with_image_volumes(self) -> Dir {
+        Dir {
+            image_volumes: true,
             ..self
         }
     }
@@ -63,7 +73,12 @@ impl Storage for Dir {
 
     fn pool_config(&self) -> String {
         let quota = if self.quota { "quota = true\n" } else { "" };
-        format!("path = {:?}\n{quota}", self.pool)
+        let images = if self.image_volumes {
+            "image_volumes = true\n"
+        } else {
+            ""
+        };
+        format!("path = {:?}\n{quota}{images}", self.pool)
     }
 
     fn volume_dir(&self) -> Option<PathBuf> {
@@ -91,13 +106,16 @@ impl Storage for Dir {
         std::fs::remove_file(self.filler()).unwrap();
     }
 
+    /// Temporary slots, and image volumes that were never sealed.
     fn leftovers(&self) -> Vec<String> {
-        std::fs::read_dir(&self.pool)
+        let mut found: Vec<String> = std::fs::read_dir(&self.pool)
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| reimage_driver::temporary_slot(n).is_some())
-            .collect()
+            .collect();
+        found.extend(super::unsealed_images(&self.pool));
+        found
     }
 
     fn limit(&mut self, size: &str) {

@@ -7,6 +7,7 @@ mod btrfs;
 mod devices;
 mod dir;
 mod dir_quota;
+mod dir_reflinks;
 mod lvm;
 mod overlay;
 mod zfs;
@@ -20,6 +21,8 @@ pub use devices::{Devices, View};
 pub enum Backend {
     /// A directory on the test machine's own filesystem.
     Dir,
+    /// A dir pool with image volumes, on a btrfs on a loop device made for the test.
+    DirReflinks,
     /// A btrfs filesystem on a loop device made for the test, with or without quotas.
     Btrfs { quota: bool },
     /// A zpool on a loop device made for the test (inside the QEMU guest), volumes under
@@ -44,6 +47,7 @@ impl Backend {
     pub fn make(self, dir: &Path, id: &str) -> Box<dyn Storage> {
         match self {
             Backend::Dir => Box::new(dir::Dir::new(dir)),
+            Backend::DirReflinks => Box::new(dir_reflinks::new(dir)),
             Backend::Btrfs { quota } => Box::new(btrfs::Btrfs::new(dir, quota)),
             Backend::Zfs { quota } => Box::new(zfs::Zfs::new(dir, id, quota, false)),
             Backend::ZfsCopies => Box::new(zfs::Zfs::new(dir, id, false, true)),

@@ -77,9 +77,7 @@ impl Storage for Overlay {
     }
 
     fn leftovers(&self) -> Vec<String> {
-        let mut found = self.dir.leftovers();
-        found.extend(super::unsealed_images(&self.dir.pool));
-        found
+        self.dir.leftovers()
     }
 
     fn limit(&mut self, size: &str) {
