@@ -1444,6 +1444,19 @@ conformance!(dir_prjquota_xfs = Backend::DirQuota { xfs: true };
     an_exhausted_quota_is_quota_exceeded,
     deep_trees_under_a_low_open_file_limit,
 );
+// A dir pool on xfs with project quotas and image volumes: reflink copies, each charged in
+// full to its own project, so sizes read as for an unpacked volume.
+conformance!(dir_prjquota_xfs_image_volumes = Backend::DirQuotaReflinks;
+    #[ignore = "runs inside the QEMU guest (see *_in_the_guest)"];
+    image_volumes_are_built_once_and_cloned,
+    a_miss_decodes_the_image_once,
+    concurrent_fills_build_an_image_volume_once,
+    resize,
+    size_grows_to_fit_the_image,
+    a_nearly_full_pool_is_refused_before_anything_changes,
+    an_exhausted_quota_is_quota_exceeded,
+    crash_at_every_step,
+);
 
 /// The zfs cases, run inside the QEMU guest (the host kernel has no ZFS): this test boots it
 /// and runs this very test binary there with `--ignored`; the guest's OpenZFS version and

@@ -36,6 +36,9 @@ pub enum Backend {
     /// A dir pool on ext4 or (`xfs: true`) xfs with project quotas, on a loop device
     /// (inside the QEMU guest: the host kernel has no quota support).
     DirQuota { xfs: bool },
+    /// As `DirQuota` on xfs (which has reflinks), with image volumes: volumes are reflink
+    /// copies, each charged to its own project.
+    DirQuotaReflinks,
     /// An overlay pool on the test machine's own filesystem, or (`quota: true`, inside the
     /// QEMU guest) on ext4 with project quotas on a loop device.
     Overlay { quota: bool },
@@ -53,6 +56,7 @@ impl Backend {
             Backend::ZfsCopies => Box::new(zfs::Zfs::new(dir, id, false, true)),
             Backend::Lvm { thin, xfs } => Box::new(lvm::Lvm::new(dir, id, thin, xfs)),
             Backend::DirQuota { xfs } => Box::new(dir_quota::new(dir, xfs)),
+            Backend::DirQuotaReflinks => Box::new(dir_quota::new(dir, true).with_image_volumes()),
             Backend::Overlay { quota } => Box::new(overlay::Overlay::new(dir, quota)),
         }
     }
