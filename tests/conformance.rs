@@ -1042,6 +1042,24 @@ fn a_miss_decodes_the_image_once(backend: Backend) {
         r.last()
     );
     assert_same(&expected, &env.manifest_of("u1"), &Ignore::default());
+    // The same bytes in another file: its hash finds the image volume (a hit), and no other
+    // image volume is made.
+    let copy = env.image("unified-copy.tar.zst");
+    std::fs::copy(&unified, &copy).unwrap();
+    let images = || {
+        env.run(&json!({"api": 1, "op": "images", "pool": "default"}))
+            .ok()["images"]
+            .clone()
+    };
+    let before = images();
+    let r = env.create_from("u4", &copy);
+    assert_eq!(cache_of(&r), "hit", "{}", r.last());
+    assert_same(&expected, &env.manifest_of("u4"), &Ignore::default());
+    assert_eq!(
+        before.as_array().map(Vec::len),
+        images().as_array().map(Vec::len)
+    );
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
     // `aaa/` sorts before `metadata.yaml`: taken for a root filesystem, then measured first.
     std::fs::create_dir_all(src.join("aaa")).unwrap();
     let misleading = env.image("misleading.tar.zst");

@@ -110,6 +110,21 @@ impl Opened {
         self.cached.clone()
     }
 
+    /// The measure cache's key for this file and these options: the file's identity, which
+    /// names an image volume's build begun before the image's SHA-256 is known.
+    pub(super) fn identity(&self) -> Option<&str> {
+        self.cache_key.as_deref()
+    }
+
+    /// Looks the file up in the measure cache again: a request this one waited for may have
+    /// measured it meanwhile.
+    pub(super) fn refresh(&mut self, state: &RecordDir) {
+        self.cached = self
+            .cache_key
+            .as_deref()
+            .and_then(|k| cache::lookup(state, k));
+    }
+
     pub(super) fn remember(&self, state: &RecordDir, m: &Measurement, sha256: &str) {
         if let Some(k) = &self.cache_key {
             cache::store(state, k, m, sha256);

@@ -10,6 +10,7 @@
 //! by the next build of its key.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reimage_driver::{Cloned, ImageKey};
@@ -60,44 +61,80 @@ pub(super) fn blocks_of(driver: &dyn Driver, content: &Content, idmap: &IdMap) -
     })
 }
 
-/// The key of the image with SHA-256 `sha256` unpacked with the request's `rootfs_prefix`
-/// (detection being a function of the image's bytes, the request's value determines the
-/// tree as well as the detected one, and is known before the image is read).
+/// What the key of an image volume is made of besides the image's SHA-256: the request's
+/// `rootfs_prefix` (detection being a function of the image's bytes, the request's value
+/// determines the tree as well as the detected one, and is known before the image is read),
+/// the idmap, and the driver with the variant of tree it makes.
+struct KeyParts {
+    prefix: Vec<u8>,
+    ranges: String,
+    driver: String,
+}
+
+impl KeyParts {
+    /// `None` where the pool keeps no image volumes.
+    fn of(driver: &dyn Driver, prefix_request: Option<&str>, idmap: &IdMap) -> Option<KeyParts> {
+        if !driver.capabilities().image_volumes {
+            return None;
+        }
+        let prefix = match prefix_request {
+            None => b"detect".to_vec(),
+            Some(p) => {
+                let normal = normalize(p.as_bytes())
+                    .map_or_else(|_| p.as_bytes().to_vec(), |r| r.as_bytes().to_vec());
+                [b"=".as_slice(), &normal].concat()
+            }
+        };
+        let ranges: String = idmap
+            .ranges()
+            .iter()
+            .map(|r| format!("{}:{}:{};", r.host, r.container, r.count))
+            .collect();
+        let variant = driver.image_variant();
+        let driver = if variant.is_empty() {
+            driver.name().to_owned()
+        } else {
+            format!("{}:{variant}", driver.name())
+        };
+        Some(KeyParts {
+            prefix,
+            ranges,
+            driver,
+        })
+    }
+
+    /// The key of the image with SHA-256 `sha256`.
+    fn key(&self, sha256: &str) -> Option<ImageKey> {
+        self.hashed(b"reimage image volume 2", sha256)
+    }
+
+    /// The provisional key of a build begun before the image's SHA-256 is known, from the
+    /// file's identity (its measure cache key): requests building from the same file share
+    /// it, and no image's key can be it.
+    fn provisional(&self, identity: &str) -> Option<ImageKey> {
+        self.hashed(b"reimage unhashed image volume 1", identity)
+    }
+
+    fn hashed(&self, kind: &[u8], name: &str) -> Option<ImageKey> {
+        ImageKey::parse(&digest::sha256_of(&[
+            kind,
+            name.as_bytes(),
+            &self.prefix,
+            self.ranges.as_bytes(),
+            self.driver.as_bytes(),
+        ]))
+    }
+}
+
+/// The key of the image with SHA-256 `sha256` unpacked with the request's `rootfs_prefix` and
+/// `idmap` by `driver`; `None` where the pool keeps no image volumes.
 fn key_of(
     driver: &dyn Driver,
     sha256: &str,
     prefix_request: Option<&str>,
     idmap: &IdMap,
 ) -> Option<ImageKey> {
-    if !driver.capabilities().image_volumes {
-        return None;
-    }
-    let prefix = match prefix_request {
-        None => b"detect".to_vec(),
-        Some(p) => {
-            let normal = normalize(p.as_bytes())
-                .map_or_else(|_| p.as_bytes().to_vec(), |r| r.as_bytes().to_vec());
-            [b"=".as_slice(), &normal].concat()
-        }
-    };
-    let ranges: String = idmap
-        .ranges()
-        .iter()
-        .map(|r| format!("{}:{}:{};", r.host, r.container, r.count))
-        .collect();
-    let variant = driver.image_variant();
-    let driver_part = if variant.is_empty() {
-        driver.name().to_owned()
-    } else {
-        format!("{}:{variant}", driver.name())
-    };
-    ImageKey::parse(&digest::sha256_of(&[
-        b"reimage image volume 2",
-        sha256.as_bytes(),
-        &prefix,
-        ranges.as_bytes(),
-        driver_part.as_bytes(),
-    ]))
+    KeyParts::of(driver, prefix_request, idmap)?.key(sha256)
 }
 
 /// The lock of the image volume `key` in `pool`: named so that no volume's lock can be.
@@ -293,13 +330,18 @@ fn seal_image(
     root: Mounted,
     timings: &mut Timings,
 ) -> Result<()> {
+    sync_image(root, timings)?;
+    driver.seal_image(key, key).map_err(Error::from)
+}
+
+/// The unpacked image volume synced and closed, ready to be sealed.
+fn sync_image(root: Mounted, timings: &mut Timings) -> Result<()> {
     timings.time("sync", || {
         rustix::fs::syncfs(root.root())
             .map_err(|e| Error::new(Code::DriverError, format!("syncfs: {e}")))
     })?;
     root.release()?;
-    cancelled_check()?;
-    driver.seal_image(key).map_err(Error::from)
+    cancelled_check()
 }
 
 /// Removes the unsealed image volumes that no running request is building: what interrupted
@@ -375,119 +417,191 @@ pub(super) fn build_new(
 pub(super) fn measure_or_build(
     held: &mut LockedVolume<'_>,
     pool: &str,
-    opened: Opened,
+    mut opened: Opened,
     idmap: &IdMap,
     fill: &Fill,
     timings: &mut Timings,
 ) -> Result<Content> {
     let driver = held.driver;
+    let parts = KeyParts::of(driver, opened.prefix.as_deref(), idmap);
+    let provisional = parts
+        .as_ref()
+        .zip(opened.identity())
+        .and_then(|(parts, identity)| parts.provisional(identity));
+    let (Some(parts), Some(provisional)) = (parts, provisional) else {
+        return measure_opened(held.state, held.events, opened, idmap, None, timings);
+    };
     if opened.detected.format != image::Format::Tar
         || opened.remembered().is_some()
         || !driver.capabilities().late_limit
     {
         return measure_opened(held.state, held.events, opened, idmap, None, timings);
     }
-    let sha256 = timings.time("hash", || opened.sha256())?;
-    let Some(key) = key_of(driver, &sha256, opened.prefix.as_deref(), idmap) else {
-        return measure_opened(
+    // One build per file at a time: a request building from it already is waited for, and
+    // what it measured is then in the measure cache.
+    let _lock = lock_image(held.state, pool, &provisional, true)?;
+    opened.refresh(held.state);
+    if opened.remembered().is_some() {
+        return measure_opened(held.state, held.events, opened, idmap, None, timings);
+    }
+    let build = Provisional {
+        pool,
+        key: &provisional,
+        parts: &parts,
+        opened: &opened,
+        idmap,
+        fill,
+    };
+    let (sha256, found) = build.run(held, timings)?;
+    match found {
+        Some((m, built)) => {
+            opened.remember(held.state, &m, &sha256);
+            Ok(opened.into_content(m, sha256, built))
+        }
+        None => measure_opened(
             held.state,
             held.events,
             opened,
             idmap,
             Some(sha256),
             timings,
-        );
-    };
-    let records = image_records(held.state, pool)?;
-    let recorded = |images: &[reimage_driver::ImageVolume]| {
-        images
-            .iter()
-            .any(|image| image.sealed && image.key == key)
-            .then(|| read_record(&records, &key)?.measurement?.measurement())
-    };
-    let mut found = recorded(&driver.images()?);
-    let _lock;
-    if found.is_none() {
-        _lock = lock_image(held.state, pool, &key, true)?;
-        found = recorded(&driver.images()?);
+        ),
     }
-    match found {
-        Some(Some(m)) => {
-            opened.remember(held.state, &m, &sha256);
-            return Ok(opened.into_content(m, sha256, false));
-        }
-        // Sealed without a measurement on record: measured, then cloned.
-        Some(None) => {}
-        None => match build_alongside(held, &records, &key, &opened, &sha256, idmap, fill, timings)
-        {
-            Ok(Some(m)) => {
-                opened.remember(held.state, &m, &sha256);
-                return Ok(opened.into_content(m, sha256, true));
-            }
-            Ok(None) => {}
-            Err(e) if e.code == Code::Interrupted || e.details.contains_key("recovery") => {
-                return Err(e)
-            }
-            Err(_) => {}
-        },
-    }
-    measure_opened(
-        held.state,
-        held.events,
-        opened,
-        idmap,
-        Some(sha256),
-        timings,
-    )
 }
 
-/// Unpacks the image into a new image volume while measuring it, and seals it; returns the
-/// measurement, or `None` (and nothing built) when measure's verdict on the whole image
-/// differs from the rootfs prefix guessed at its first entry. On failure removes what it
-/// built.
-#[allow(clippy::too_many_arguments)]
-fn build_alongside(
-    held: &mut LockedVolume<'_>,
-    records: &RecordDir,
-    key: &ImageKey,
-    opened: &Opened,
-    sha256: &str,
-    idmap: &IdMap,
-    fill: &Fill,
-    timings: &mut Timings,
-) -> Result<Option<Measurement>> {
-    let driver = held.driver;
-    driver.destroy_image(key, false)?;
-    let budget = budget_of(driver, fill)?;
-    let built = (|| {
-        driver.create_image(key, None)?;
-        fault::point("image:created")?;
-        let root = driver.open_image(key)?;
-        let measured = timings.time("unpack", || {
-            unpack_alongside(&mut *held.events, &root, opened, idmap, fill, budget)
-        })?;
-        let Measured::Unpacked(m) = measured else {
-            root.release()?;
-            return Ok(None);
+/// A new image volume built from an image seen for the first time, before its key is known:
+/// under a provisional key, while the image's SHA-256 is read beside the unpack on the other
+/// core (one decode and no pass before it). Once both are done it is sealed under the image's
+/// key, or dropped where an image volume with that key is there already (the same bytes seen
+/// in another file): found at the start, that stops the unpack as soon as the hash is read.
+struct Provisional<'a> {
+    pool: &'a str,
+    key: &'a ImageKey,
+    parts: &'a KeyParts,
+    opened: &'a Opened,
+    idmap: &'a IdMap,
+    fill: &'a Fill,
+}
+
+impl Provisional<'_> {
+    /// Returns the image's SHA-256 and, when the pool now has its image volume, the image's
+    /// measurement and whether this request built it (`None`: the guessed rootfs prefix was
+    /// wrong or the build failed, and nothing of it is left; the caller measures first).
+    fn run(
+        &self,
+        held: &mut LockedVolume<'_>,
+        timings: &mut Timings,
+    ) -> Result<(String, Option<(Measurement, bool)>)> {
+        let driver = held.driver;
+        let sealed: Vec<ImageKey> = driver
+            .images()?
+            .into_iter()
+            .filter(|image| image.sealed)
+            .map(|image| image.key)
+            .collect();
+        // An unsealed one is what an interrupted build left: never used, built again.
+        driver.destroy_image(self.key, false)?;
+        let budget = budget_of(driver, self.fill)?;
+        let superseded = AtomicBool::new(false);
+        let (built, hashed) = std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| {
+                let sha256 = self.opened.sha256()?;
+                if self.parts.key(&sha256).is_some_and(|k| sealed.contains(&k)) {
+                    superseded.store(true, Ordering::Relaxed);
+                }
+                Ok::<_, Error>(sha256)
+            });
+            let built: Result<Option<(Mounted, Measurement)>> = (|| {
+                driver.create_image(self.key, None)?;
+                fault::point("image:created")?;
+                let root = driver.open_image(self.key)?;
+                let measured = timings.time("unpack", || {
+                    unpack_alongside(
+                        &mut *held.events,
+                        &root,
+                        self.opened,
+                        self.idmap,
+                        self.fill,
+                        budget,
+                        &superseded,
+                    )
+                })?;
+                let Measured::Unpacked(m) = measured else {
+                    root.release()?;
+                    return Ok(None);
+                };
+                fault::point("image:unpacked")?;
+                Ok(Some((root, m)))
+            })();
+            let hashed = hashing
+                .join()
+                .unwrap_or_else(|_| Err(Error::internal("the image hash panicked")));
+            (built, hashed)
+        });
+        let removed = |e: Error| match driver.destroy_image(self.key, false) {
+            Ok(()) => e,
+            Err(again) => recovery_pending(e, &Error::from(again)),
         };
-        fault::point("image:unpacked")?;
-        seal_image(driver, key, root, timings)?;
-        Ok(Some(m))
-    })();
-    let m = match built {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            driver.destroy_image(key, false)?;
-            return Ok(None);
+        let sha256 = match hashed {
+            Ok(sha256) => sha256,
+            Err(e) => return Err(removed(e)),
+        };
+        let key = self
+            .parts
+            .key(&sha256)
+            .ok_or_else(|| removed(Error::internal("an image volume key that is not one")))?;
+        let records = image_records(held.state, self.pool)?;
+        if sealed.contains(&key) && !signals::cancelled() {
+            // The pool had it from the start (the same bytes in another file): a hit, with
+            // this build's measurement or the one recorded with the image volume.
+            let ours = match built {
+                Ok(Some((root, m))) => {
+                    root.release()?;
+                    Some(m)
+                }
+                _ => None,
+            };
+            driver.destroy_image(self.key, false)?;
+            let m = ours.or_else(|| read_record(&records, &key)?.measurement?.measurement());
+            return Ok((sha256, m.map(|m| (m, false))));
         }
-        Err(e) => {
-            return Err(match driver.destroy_image(key, false) {
-                Ok(()) => e,
-                Err(again) => recovery_pending(e, &Error::from(again)),
-            })
+        let (root, m) = match built {
+            Ok(Some(built)) => built,
+            Ok(None) => {
+                driver.destroy_image(self.key, false)?;
+                return Ok((sha256, None));
+            }
+            Err(e) if e.code == Code::Interrupted || e.details.contains_key("recovery") => {
+                return Err(removed(e))
+            }
+            Err(e) => {
+                let e = removed(e);
+                if e.details.contains_key("recovery") {
+                    return Err(e);
+                }
+                return Ok((sha256, None));
+            }
+        };
+        let sealed = (|| {
+            sync_image(root, timings)?;
+            // Sealed under its key by this request, or by another one meanwhile.
+            let _lock = lock_image(held.state, self.pool, &key, true)?;
+            if driver.images()?.iter().any(|i| i.sealed && i.key == key) {
+                driver.destroy_image(self.key, false)?;
+                return Ok(());
+            }
+            driver.seal_image(self.key, &key)?;
+            fault::point("image:sealed")?;
+            write_record(
+                &records,
+                &key,
+                &ImageRecord::new(&self.opened.path, &sha256, &m),
+            );
+            Ok(())
+        })();
+        match sealed {
+            Ok(()) => Ok((sha256, Some((m, true)))),
+            Err(e) => Err(removed(e)),
         }
-    };
-    fault::point("image:sealed")?;
-    write_record(records, key, &ImageRecord::new(&opened.path, sha256, &m));
-    Ok(Some(m))
+    }
 }

@@ -12,7 +12,7 @@
 //! the tree and the error are exactly those of measuring first. Only in-place rebuilds, which
 //! destroy the old content before they unpack, always measure first.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::measure::alongside::{Alongside, Budget, Measured};
@@ -30,7 +30,8 @@ pub(super) fn budget_of(driver: &dyn Driver, fill: &Fill) -> Result<Budget> {
 }
 
 /// Unpacks the opened image into `root` while measuring it; the measurement (with the
-/// image's format and compression) when the guessed rootfs prefix was measure's.
+/// image's format and compression) when the guessed rootfs prefix was measure's. Setting
+/// `stop` interrupts it, as a signal does.
 pub(super) fn unpack_alongside(
     events: &mut Events,
     root: &Mounted,
@@ -38,6 +39,7 @@ pub(super) fn unpack_alongside(
     idmap: &IdMap,
     fill: &Fill,
     budget: Budget,
+    stop: &AtomicBool,
 ) -> Result<Measured> {
     let mut reader = image::open(&opened.file, opened.detected)?;
     let mut archive = Alongside::new(
@@ -58,6 +60,7 @@ pub(super) fn unpack_alongside(
         events: &mut *events,
         read: reader.read.clone(),
         size,
+        stop,
     };
     unpack::unpack(&mut archive, root.root(), &options, &mut observer)?;
     let measured = archive.finish()?;
@@ -88,6 +91,7 @@ struct ImageBytesObserver<'e> {
     events: &'e mut Events,
     read: Arc<AtomicU64>,
     size: u64,
+    stop: &'e AtomicBool,
 }
 
 impl Observer for ImageBytesObserver<'_> {
@@ -100,7 +104,7 @@ impl Observer for ImageBytesObserver<'_> {
         self.events.warning(code, message);
     }
     fn cancelled(&self) -> bool {
-        signals::cancelled()
+        signals::cancelled() || self.stop.load(Ordering::Relaxed)
     }
 }
 
@@ -131,6 +135,7 @@ pub(super) fn fill_new_in_one_pass(
                 filling.idmap,
                 later.fill,
                 budget,
+                &AtomicBool::new(false),
             );
             let sha256 = hashing
                 .join()

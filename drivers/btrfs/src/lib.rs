@@ -433,12 +433,12 @@ impl Driver for BtrfsDriver {
             })
     }
 
-    fn seal_image(&self, key: &ImageKey) -> Result<()> {
-        let (unsealed, sealed) = (image_name(key, false), image_name(key, true));
+    fn seal_image(&self, building: &ImageKey, key: &ImageKey) -> Result<()> {
+        let (unsealed, sealed) = (image_name(building, false), image_name(key, true));
         let fd = self.subvol_named(&unsealed)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
-                format!("unsealed image volume {key} does not exist"),
+                format!("unsealed image volume {building} does not exist"),
             )
         })?;
         let flags = ioctl::subvol_flags(fd.as_fd())

@@ -286,8 +286,8 @@ impl Driver for DirDriver {
         Ok(Mounted::unmanaged(self.pool.require_image_dir(key, false)?))
     }
 
-    fn seal_image(&self, key: &ImageKey) -> Result<()> {
-        self.pool.seal_image_dir(key)
+    fn seal_image(&self, building: &ImageKey, key: &ImageKey) -> Result<()> {
+        self.pool.seal_image_dir(building, key)
     }
 
     /// An empty volume and its copy record, for the core to fill with a reflink copy.

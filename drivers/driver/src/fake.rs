@@ -450,12 +450,15 @@ impl Driver for FakeDriver {
         open_dir(&dir)
     }
 
-    fn seal_image(&self, key: &ImageKey) -> Result<()> {
+    fn seal_image(&self, building: &ImageKey, key: &ImageKey) -> Result<()> {
         self.image_call("seal_image", key)?;
         let mut state = self.state.borrow_mut();
+        if state.images.contains_key(&(key.clone(), true)) {
+            return Err(Error::new(ErrorKind::AlreadyExists, "sealed already"));
+        }
         let dir = state
             .images
-            .remove(&(key.clone(), false))
+            .remove(&(building.clone(), false))
             .ok_or_else(|| Error::new(ErrorKind::NotFound, "no unsealed image"))?;
         state.images.insert((key.clone(), true), dir);
         Ok(())

@@ -59,11 +59,12 @@ impl PoolDir {
         })
     }
 
-    /// Seals the image volume: renamed to its sealed name, never over an existing one.
-    pub fn seal_image_dir(&self, key: &ImageKey) -> Result<()> {
+    /// Seals the image volume built as `building`: renamed to the sealed name of `key`, never
+    /// over an existing one.
+    pub fn seal_image_dir(&self, building: &ImageKey, key: &ImageKey) -> Result<()> {
         rustix::fs::renameat_with(
             &self.fd,
-            cname(key, false),
+            cname(building, false),
             &self.fd,
             cname(key, true),
             RenameFlags::NOREPLACE,

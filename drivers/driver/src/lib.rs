@@ -501,9 +501,11 @@ pub trait Driver {
         Err(no_image_volumes())
     }
 
-    /// Seals the image volume `key`: read-only and under its final name, in one step that
-    /// either happens or does not. Its content must be synced first.
-    fn seal_image(&self, _key: &ImageKey) -> Result<()> {
+    /// Seals the unsealed image volume `unsealed` as the image volume `key`: read-only and
+    /// under its final name, in one step that either happens or does not, never over an
+    /// existing one. The two keys differ where the build began before the image's key was
+    /// known (it was built under a provisional one). Its content must be synced first.
+    fn seal_image(&self, _unsealed: &ImageKey, _key: &ImageKey) -> Result<()> {
         Err(no_image_volumes())
     }
 

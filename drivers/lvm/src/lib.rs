@@ -878,8 +878,8 @@ impl Driver for LvmDriver {
         )
     }
 
-    fn seal_image(&self, key: &ImageKey) -> Result<()> {
-        let (unsealed, sealed) = (image_lv_name(key, false), image_lv_name(key, true));
+    fn seal_image(&self, building: &ImageKey, key: &ImageKey) -> Result<()> {
+        let (unsealed, sealed) = (image_lv_name(building, false), image_lv_name(key, true));
         let lv = self.require_named(&unsealed)?;
         self.unmount_all(&lv)?;
         let _ = std::fs::remove_dir(self.mount_point_of(&unsealed));

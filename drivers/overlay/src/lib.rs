@@ -476,8 +476,8 @@ impl Driver for OverlayDriver {
         Ok(Mounted::unmanaged(self.pool.require_image_dir(key, false)?))
     }
 
-    fn seal_image(&self, key: &ImageKey) -> Result<()> {
-        self.pool.seal_image_dir(key)
+    fn seal_image(&self, building: &ImageKey, key: &ImageKey) -> Result<()> {
+        self.pool.seal_image_dir(building, key)
     }
 
     fn clone_image(&self, key: &ImageKey, slot: Slot<'_>) -> Result<Cloned> {

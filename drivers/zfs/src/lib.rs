@@ -798,15 +798,15 @@ impl Driver for ZfsDriver {
         mount::mount_for_filling(&dataset, "zfs", dir, false)
     }
 
-    fn seal_image(&self, key: &ImageKey) -> Result<()> {
+    fn seal_image(&self, building: &ImageKey, key: &ImageKey) -> Result<()> {
         let (unsealed, sealed) = (
-            self.image_dataset(key, false),
+            self.image_dataset(building, false),
             self.image_dataset(key, true),
         );
         for dir in self.mounts_of(&unsealed)? {
             mount::unmount(&dir)?;
         }
-        let _ = std::fs::remove_dir(self.mount_point_of(&image_name(key, false)));
+        let _ = std::fs::remove_dir(self.mount_point_of(&image_name(building, false)));
         self.change(&["snapshot", &format!("{unsealed}@{SEALED}")], false)?;
         self.change(&["set", "readonly=on", &unsealed], false)?;
         // The rename is the seal: under the unsealed name it is still a leftover.
