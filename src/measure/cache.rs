@@ -1,8 +1,8 @@
 //! Measurements remembered by image identity, so that a second rebuild from the same image
 //! measures in milliseconds instead of decoding the whole image again.
 //!
-//! The identity is the file's device, inode, size, mtime and ctime plus a hash of its first
-//! and last MiB, and the request's `rootfs_prefix` and `idmap` (validation depends on them).
+//! The identity is the file's device, inode, size, mtime and ctime (which every write to it
+//! changes) plus a hash of its first and last 64 KiB, and the request's `rootfs_prefix` and `idmap` (validation depends on them).
 //! A changed image therefore misses the cache; and the unpacker still checks that the image
 //! holds no more data than measured. Records live in `state_dir/measure/`, the newest
 //! `MAX_RECORDS` are kept.
@@ -21,7 +21,9 @@ use crate::unpack::idmap::IdRange;
 use crate::unpack::path::{normalize, RelPath};
 
 const MAX_RECORDS: usize = 64;
-const EDGE: u64 = 1 << 20;
+/// The bytes hashed at each end of the file: enough to tell a replaced header or trailer,
+/// little enough to cost nothing (every request that names an image computes its key).
+const EDGE: u64 = 64 << 10;
 /// Bumped whenever what a measurement contains or validates changes.
 const VERSION: u32 = 1;
 
