@@ -6,7 +6,7 @@
 //! a filesystem that somebody mounted inside it.
 
 use std::collections::HashSet;
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::os::fd::BorrowedFd;
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, StatxFlags};
@@ -75,9 +75,45 @@ fn unlink_entry(dirfd: BorrowedFd<'_>, name: &CStr, flags: AtFlags) -> rustix::i
     }
 }
 
+/// Names of a directory's non-directories whose unlink is deferred, at most this many.
+const PENDING: usize = 1024;
+/// Files at least this large (allocated) are unlinked on two threads.
+const LARGE: u64 = 256 << 10;
+
+/// Unlinks `names` in `dirfd`, the large files on two threads: the final unlink of a file
+/// frees its page cache, which takes longer than the unlink itself (100 files of 1 MiB are
+/// freed twice as fast), and the directory's lock is held only for the latter. Small files
+/// gain nothing from a second thread and are unlinked on this one.
+fn unlink_all(dirfd: BorrowedFd<'_>, names: &mut Vec<CString>) -> rustix::io::Result<()> {
+    let large = |name: &CString| {
+        rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| (st.st_blocks as u64).saturating_mul(512) >= LARGE)
+    };
+    let (large, small): (Vec<CString>, Vec<CString>) = if names.len() < 2 {
+        (Vec::new(), std::mem::take(names))
+    } else {
+        std::mem::take(names).into_iter().partition(large)
+    };
+    let unlink = |names: &[CString]| {
+        names
+            .iter()
+            .try_for_each(|name| unlink_entry(dirfd, name, AtFlags::empty()))
+    };
+    if large.len() < 2 {
+        return unlink(&large).and(unlink(&small));
+    }
+    let (theirs, mine) = large.split_at(large.len() / 2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| unlink(theirs));
+        let done = unlink(mine).and(unlink(&small));
+        other.join().unwrap_or(Err(Errno::IO)).and(done)
+    })
+}
+
 /// Removes `name` in `parent` and everything below it. A missing entry is not an error.
 /// `shown` names the tree in error messages. Holds at most [`crate::walk::MAX_OPEN`] directories
-/// open, whatever the depth.
+/// open, whatever the depth. A directory's non-directories are unlinked in batches once
+/// listed ([`unlink_all`]), each batch before the walk leaves the directory.
 pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<()> {
     let fail = |what: &str, e: Errno| Error::errno(format!("removing {shown}: {what}"), e);
     let top = match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -91,6 +127,9 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<(
     let root_mnt = mount_id(parent, name).map_err(|e| fail("statx", e))?;
     let fd = open_subdir(parent, name).map_err(|e| fail("open", e))?;
     let mut stack = DirStack::new(fd).map_err(|e| fail("read", e))?;
+    // The current directory's non-directories not yet unlinked: unlinked before the walk
+    // leaves it, to enter a subdirectory or because its listing ended.
+    let mut pending: Vec<CString> = Vec::new();
     loop {
         match stack.next_entry() {
             Some(Ok(entry)) => {
@@ -106,9 +145,13 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<(
                     _ => false,
                 };
                 if !is_dir {
-                    unlink_entry(dirfd, &child, AtFlags::empty()).map_err(|e| fail("unlink", e))?;
+                    pending.push(child);
+                    if pending.len() >= PENDING {
+                        unlink_all(dirfd, &mut pending).map_err(|e| fail("unlink", e))?;
+                    }
                     continue;
                 }
+                unlink_all(dirfd, &mut pending).map_err(|e| fail("unlink", e))?;
                 if mount_id(dirfd, &child).map_err(|e| fail("statx", e))? != root_mnt {
                     return Err(Error::new(
                         ErrorKind::Busy { holder: None },
@@ -122,14 +165,18 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, shown: &str) -> Result<(
                 stack.push(fd, &child).map_err(|e| fail("read", e))?;
             }
             Some(Err(e)) => return Err(fail("read directory", e)),
-            None => match stack.pop().map_err(|e| fail("reopen a directory", e))? {
-                Some(emptied) => {
-                    let below = stack.fd().map_err(|e| fail("fd", e))?;
-                    unlink_entry(below, &emptied, AtFlags::REMOVEDIR)
-                        .map_err(|e| fail("rmdir", e))?;
+            None => {
+                let dirfd = stack.fd().map_err(|e| fail("fd", e))?;
+                unlink_all(dirfd, &mut pending).map_err(|e| fail("unlink", e))?;
+                match stack.pop().map_err(|e| fail("reopen a directory", e))? {
+                    Some(emptied) => {
+                        let below = stack.fd().map_err(|e| fail("fd", e))?;
+                        unlink_entry(below, &emptied, AtFlags::REMOVEDIR)
+                            .map_err(|e| fail("rmdir", e))?;
+                    }
+                    None => break,
                 }
-                None => break,
-            },
+            }
         }
     }
     drop(stack);
@@ -207,4 +254,39 @@ pub fn empty(root: BorrowedFd<'_>, shown: &str) -> Result<()> {
         remove_tree(root, &name, shown)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// More non-directories in one directory than one batch holds, large files unlinked on
+    /// two threads, small ones, symlinks and nested directories: all of it goes, and nothing
+    /// a symlink points to.
+    #[test]
+    fn remove_tree_removes_batches_of_small_and_large_files() {
+        let base = std::env::temp_dir().join(format!("reimage-tree-{}", std::process::id()));
+        let top = base.join("top");
+        std::fs::create_dir_all(top.join("a/b")).unwrap();
+        let outside = base.join("outside");
+        std::fs::write(&outside, b"kept").unwrap();
+        for i in 0..PENDING + 50 {
+            std::fs::write(top.join(format!("small{i}")), b"x").unwrap();
+        }
+        for i in 0..5 {
+            std::fs::write(
+                top.join(format!("a/large{i}")),
+                vec![7u8; 2 * LARGE as usize],
+            )
+            .unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, top.join("a/b/link")).unwrap();
+        std::fs::write(top.join("a/b/last"), b"y").unwrap();
+        let parent = std::fs::File::open(&base).unwrap();
+        remove_tree(parent.as_fd(), c"top", "top").unwrap();
+        assert!(!top.exists());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"kept");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
