@@ -1095,6 +1095,60 @@ fn a_miss_decodes_the_image_once(backend: Backend) {
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
 
+/// The same bytes in another file, first seen by a request that builds: the image's hash,
+/// read beside the unpack, finds the image volume the pool has (for an image of thousands of
+/// files the hash is read long before the unpack ends, which it stops); the fill is a hit
+/// with exactly GNU tar's tree, and no image volume is added or left half-built.
+fn a_copy_of_an_image_is_found_by_its_hash(backend: Backend) {
+    let env = Env::with_backend("copy-found", backend);
+    if !caps(&env).image_volumes {
+        return not_applicable("image volumes", backend, "the pool keeps no image volumes");
+    }
+    let src = env.dir.join("many");
+    for d in 0..40 {
+        let dir = src.join(format!("d{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f:03}")), format!("{d}/{f}\n")).unwrap();
+        }
+    }
+    let image = env.image("many.tar");
+    reimage_fixtures::gnu_tar(
+        &src,
+        &image,
+        reimage_fixtures::TarFormat::Gnu,
+        reimage_fixtures::Compression::None,
+    )
+    .unwrap();
+    let expected = gnu_manifest(&env, &image);
+    assert_eq!(cache_of(&env.create_from("m1", &image)), "miss");
+    let copy = env.image("many-copy.tar");
+    std::fs::copy(&image, &copy).unwrap();
+    let images = || {
+        env.run(&json!({"api": 1, "op": "images", "pool": "default"}))
+            .ok()["images"]
+            .clone()
+    };
+    let before = images();
+    let r = env.create_from("m2", &copy);
+    assert_eq!(cache_of(&r), "hit", "{}", r.last());
+    assert_same(&expected, &env.manifest_of("m2"), &Ignore::default());
+    let after = images();
+    assert_eq!(
+        before.as_array().map(Vec::len),
+        after.as_array().map(Vec::len)
+    );
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["sealed"] == true),
+        "{after}"
+    );
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
 /// Templates: a volume created or rebuilt as a writable clone of a snapshot of another volume
 /// holds exactly the snapshot's content (GNU tar's extraction of the image the template was
 /// filled from), not what the template holds since; `preserve` works as for an image; an
@@ -1354,6 +1408,7 @@ all_cases!(btrfs = Backend::Btrfs { quota: true });
 all_cases!(btrfs_without_quota = Backend::Btrfs { quota: false });
 // Image volumes: on the backends that keep them.
 conformance!(btrfs_image_volumes = Backend::Btrfs { quota: true }; #[cfg_attr(any(), ignore)];
+    a_copy_of_an_image_is_found_by_its_hash,
     image_volumes_are_built_once_and_cloned,
     a_parked_image_volume_goes_with_its_last_holder,
     a_miss_decodes_the_image_once,
@@ -1389,6 +1444,7 @@ conformance!(zfs_image_copies = Backend::ZfsCopies;
 // Overlay: every volume's lower layer is an image volume.
 all_cases!(overlay = Backend::Overlay { quota: false });
 conformance!(overlay_image_volumes = Backend::Overlay { quota: false }; #[cfg_attr(any(), ignore)];
+    a_copy_of_an_image_is_found_by_its_hash,
     image_volumes_are_built_once_and_cloned,
     a_miss_decodes_the_image_once,
     a_volume_is_filled_from_a_template,
@@ -1397,6 +1453,7 @@ conformance!(overlay_image_volumes = Backend::Overlay { quota: false }; #[cfg_at
 // A dir pool on btrfs keeps image volumes: its volumes are reflink copies of them.
 all_cases!(dir_reflinks = Backend::DirReflinks);
 conformance!(dir_reflinks_image_volumes = Backend::DirReflinks; #[cfg_attr(any(), ignore)];
+    a_copy_of_an_image_is_found_by_its_hash,
     image_volumes_are_built_once_and_cloned,
     a_miss_decodes_the_image_once,
     a_volume_is_filled_from_a_template,
