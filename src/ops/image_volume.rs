@@ -582,7 +582,7 @@ impl Provisional<'_> {
                 return Ok((sha256, None));
             }
         };
-        let sealed = (|| {
+        let sealing = (|| {
             sync_image(root, timings)?;
             // Sealed under its key by this request, or by another one meanwhile.
             let _lock = lock_image(held.state, self.pool, &key, true)?;
@@ -599,7 +599,7 @@ impl Provisional<'_> {
             );
             Ok(())
         })();
-        match sealed {
+        match sealing {
             Ok(()) => Ok((sha256, Some((m, true)))),
             Err(e) => Err(removed(e)),
         }
