@@ -17,23 +17,41 @@ use crate::error::{Code, Error, Result};
 use crate::unpack::fs::{apply_meta_at, apply_meta_fd, cstring, Meta, Tree, XattrFailure, RESOLVE};
 use crate::unpack::path::RelPath;
 
-/// What a copy is doing, for its error messages.
-const PRESERVING: &str = "preserving";
+/// What a copy is for: that decides how it writes a file's data, and what its error
+/// messages say it was doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// `preserve`: files read and written (the old volume may be on any filesystem).
+    Preserve,
+    /// A dir pool's image volume copied into a volume: every file a reflink of the image
+    /// volume's blocks (`FICLONE`), on one filesystem that has them.
+    ImageVolume,
+}
 
-fn fail(doing: &str, path: &RelPath, what: &str, e: Errno) -> Error {
-    let code = match e {
-        Errno::NOSPC => Code::InsufficientSpace,
-        Errno::DQUOT => Code::QuotaExceeded,
-        _ => Code::DriverError,
-    };
-    Error::new(
-        code,
-        format!(
-            "{doing} {}: {what}: {}",
-            path.shown(),
-            std::io::Error::from(e)
-        ),
-    )
+impl Purpose {
+    fn fail(self, path: &RelPath, what: &str, e: Errno) -> Error {
+        let code = match e {
+            Errno::NOSPC => Code::InsufficientSpace,
+            Errno::DQUOT => Code::QuotaExceeded,
+            _ => Code::DriverError,
+        };
+        Error::new(
+            code,
+            format!(
+                "{} {}: {what}: {}",
+                self.doing(),
+                path.shown(),
+                std::io::Error::from(e)
+            ),
+        )
+    }
+
+    fn doing(self) -> &'static str {
+        match self {
+            Purpose::Preserve => "preserving",
+            Purpose::ImageVolume => "copying the image volume at",
+        }
+    }
 }
 
 /// xattrs of an object: through its fd, or through `/proc/self/fd/DIR/NAME` without following.
@@ -96,24 +114,13 @@ const SHOWN_DEPTH: usize = 64;
 /// What to do with an xattr the new volume's filesystem refused: fail, or go on.
 pub type OnRefused<'a> = &'a mut dyn FnMut(&RelPath, &XattrFailure) -> Result<()>;
 
-/// How a copy writes a regular file's data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FileData {
-    /// Read and written (between any two filesystems).
-    Bytes,
-    /// A reflink of the source's blocks (`FICLONE`): one filesystem that has them.
-    Reflink,
-}
-
 struct Copier<'a> {
     /// (dev, ino) of a copied file with several links → its fd in the new volume, for linkat.
     links: HashMap<(u64, u64), OwnedFd>,
     bytes: u64,
     dev: u64,
     refused: OnRefused<'a>,
-    data: FileData,
-    /// What the copy is for, as its error messages say it.
-    doing: &'static str,
+    purpose: Purpose,
 }
 
 /// A directory copied but not finished: its listing is still being copied, and its own
@@ -141,11 +148,11 @@ impl Copier<'_> {
         name: &CStr,
         shown: &RelPath,
     ) -> Result<()> {
-        let doing = self.doing;
+        let purpose = self.purpose;
         let Some((src_fd, dst_fd, meta)) = self.copy_entry(src_dir, dst_dir, name, shown)? else {
             return Ok(());
         };
-        let walk_fail = |e: Errno| fail(doing, shown, "walk", e);
+        let walk_fail = |e: Errno| purpose.fail(shown, "walk", e);
         let mut src = DirStack::new(src_fd).map_err(walk_fail)?;
         let mut dst = DirStack::new(dst_fd).map_err(walk_fail)?;
         let mut open = vec![OpenDir {
@@ -180,7 +187,7 @@ impl Copier<'_> {
                 None => {
                     let Some(done) = open.pop() else { break };
                     let refused = apply_meta_fd(dst.fd().map_err(walk_fail)?, &done.meta, None)
-                        .map_err(|e| fail(doing, &done.shown, "set metadata", e))?;
+                        .map_err(|e| purpose.fail(&done.shown, "set metadata", e))?;
                     self.report(&done.shown, refused)?;
                     src.pop().map_err(walk_fail)?;
                     if dst.pop().map_err(walk_fail)?.is_none() {
@@ -201,14 +208,14 @@ impl Copier<'_> {
         name: &CStr,
         shown: &RelPath,
     ) -> Result<Option<(OwnedFd, OwnedFd, Meta)>> {
-        let doing = self.doing;
+        let purpose = self.purpose;
         let st = rustix::fs::statat(src_dir, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| fail(doing, shown, "stat", e))?;
+            .map_err(|e| purpose.fail(shown, "stat", e))?;
         let kind = FileType::from_raw_mode(st.st_mode);
         if kind != FileType::Directory && st.st_nlink > 1 {
             if let Some(first) = self.links.get(&(st.st_dev as u64, st.st_ino as u64)) {
                 rustix::fs::linkat(first, c"", dst_dir, name, AtFlags::EMPTY_PATH)
-                    .map_err(|e| fail(doing, shown, "link", e))?;
+                    .map_err(|e| purpose.fail(shown, "link", e))?;
                 return Ok(None);
             }
         }
@@ -217,17 +224,21 @@ impl Copier<'_> {
                 if st.st_dev as u64 != self.dev {
                     return Err(Error::new(
                         Code::VolumeBusy,
-                        format!("{doing} {}: a filesystem is mounted there", shown.shown()),
+                        format!(
+                            "{} {}: a filesystem is mounted there",
+                            purpose.doing(),
+                            shown.shown()
+                        ),
                     ));
                 }
-                let src = open_dir(src_dir, name).map_err(|e| fail(doing, shown, "open", e))?;
+                let src = open_dir(src_dir, name).map_err(|e| purpose.fail(shown, "open", e))?;
                 rustix::fs::mkdirat(dst_dir, name, Mode::from_raw_mode(0o700))
-                    .map_err(|e| fail(doing, shown, "mkdir", e))?;
-                let dst = open_dir(dst_dir, name).map_err(|e| fail(doing, shown, "open", e))?;
+                    .map_err(|e| purpose.fail(shown, "mkdir", e))?;
+                let dst = open_dir(dst_dir, name).map_err(|e| purpose.fail(shown, "open", e))?;
                 let meta = meta_of(
                     &st,
                     xattrs(Some(src.as_fd()), src_dir, name)
-                        .map_err(|e| fail(doing, shown, "xattrs", e))?,
+                        .map_err(|e| purpose.fail(shown, "xattrs", e))?,
                 );
                 return Ok(Some((src, dst, meta)));
             }
@@ -238,7 +249,7 @@ impl Copier<'_> {
                     OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
                     Mode::empty(),
                 )
-                .map_err(|e| fail(doing, shown, "open", e))?;
+                .map_err(|e| purpose.fail(shown, "open", e))?;
                 let dst = rustix::fs::openat(
                     dst_dir,
                     name,
@@ -249,31 +260,26 @@ impl Copier<'_> {
                         | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
-                .map_err(|e| fail(doing, shown, "create", e))?;
+                .map_err(|e| purpose.fail(shown, "create", e))?;
                 let mut from = std::fs::File::from(src);
                 let mut to = std::fs::File::from(dst);
-                self.bytes += match self.data {
-                    FileData::Bytes => std::io::copy(&mut from, &mut to).map_err(|e| {
-                        fail(
-                            doing,
-                            shown,
-                            "copy",
-                            Errno::from_io_error(&e).unwrap_or(Errno::IO),
-                        )
+                self.bytes += match purpose {
+                    Purpose::Preserve => std::io::copy(&mut from, &mut to).map_err(|e| {
+                        purpose.fail(shown, "copy", Errno::from_io_error(&e).unwrap_or(Errno::IO))
                     })?,
-                    FileData::Reflink => {
+                    Purpose::ImageVolume => {
                         rustix::fs::ioctl_ficlone(&to, &from)
-                            .map_err(|e| fail(doing, shown, "reflink", e))?;
+                            .map_err(|e| purpose.fail(shown, "reflink", e))?;
                         st.st_size as u64
                     }
                 };
                 let meta = meta_of(
                     &st,
                     xattrs(Some(from.as_fd()), src_dir, name)
-                        .map_err(|e| fail(doing, shown, "xattrs", e))?,
+                        .map_err(|e| purpose.fail(shown, "xattrs", e))?,
                 );
                 let refused = apply_meta_fd(to.as_fd(), &meta, None)
-                    .map_err(|e| fail(doing, shown, "set metadata", e))?;
+                    .map_err(|e| purpose.fail(shown, "set metadata", e))?;
                 self.report(shown, refused)?;
                 if st.st_nlink > 1 {
                     let keep = rustix::fs::openat(
@@ -282,33 +288,33 @@ impl Copier<'_> {
                         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         Mode::empty(),
                     )
-                    .map_err(|e| fail(doing, shown, "open", e))?;
+                    .map_err(|e| purpose.fail(shown, "open", e))?;
                     self.links
                         .insert((st.st_dev as u64, st.st_ino as u64), keep);
                 }
             }
             FileType::Symlink => {
                 let target = rustix::fs::readlinkat(src_dir, name, Vec::new())
-                    .map_err(|e| fail(doing, shown, "readlink", e))?;
+                    .map_err(|e| purpose.fail(shown, "readlink", e))?;
                 rustix::fs::symlinkat(&target, dst_dir, name)
-                    .map_err(|e| fail(doing, shown, "symlink", e))?;
+                    .map_err(|e| purpose.fail(shown, "symlink", e))?;
                 let meta = meta_of(
                     &st,
-                    xattrs(None, src_dir, name).map_err(|e| fail(doing, shown, "xattrs", e))?,
+                    xattrs(None, src_dir, name).map_err(|e| purpose.fail(shown, "xattrs", e))?,
                 );
                 let refused = apply_meta_at(dst_dir, name, &meta, true)
-                    .map_err(|e| fail(doing, shown, "set metadata", e))?;
+                    .map_err(|e| purpose.fail(shown, "set metadata", e))?;
                 self.report(shown, refused)?;
             }
             FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
                 rustix::fs::mknodat(dst_dir, name, kind, Mode::from_raw_mode(0o600), st.st_rdev)
-                    .map_err(|e| fail(doing, shown, "mknod", e))?;
+                    .map_err(|e| purpose.fail(shown, "mknod", e))?;
                 let meta = meta_of(
                     &st,
-                    xattrs(None, src_dir, name).map_err(|e| fail(doing, shown, "xattrs", e))?,
+                    xattrs(None, src_dir, name).map_err(|e| purpose.fail(shown, "xattrs", e))?,
                 );
                 let refused = apply_meta_at(dst_dir, name, &meta, false)
-                    .map_err(|e| fail(doing, shown, "set metadata", e))?;
+                    .map_err(|e| purpose.fail(shown, "set metadata", e))?;
                 self.report(shown, refused)?;
             }
             // Sockets belong to running programs; there is nothing to keep.
@@ -329,15 +335,14 @@ pub fn preserve(
     refused: OnRefused<'_>,
 ) -> Result<u64> {
     let dev = rustix::fs::fstat(old_root)
-        .map_err(|e| fail(PRESERVING, &RelPath::root(), "stat", e))?
+        .map_err(|e| Purpose::Preserve.fail(&RelPath::root(), "stat", e))?
         .st_dev as u64;
     let mut copier = Copier {
         links: HashMap::new(),
         bytes: 0,
         dev,
         refused,
-        data: FileData::Bytes,
-        doing: PRESERVING,
+        purpose: Purpose::Preserve,
     };
     let mut new_tree = Tree::new(new_root, (0, 0));
     for path in paths {
@@ -352,7 +357,7 @@ pub fn preserve(
         let src_parent = match rustix::fs::openat2(
             old_root,
             cstring(parent_bytes)
-                .map_err(|e| fail(PRESERVING, path, "path", e))?
+                .map_err(|e| Purpose::Preserve.fail(path, "path", e))?
                 .as_c_str(),
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
@@ -363,9 +368,9 @@ pub fn preserve(
                 missing(path);
                 continue;
             }
-            Err(e) => return Err(fail(PRESERVING, path, "open in the old volume", e)),
+            Err(e) => return Err(Purpose::Preserve.fail(path, "open in the old volume", e)),
         };
-        let name = cstring(name).map_err(|e| fail(PRESERVING, path, "path", e))?;
+        let name = cstring(name).map_err(|e| Purpose::Preserve.fail(path, "path", e))?;
         if let Err(Errno::NOENT) = rustix::fs::statat(&src_parent, &name, AtFlags::SYMLINK_NOFOLLOW)
         {
             missing(path);
@@ -373,11 +378,13 @@ pub fn preserve(
         }
         let dst_parent = new_tree
             .dir(&parent)
-            .map_err(|e| fail(PRESERVING, path, "open in the new volume", e))?;
+            .map_err(|e| Purpose::Preserve.fail(path, "open in the new volume", e))?;
         new_tree
             .remove(dst_parent.as_fd(), &name)
             .map_err(|e| match e {
-                crate::unpack::fs::RemoveError::Errno(e) => fail(PRESERVING, path, "replace", e),
+                crate::unpack::fs::RemoveError::Errno(e) => {
+                    Purpose::Preserve.fail(path, "replace", e)
+                }
                 crate::unpack::fs::RemoveError::Tree(e) => Error::from(e),
             })?;
         copier.copy(src_parent.as_fd(), dst_parent.as_fd(), &name, path)?;
@@ -391,9 +398,9 @@ pub fn preserve(
 /// Nothing is followed, and a mount below `src_root` is an error. Returns the bytes the
 /// files hold.
 pub fn reflink_tree(src_root: BorrowedFd<'_>, dst_root: BorrowedFd<'_>) -> Result<u64> {
-    const DOING: &str = "copying the image volume at";
+    let purpose = Purpose::ImageVolume;
     let root = RelPath::root();
-    let st = rustix::fs::fstat(src_root).map_err(|e| fail(DOING, &root, "stat", e))?;
+    let st = rustix::fs::fstat(src_root).map_err(|e| purpose.fail(&root, "stat", e))?;
     let mut refused = |path: &RelPath, failure: &XattrFailure| {
         Err(crate::unpack::unsupported_metadata(path, failure))
     };
@@ -402,14 +409,13 @@ pub fn reflink_tree(src_root: BorrowedFd<'_>, dst_root: BorrowedFd<'_>) -> Resul
         bytes: 0,
         dev: st.st_dev as u64,
         refused: &mut refused,
-        data: FileData::Reflink,
-        doing: DOING,
+        purpose,
     };
     let mut names = Vec::new();
     let listing =
-        rustix::fs::Dir::read_from(src_root).map_err(|e| fail(DOING, &root, "list", e))?;
+        rustix::fs::Dir::read_from(src_root).map_err(|e| purpose.fail(&root, "list", e))?;
     for entry in listing {
-        let entry = entry.map_err(|e| fail(DOING, &root, "list", e))?;
+        let entry = entry.map_err(|e| purpose.fail(&root, "list", e))?;
         let name = entry.file_name();
         if name != c"." && name != c".." {
             names.push(name.to_owned());
@@ -420,10 +426,10 @@ pub fn reflink_tree(src_root: BorrowedFd<'_>, dst_root: BorrowedFd<'_>) -> Resul
     }
     let meta = meta_of(
         &st,
-        xattrs(Some(src_root), src_root, c".").map_err(|e| fail(DOING, &root, "xattrs", e))?,
+        xattrs(Some(src_root), src_root, c".").map_err(|e| purpose.fail(&root, "xattrs", e))?,
     );
     let refused =
-        apply_meta_fd(dst_root, &meta, None).map_err(|e| fail(DOING, &root, "set metadata", e))?;
+        apply_meta_fd(dst_root, &meta, None).map_err(|e| purpose.fail(&root, "set metadata", e))?;
     copier.report(&root, refused)?;
     Ok(copier.bytes)
 }

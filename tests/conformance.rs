@@ -1011,25 +1011,21 @@ fn a_miss_decodes_the_image_once(backend: Backend) {
     std::fs::write(src.join("templates/hosts.tpl"), b"tpl").unwrap();
     std::fs::write(src.join("rootfs/etc/hosts"), b"127.0.0.1 localhost\n").unwrap();
     let expected = {
-        let plain = env.image("rootfs-only.tar");
-        reimage_fixtures::gnu_tar(
+        let plain = common::gnu_image(
+            &env,
             &src.join("rootfs"),
-            &plain,
-            reimage_fixtures::TarFormat::Gnu,
+            "rootfs-only.tar",
             reimage_fixtures::Compression::None,
-        )
-        .unwrap();
+        );
         gnu_manifest(&env, &plain)
     };
     // GNU tar --sort=name writes `./`, then `./metadata.yaml`: recognised.
-    let unified = env.image("unified.tar.zst");
-    reimage_fixtures::gnu_tar(
+    let unified = common::gnu_image(
+        &env,
         &src,
-        &unified,
-        reimage_fixtures::TarFormat::Gnu,
+        "unified.tar.zst",
         reimage_fixtures::Compression::Zstd,
-    )
-    .unwrap();
+    );
     let r = env.create_from("u1", &unified);
     assert_eq!(cache_of(&r), "miss");
     assert_eq!(r.ok()["image"]["rootfs_prefix"], "rootfs");
@@ -1044,32 +1040,15 @@ fn a_miss_decodes_the_image_once(backend: Backend) {
     assert_same(&expected, &env.manifest_of("u1"), &Ignore::default());
     // The same bytes in another file: its hash finds the image volume (a hit), and no other
     // image volume is made.
-    let copy = env.image("unified-copy.tar.zst");
-    std::fs::copy(&unified, &copy).unwrap();
-    let images = || {
-        env.run(&json!({"api": 1, "op": "images", "pool": "default"}))
-            .ok()["images"]
-            .clone()
-    };
-    let before = images();
-    let r = env.create_from("u4", &copy);
-    assert_eq!(cache_of(&r), "hit", "{}", r.last());
-    assert_same(&expected, &env.manifest_of("u4"), &Ignore::default());
-    assert_eq!(
-        before.as_array().map(Vec::len),
-        images().as_array().map(Vec::len)
-    );
-    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+    a_copy_is_a_hit(&env, &unified, "unified-copy.tar.zst", "u4", &expected);
     // `aaa/` sorts before `metadata.yaml`: taken for a root filesystem, then measured first.
     std::fs::create_dir_all(src.join("aaa")).unwrap();
-    let misleading = env.image("misleading.tar.zst");
-    reimage_fixtures::gnu_tar(
+    let misleading = common::gnu_image(
+        &env,
         &src,
-        &misleading,
-        reimage_fixtures::TarFormat::Gnu,
+        "misleading.tar.zst",
         reimage_fixtures::Compression::Zstd,
-    )
-    .unwrap();
+    );
     let r = env.create_from("u2", &misleading);
     assert_eq!(cache_of(&r), "miss");
     assert_eq!(r.ok()["image"]["rootfs_prefix"], "rootfs");
@@ -1112,41 +1091,40 @@ fn a_copy_of_an_image_is_found_by_its_hash(backend: Backend) {
             std::fs::write(dir.join(format!("f{f:03}")), format!("{d}/{f}\n")).unwrap();
         }
     }
-    let image = env.image("many.tar");
-    reimage_fixtures::gnu_tar(
-        &src,
-        &image,
-        reimage_fixtures::TarFormat::Gnu,
-        reimage_fixtures::Compression::None,
-    )
-    .unwrap();
+    let image = common::gnu_image(&env, &src, "many.tar", reimage_fixtures::Compression::None);
     let expected = gnu_manifest(&env, &image);
     assert_eq!(cache_of(&env.create_from("m1", &image)), "miss");
-    let copy = env.image("many-copy.tar");
-    std::fs::copy(&image, &copy).unwrap();
+    let after = a_copy_is_a_hit(&env, &image, "many-copy.tar", "m2", &expected);
+    assert!(after.iter().all(|i| i["sealed"] == true), "{after:?}");
+}
+
+/// Copies `image` to the image `copy` and creates `volume` from that: a hit holding
+/// `expected`, with as many image volumes as before and nothing left over. Returns the
+/// image volumes listed afterwards.
+fn a_copy_is_a_hit(
+    env: &Env,
+    image: &Path,
+    copy: &str,
+    volume: &str,
+    expected: &reimage_fixtures::Manifest,
+) -> Vec<Value> {
     let images = || {
         env.run(&json!({"api": 1, "op": "images", "pool": "default"}))
             .ok()["images"]
-            .clone()
-    };
-    let before = images();
-    let r = env.create_from("m2", &copy);
-    assert_eq!(cache_of(&r), "hit", "{}", r.last());
-    assert_same(&expected, &env.manifest_of("m2"), &Ignore::default());
-    let after = images();
-    assert_eq!(
-        before.as_array().map(Vec::len),
-        after.as_array().map(Vec::len)
-    );
-    assert!(
-        after
             .as_array()
-            .unwrap()
-            .iter()
-            .all(|i| i["sealed"] == true),
-        "{after}"
-    );
+            .cloned()
+            .unwrap_or_default()
+    };
+    let copy = env.image(copy);
+    std::fs::copy(image, &copy).unwrap();
+    let before = images();
+    let r = env.create_from(volume, &copy);
+    assert_eq!(cache_of(&r), "hit", "{}", r.last());
+    assert_same(expected, &env.manifest_of(volume), &Ignore::default());
+    let after = images();
+    assert_eq!(before.len(), after.len());
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+    after
 }
 
 /// Templates: a volume created or rebuilt as a writable clone of a snapshot of another volume

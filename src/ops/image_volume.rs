@@ -571,12 +571,10 @@ impl Provisional<'_> {
                 driver.destroy_image(self.key, false)?;
                 return Ok((sha256, None));
             }
-            Err(e) if e.code == Code::Interrupted || e.details.contains_key("recovery") => {
-                return Err(removed(e))
-            }
+            // Interrupted, or not cleaned up: the request stops; otherwise it measures first.
             Err(e) => {
                 let e = removed(e);
-                if e.details.contains_key("recovery") {
+                if e.code == Code::Interrupted || e.details.contains_key("recovery") {
                     return Err(e);
                 }
                 return Ok((sha256, None));

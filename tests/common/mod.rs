@@ -529,15 +529,20 @@ pub fn bulky_image(env: &Env, name: &str, files: usize) -> PathBuf {
     }
     let src = env.dir.join(format!("src-{name}"));
     reimage_fixtures::tree::bulky(&src, files, 4 << 20).unwrap();
-    let image = env.image(name);
-    reimage_fixtures::gnu_tar(
-        &src,
-        &image,
-        reimage_fixtures::TarFormat::Gnu,
-        reimage_fixtures::Compression::None,
-    )
-    .unwrap();
+    let image = gnu_image(env, &src, name, reimage_fixtures::Compression::None);
     std::fs::remove_dir_all(&src).unwrap();
+    image
+}
+
+/// The image `name` that GNU tar (GNU format, `compression`) makes of the tree at `src`.
+pub fn gnu_image(
+    env: &Env,
+    src: &Path,
+    name: &str,
+    compression: reimage_fixtures::Compression,
+) -> PathBuf {
+    let image = env.image(name);
+    reimage_fixtures::gnu_tar(src, &image, reimage_fixtures::TarFormat::Gnu, compression).unwrap();
     image
 }
 

@@ -18,22 +18,26 @@
 
 pub mod project;
 
-use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
 use reimage_driver::pooldir::PoolDir;
+use reimage_driver::records::RecordDir;
 use reimage_driver::{
-    temporary_slot, tree, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume,
+    slot_named, tree, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume,
     KeepSnapshots, Mounted, PoolSpace, PoolWarning, Result, SizeModel, Slot, SlotKind, Usage,
     VolumeName,
 };
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
 /// The prefix of a copy's record: `.reimage-copy.INO` holds the key of the image volume the
 /// volume whose root has inode INO was copied from.
 const COPY_RECORD_PREFIX: &str = ".reimage-copy.";
+
+fn copy_record(ino: u64) -> String {
+    format!("{COPY_RECORD_PREFIX}{ino}")
+}
 
 /// Why the filesystem of the directory `dir` cannot share a file's blocks with a copy
 /// (`FICLONE`), or `None` when it can. Probed with two unnamed files that vanish with it.
@@ -64,6 +68,8 @@ pub fn no_reflinks(dir: BorrowedFd<'_>) -> Option<String> {
 
 pub struct DirDriver {
     pool: PoolDir,
+    /// The pool directory as one of records: the copy records beside the volumes.
+    records: RecordDir,
     /// Project quotas are asked for and the filesystem has them.
     quota: bool,
     /// Asked for but not available, and why.
@@ -93,9 +99,16 @@ impl DirDriver {
             .flatten();
         const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
         let xfs = rustix::fs::fstatfs(&pool.fd).is_ok_and(|st| st.f_type == XFS_SUPER_MAGIC);
+        let records = RecordDir::of(
+            pool.fd
+                .try_clone()
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
+            path,
+        );
         Ok(DirDriver {
             xfs,
             image_volumes,
+            records,
             quota: quota && quota_unavailable.is_none(),
             quota_unavailable,
             pool,
@@ -122,34 +135,27 @@ impl DirDriver {
         Ok(self.pool.stat(slot)?.map(|st| st.st_ino))
     }
 
-    /// Every copy record: (root inode, image key, the record's name).
-    fn copy_records(&self) -> Result<Vec<(u64, ImageKey, String)>> {
-        let mut found = Vec::new();
-        for name in self.pool.names()? {
-            let Some(ino) = name
-                .strip_prefix(COPY_RECORD_PREFIX)
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let Ok(text) = std::fs::read_to_string(self.pool.path.join(&name)) else {
-                continue; // removed meanwhile
-            };
-            if let Some(key) = ImageKey::parse(text.trim_end()) {
-                found.push((ino, key, name));
-            }
-        }
-        Ok(found)
+    /// The copy records among the pool directory's `names`: (root inode, image key, the
+    /// record's name). One removed meanwhile, or not holding a key, is not one.
+    fn copy_records(&self, names: &[String]) -> Vec<(u64, ImageKey, String)> {
+        names
+            .iter()
+            .filter_map(|name| {
+                let ino = name.strip_prefix(COPY_RECORD_PREFIX)?.parse().ok()?;
+                let bytes = self.records.read(name).ok()??;
+                let key = ImageKey::parse(std::str::from_utf8(&bytes).ok()?.trim_end())?;
+                Some((ino, key, name.clone()))
+            })
+            .collect()
     }
 
     fn remove_record(&self, name: &str) -> Result<()> {
-        match rustix::fs::unlinkat(&self.pool.fd, name, AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => Ok(()),
-            Err(e) => Err(Error::errno(
+        self.records.remove(name).map(drop).map_err(|e| {
+            Error::io(
                 format!("removing {}", self.pool.path.join(name).display()),
                 e,
-            )),
-        }
+            )
+        })
     }
 }
 
@@ -206,7 +212,7 @@ impl Driver for DirDriver {
     /// The copy record goes first: a slot left without it is still removed by recovery.
     fn destroy(&self, slot: Slot<'_>, _with_snapshots: bool) -> Result<()> {
         if let Some(ino) = self.inode(slot)? {
-            self.remove_record(&format!("{COPY_RECORD_PREFIX}{ino}"))?;
+            self.remove_record(&copy_record(ino))?;
         }
         self.pool.remove(slot)
     }
@@ -297,40 +303,42 @@ impl Driver for DirDriver {
         let ino = self
             .inode(slot)?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("{slot} vanished")))?;
-        let name = format!("{COPY_RECORD_PREFIX}{ino}");
-        let shown = self.pool.path.join(&name);
-        let record = rustix::fs::openat(
-            &self.pool.fd,
-            name.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
-        )
-        .map_err(|e| Error::errno(format!("creating {}", shown.display()), e))?;
-        std::fs::File::from(record)
-            .write_all(format!("{key}\n").as_bytes())
-            .map_err(|e| Error::io(format!("writing {}", shown.display()), e))?;
+        let name = copy_record(ino);
+        let record = self
+            .records
+            .open_file(&name, OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC)
+            .and_then(|fd| {
+                std::io::Write::write_all(
+                    &mut std::fs::File::from(fd),
+                    format!("{key}\n").as_bytes(),
+                )
+            });
+        record.map_err(|e| {
+            Error::io(
+                format!("writing {}", self.pool.path.join(&name).display()),
+                e,
+            )
+        })?;
         Ok(Cloned::CopyFrom(Mounted::unmanaged(image)))
     }
 
     /// Users of a sealed image volume: the volumes (and temporary slots) recorded as its copies.
     fn images(&self) -> Result<Vec<ImageVolume>> {
-        let mut slots = Vec::new();
-        for name in self.pool.names()? {
-            let (volume, kind) = match temporary_slot(&name) {
-                Some(found) => found,
-                None => match VolumeName::parse(&name) {
-                    Ok(volume) => (volume, SlotKind::Live),
-                    Err(_) => continue,
-                },
-            };
-            if let Ok(Some(ino)) = self.inode(Slot {
-                volume: &volume,
-                kind,
-            }) {
-                slots.push((ino, volume.as_str().to_owned()));
-            }
-        }
-        let records = self.copy_records()?;
+        let names = self.pool.names()?;
+        let slots: Vec<(u64, String)> = names
+            .iter()
+            .filter_map(|name| {
+                let (volume, kind) = slot_named(name)?;
+                let ino = self
+                    .inode(Slot {
+                        volume: &volume,
+                        kind,
+                    })
+                    .ok()??;
+                Some((ino, volume.as_str().to_owned()))
+            })
+            .collect();
+        let records = self.copy_records(&names);
         Ok(self
             .pool
             .image_dirs()?
@@ -359,7 +367,7 @@ impl Driver for DirDriver {
     /// volume without users).
     fn destroy_image(&self, key: &ImageKey, sealed: bool) -> Result<()> {
         self.pool.remove_image_dir(key, sealed)?;
-        for (_, used, name) in self.copy_records()? {
+        for (_, used, name) in self.copy_records(&self.pool.names()?) {
             if used == *key {
                 self.remove_record(&name)?;
             }

@@ -111,6 +111,12 @@ pub fn temporary_slot(name: &str) -> Option<(VolumeName, SlotKind)> {
         })
 }
 
+/// The slot named by [`Slot::physical_name`]: a temporary slot, or a live volume; `None`
+/// for anything else (an image volume, a record).
+pub fn slot_named(name: &str) -> Option<(VolumeName, SlotKind)> {
+    temporary_slot(name).or_else(|| Some((VolumeName::parse(name).ok()?, SlotKind::Live)))
+}
+
 impl fmt::Display for Slot<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {

@@ -50,6 +50,14 @@ impl RecordDir {
         })
     }
 
+    /// An already open directory (a pool's own, at `path`) used as one of records.
+    pub fn of(fd: OwnedFd, path: &Path) -> RecordDir {
+        RecordDir {
+            fd,
+            path: path.to_owned(),
+        }
+    }
+
     /// The subdirectory `name`, made with mode 0700 when missing.
     pub fn sub(&self, name: &str) -> io::Result<RecordDir> {
         let name = component(name)?;

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use reimage_driver::image::image_name;
 use reimage_driver::pooldir::PoolDir;
 use reimage_driver::{
-    temporary_slot, tree, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume,
+    slot_named, tree, Capabilities, Cloned, Driver, Error, ErrorKind, ImageKey, ImageVolume,
     KeepSnapshots, MountSpec, Mounted, PoolSpace, PoolWarning, Result, SizeModel, Slot, SlotKind,
     Usage, VolumeName,
 };
@@ -275,17 +275,15 @@ impl OverlayDriver {
     fn lowers(&self) -> Result<Vec<(String, Lower)>> {
         let mut found = Vec::new();
         for name in self.pool.names()? {
-            let volume = match temporary_slot(&name) {
-                Some((volume, _)) => volume.as_str().to_owned(),
-                None if VolumeName::parse(&name).is_ok() => name.clone(),
-                None => continue,
+            let Some((volume, _)) = slot_named(&name) else {
+                continue;
             };
             let Ok(dir) = open_dir_at(self.pool.fd.as_fd(), &name) else {
                 continue; // removed meanwhile, or not a directory: not a volume
             };
             // A slot interrupted before its record was written uses no image volume.
             if let Ok(lower) = self.lower_in(dir.as_fd(), &self.pool.path.join(&name)) {
-                found.push((volume, lower));
+                found.push((volume.as_str().to_owned(), lower));
             }
         }
         Ok(found)
