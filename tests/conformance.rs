@@ -1127,6 +1127,66 @@ fn a_copy_is_a_hit(
     after
 }
 
+/// A squashfs-zstd image's tree is unsquashfs' extraction, also where its blocks are stored
+/// as they are (btrfs compressed extents): full, short, uncompressed, sparse and fragment
+/// blocks. A block of two frames, or of a frame with a wider window than btrfs decodes with,
+/// which the kernel would read otherwise, is written decoded instead.
+fn squashfs_zstd_blocks_read_as_unsquashfs_reads_them(backend: Backend) {
+    use reimage_fixtures::squashfs_frames;
+    let env = Env::with_backend("sqfs-frames", backend);
+    let src = env.dir.join("frames");
+    squashfs_frames::make_tree(&src).unwrap();
+    let plain = env.image("plain.sqfs");
+    squashfs_frames::mksquashfs_zstd(&src, &plain).unwrap();
+    let mut images = vec![("plain", plain.clone())];
+    for (name, bytes) in squashfs_frames::variants(&std::fs::read(&plain).unwrap()).unwrap() {
+        let image = env.image(&format!("{name}.sqfs"));
+        std::fs::write(&image, bytes).unwrap();
+        images.push((name, image));
+    }
+    for (name, image) in &images {
+        let expected = common::unsquashfs_manifest(&env, image);
+        env.create_from(name, image).ok();
+        let view = env.view(name);
+        assert_same(
+            &expected,
+            &reimage_fixtures::manifest(&view.path).unwrap(),
+            &Ignore::default(),
+        );
+        if !on_btrfs(&view.path) {
+            continue;
+        }
+        // a-big's three blocks; the replaced first one is written as bytes.
+        let stored = stored_extents(&view.path.join("a-big"));
+        let expected_stored = if *name == "plain" { 3 } else { 2 };
+        assert_eq!(stored, expected_stored, "{name}: a-big's stored blocks");
+    }
+    assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
+}
+
+fn on_btrfs(path: &Path) -> bool {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "btrfs"
+}
+
+/// The file's extents that hold data as it was encoded (compressed), as filefrag lists them.
+fn stored_extents(path: &Path) -> usize {
+    let out = Command::new("filefrag")
+        .arg("-v")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "filefrag {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("encoded"))
+        .count()
+}
+
 /// Templates: a volume created or rebuilt as a writable clone of a snapshot of another volume
 /// holds exactly the snapshot's content (GNU tar's extraction of the image the template was
 /// filled from), not what the template holds since; `preserve` works as for an image; an
@@ -1437,6 +1497,16 @@ conformance!(dir_reflinks_image_volumes = Backend::DirReflinks; #[cfg_attr(any()
     a_volume_is_filled_from_a_template,
     concurrent_fills_build_an_image_volume_once,
 );
+// Squashfs-zstd blocks, stored as they are where the pool is on btrfs (an image volume, a
+// reflink copy of one) and written decoded elsewhere (ext4 on the host).
+conformance!(btrfs_squashfs = Backend::Btrfs { quota: true }; #[cfg_attr(any(), ignore)];
+    squashfs_zstd_blocks_read_as_unsquashfs_reads_them);
+conformance!(dir_reflinks_squashfs = Backend::DirReflinks; #[cfg_attr(any(), ignore)];
+    squashfs_zstd_blocks_read_as_unsquashfs_reads_them);
+conformance!(dir_squashfs = Backend::Dir; #[cfg_attr(any(), ignore)];
+    squashfs_zstd_blocks_read_as_unsquashfs_reads_them);
+conformance!(overlay_squashfs = Backend::Overlay { quota: false }; #[cfg_attr(any(), ignore)];
+    squashfs_zstd_blocks_read_as_unsquashfs_reads_them);
 all_cases!(zfs = Backend::Zfs { quota: false }; guest);
 all_cases!(lvm_thin_ext4 = Backend::Lvm { thin: true, xfs: false }; guest);
 

@@ -9,8 +9,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{assert_same, Env};
-use reimage_fixtures::manifest::{self, Ignore};
+use common::{assert_same, unsquashfs_manifest, Env};
+use reimage_fixtures::manifest::Ignore;
 
 fn mksquashfs(src: &Path, out: &Path, comp: &str) {
     let status = Command::new("mksquashfs")
@@ -21,23 +21,6 @@ fn mksquashfs(src: &Path, out: &Path, comp: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "mksquashfs -comp {comp}");
-}
-
-fn unsquashfs_manifest(env: &Env, image: &Path) -> manifest::Manifest {
-    let dest = env.dir.join(format!(
-        "unsquashfs-{}",
-        image.file_name().unwrap().to_string_lossy()
-    ));
-    let _ = std::fs::remove_dir_all(&dest);
-    let status = Command::new("unsquashfs")
-        .args(["-q", "-n", "-d"])
-        .arg(&dest)
-        .arg(image)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "unsquashfs {}", image.display());
-    manifest::manifest(&dest).unwrap()
 }
 
 #[test]

@@ -11,7 +11,24 @@ pub const TAR_PIECE: usize = 1 << 20;
 /// them on a writer thread (reading and decompressing a squashfs block in parallel).
 pub enum PieceData {
     Bytes(Vec<u8>),
-    Deferred(Box<dyn FnOnce() -> Result<Vec<u8>> + Send>),
+    Deferred(Box<dyn FnOnce() -> Result<Produced> + Send>),
+}
+
+/// What a deferred step produced: the bytes, and the one zstd frame they were decoded from
+/// when the image stored them so (a squashfs block), which a filesystem that keeps zstd
+/// extents may store as it is instead of the bytes.
+pub struct Produced {
+    pub bytes: Vec<u8>,
+    pub zstd_frame: Option<Vec<u8>>,
+}
+
+impl From<Vec<u8>> for Produced {
+    fn from(bytes: Vec<u8>) -> Self {
+        Produced {
+            bytes,
+            zstd_frame: None,
+        }
+    }
 }
 
 /// A source of entries in the order they are to be applied: the tar reader, or the squashfs

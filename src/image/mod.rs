@@ -304,8 +304,8 @@ impl Read for ImageFile {
 /// An image opened for reading, whatever its format.
 pub struct Reader {
     pub archive: Box<dyn archive::Archive>,
-    /// The image file's bytes read so far (before decompression; a squashfs image is read
-    /// by offset and does not count them).
+    /// The image file's bytes read so far, before decompression (a squashfs image: the bytes
+    /// of file content, not of its tables).
     pub read: Arc<AtomicU64>,
     /// How the content is compressed (a squashfs image: its codec).
     pub compression: Compression,
@@ -326,8 +326,8 @@ pub fn open(file: &File, detected: Detected) -> Result<Reader> {
             let image = squashfs::Squashfs::open(file)?;
             Ok(Reader {
                 compression: image.codec().compression(),
+                read: image.read_counter(),
                 archive: Box::new(image),
-                read: Arc::new(AtomicU64::new(0)),
             })
         }
     }

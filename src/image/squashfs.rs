@@ -16,9 +16,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::archive::{Archive, PieceData};
+use super::archive::{Archive, PieceData, Produced};
 use super::entry::{Entry, Kind};
 use crate::error::{Code, Error, Result};
 
@@ -150,7 +151,24 @@ impl Codec {
             Codec::Lzma => lzma(
                 liblzma::stream::Stream::new_lzma_decoder(LZMA_MEMLIMIT).map_err(|e| bad(&e))?,
             ),
-            Codec::Zstd => zstd::bulk::decompress(input, max).map_err(|e| bad(&e)),
+            Codec::Zstd => {
+                // One decoder context per thread: making one per block costs more than a
+                // small block's decoding.
+                thread_local! {
+                    static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                        const { std::cell::RefCell::new(None) };
+                }
+                DECODER.with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    let decoder = match &mut *slot {
+                        Some(decoder) => decoder,
+                        empty => {
+                            empty.insert(zstd::bulk::Decompressor::new().map_err(|e| bad(&e))?)
+                        }
+                    };
+                    decoder.decompress(input, max).map_err(|e| bad(&e))
+                })
+            }
             Codec::Lz4 => {
                 let mut out = vec![0u8; max];
                 let n = lz4_flex::block::decompress_into(input, &mut out).map_err(|e| bad(&e))?;
@@ -402,6 +420,8 @@ pub struct DataReader {
     /// The most recently used fragment blocks. Each slot is filled once: a writer that needs
     /// a fragment another writer is decoding waits for it instead of decoding it again.
     fragment_cache: Mutex<Vec<(u32, FragmentSlot)>>,
+    /// Bytes of data blocks and fragments read so far, for progress.
+    read: Arc<AtomicU64>,
 }
 
 type FragmentSlot = Arc<OnceLock<std::result::Result<Arc<Vec<u8>>, Error>>>;
@@ -409,10 +429,10 @@ type FragmentSlot = Arc<OnceLock<std::result::Result<Arc<Vec<u8>>, Error>>>;
 impl DataReader {
     /// Reads one data block of on-disk `size` (with the uncompressed flag) at `at`, which must
     /// expand to exactly `len` bytes.
-    fn block(&self, at: u64, size_word: u32, len: usize) -> Result<Vec<u8>> {
+    fn block(&self, at: u64, size_word: u32, len: usize) -> Result<Produced> {
         let size = u64::from(size_word & !UNCOMPRESSED_BLOCK);
         if size == 0 {
-            return Ok(vec![0u8; len]);
+            return Ok(vec![0u8; len].into());
         }
         if size > u64::from(self.block_size) || at.checked_add(size).is_none_or(|e| e > self.end) {
             return Err(invalid(format!(
@@ -423,18 +443,27 @@ impl DataReader {
         self.file
             .read_exact_at(&mut raw, at)
             .map_err(|e| invalid(format!("read: {e}")))?;
-        let data = if size_word & UNCOMPRESSED_BLOCK != 0 {
-            raw
-        } else {
-            self.codec.decompress(&raw, self.block_size as usize)?
-        };
+        self.read.fetch_add(size, Ordering::Relaxed);
+        if size_word & UNCOMPRESSED_BLOCK != 0 {
+            if raw.len() != len {
+                return Err(invalid(format!(
+                    "an uncompressed data block holds {} bytes instead of {len}",
+                    raw.len()
+                )));
+            }
+            return Ok(raw.into());
+        }
+        let data = self.codec.decompress(&raw, self.block_size as usize)?;
         if data.len() != len {
             return Err(invalid(format!(
                 "a data block expands to {} bytes instead of {len}",
                 data.len()
             )));
         }
-        Ok(data)
+        Ok(Produced {
+            bytes: data,
+            zstd_frame: (self.codec == Codec::Zstd).then_some(raw),
+        })
     }
 
     fn fragment(&self, index: u32) -> Result<Arc<Vec<u8>>> {
@@ -475,6 +504,7 @@ impl DataReader {
         self.file
             .read_exact_at(&mut raw, f.start)
             .map_err(|e| invalid(format!("read: {e}")))?;
+        self.read.fetch_add(size, Ordering::Relaxed);
         if f.size & UNCOMPRESSED_BLOCK != 0 {
             Ok(raw)
         } else {
@@ -597,6 +627,7 @@ impl Squashfs {
             end,
             fragments,
             fragment_cache: Mutex::new(Vec::new()),
+            read: Arc::new(AtomicU64::new(0)),
         });
         Ok(Squashfs {
             inodes: MetaTable::new(sb.inode_table, sb.directory_table),
@@ -983,6 +1014,11 @@ impl Squashfs {
         }
     }
 
+    /// The count of image bytes read for file content so far.
+    pub fn read_counter(&self) -> Arc<AtomicU64> {
+        self.data.read.clone()
+    }
+
     pub fn block_size(&self) -> usize {
         self.sb.block_size as usize
     }
@@ -1009,7 +1045,7 @@ impl Squashfs {
             let start = frag_offset as usize;
             block
                 .get(start..start + len)
-                .map(<[u8]>::to_vec)
+                .map(|tail| tail.to_vec().into())
                 .ok_or_else(|| invalid(format!("a file's tail lies outside fragment {fragment}")))
         })))
     }

@@ -214,7 +214,13 @@ pub(super) fn unpack_into(
     let mut reader = image::open(file, detected)?;
     let mut observer = UnpackObserver { events, total };
     unpack::unpack(&mut *reader.archive, root.root(), &options, &mut observer)?;
-    for socket in reader.archive.skipped() {
+    warn_skipped(events, reader.archive.skipped());
+    Ok(())
+}
+
+/// A warning for each entry the reader passed over (squashfs sockets).
+pub(super) fn warn_skipped(events: &mut Events, skipped: &[String]) {
+    for socket in skipped {
         events.warning(
             Warning::SocketSkipped,
             &format!(
@@ -222,7 +228,6 @@ pub(super) fn unpack_into(
             ),
         );
     }
-    Ok(())
 }
 
 /// A full volume, with the numbers that explain it: its size, what measure expected, and

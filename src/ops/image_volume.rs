@@ -410,8 +410,7 @@ pub(super) fn build_new(
 /// The content of a fill that clones an image volume: measured from the measure cache, from
 /// the record of its image volume, or while building that image volume (one decode of the
 /// image instead of two). It is measured first, as without image volumes, where none of these
-/// applies: a squashfs image (whose measure reads only its tables), an image whose first
-/// entry misled the guess of its rootfs prefix, an image the build refused (so that it is
+/// applies: an image whose first entry misled the guess of its rootfs prefix, an image the build refused (so that it is
 /// refused as anywhere else, by measure), and a pool whose image volumes are sized when
 /// created (no `late_limit`: an LV's filesystem).
 pub(super) fn measure_or_build(
@@ -431,10 +430,7 @@ pub(super) fn measure_or_build(
     let (Some(parts), Some(provisional)) = (parts, provisional) else {
         return measure_opened(held.state, held.events, opened, idmap, None, timings);
     };
-    if opened.detected.format != image::Format::Tar
-        || opened.remembered().is_some()
-        || !driver.capabilities().late_limit
-    {
+    if opened.remembered().is_some() || !driver.capabilities().late_limit {
         return measure_opened(held.state, held.events, opened, idmap, None, timings);
     }
     // One build per file at a time: a request building from it already is waited for, and

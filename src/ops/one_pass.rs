@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::image::archive::Archive as _;
 use crate::measure::alongside::{Alongside, Budget, Measured};
 
 use super::*;
@@ -42,6 +43,7 @@ pub(super) fn unpack_alongside(
     stop: &AtomicBool,
 ) -> Result<Measured> {
     let mut reader = image::open(&opened.file, opened.detected)?;
+    let compression = reader.compression;
     let mut archive = Alongside::new(
         &mut *reader.archive,
         opened.prefix.as_deref(),
@@ -63,24 +65,27 @@ pub(super) fn unpack_alongside(
         stop,
     };
     unpack::unpack(&mut archive, root.root(), &options, &mut observer)?;
+    let skipped = archive.skipped().to_vec();
     let measured = archive.finish()?;
+    if matches!(measured, Measured::Unpacked(_)) {
+        warn_skipped(events, &skipped);
+    }
     events.progress(EventPhase::Unpack, size, size, Unit::ImageBytes);
     Ok(match measured {
         Measured::Unpacked(mut m) => {
             m.format = opened.detected.format;
-            m.compression = opened.detected.compression;
+            m.compression = compression;
             Measured::Unpacked(m)
         }
         other => other,
     })
 }
 
-/// Whether a fill measures while it unpacks into the volume's new slot: a tar image the
+/// Whether a fill measures while it unpacks into the volume's new slot: an image the
 /// measure cache does not know, on a pool without image volumes whose limit can be set after
 /// the fill (a quota, not an LV's size), in an atomic build that is not a dry run.
 pub(super) fn fills_in_one_pass(driver: &dyn Driver, opened: &Opened) -> bool {
-    opened.detected.format == image::Format::Tar
-        && !driver.capabilities().image_volumes
+    !driver.capabilities().image_volumes
         && driver.capabilities().late_limit
         && opened.remembered().is_none()
 }

@@ -6,6 +6,7 @@
 //! a read-only or root-owned directory cannot stop its own content from being written, and a
 //! directory entry replaced by a symlink later never gets its mode applied through the link.
 
+pub mod encoded;
 pub mod fs;
 pub mod idmap;
 pub mod path;
@@ -184,7 +185,10 @@ pub fn unpack(
     });
     let mut unpacker = Unpacker {
         tree: Tree::new(root, implicit_owner),
-        writers: Some(Writers::start(pipeline::writer_count())?),
+        writers: Some(Writers::start(
+            pipeline::writer_count(),
+            encoded::possible_under(root),
+        )?),
         options,
         observer,
         deferred: HashMap::new(),

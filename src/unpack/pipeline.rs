@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use rustix::io::Errno;
 
+use super::encoded;
 use super::fs::{apply_meta_fd, Born, Meta, XattrFailure};
 use super::path::RelPath;
 use crate::error::{Code, Error, Result};
@@ -69,6 +70,9 @@ struct Shared {
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
     written: AtomicU64,
+    /// Whether zstd frames may be stored as they are (the target is btrfs, and it has not
+    /// refused one).
+    encoded: AtomicBool,
     xattr_failures: Mutex<Vec<(RelPath, XattrFailure)>>,
 }
 
@@ -134,6 +138,33 @@ fn write_sparse(file: &File, offset: u64, data: &[u8], ends_file: bool) -> std::
     Ok(())
 }
 
+/// Where a piece goes.
+struct PieceAt<'a> {
+    file: &'a PendingFile,
+    offset: u64,
+}
+
+/// Stores a zstd frame as the file's content where the filesystem can (see [`encoded`]),
+/// otherwise writes the bytes it decodes to.
+fn store_or_write(
+    shared: &Shared,
+    piece: &PieceAt<'_>,
+    data: &[u8],
+    frame: &[u8],
+    ends_file: bool,
+) -> std::io::Result<()> {
+    match encoded::store(&piece.file.file, piece.offset, frame, data.len())? {
+        encoded::Outcome::Stored => Ok(()),
+        encoded::Outcome::NotThisOne => {
+            write_sparse(&piece.file.file, piece.offset, data, ends_file)
+        }
+        encoded::Outcome::NotHere => {
+            shared.encoded.store(false, Ordering::Relaxed);
+            write_sparse(&piece.file.file, piece.offset, data, ends_file)
+        }
+    }
+}
+
 fn finish_file(shared: &Shared, pending: &PendingFile) {
     match apply_meta_fd(
         std::os::fd::AsFd::as_fd(&pending.file),
@@ -158,10 +189,10 @@ fn worker(jobs: Receiver<Vec<Piece>>, recycle: Sender<Vec<u8>>, shared: Arc<Shar
             if shared.failed.load(Ordering::Relaxed) {
                 continue;
             }
-            let data = match piece.data {
-                PieceData::Bytes(bytes) => bytes,
+            let (data, frame) = match piece.data {
+                PieceData::Bytes(bytes) => (bytes, None),
                 PieceData::Deferred(produce) => match produce() {
-                    Ok(bytes) => bytes,
+                    Ok(produced) => (produced.bytes, produced.zstd_frame),
                     Err(e) => {
                         shared.fail(e.context(format!("entry {}", piece.file.path.shown())));
                         continue;
@@ -169,7 +200,17 @@ fn worker(jobs: Receiver<Vec<Piece>>, recycle: Sender<Vec<u8>>, shared: Arc<Shar
                 },
             };
             let ends_file = piece.offset + data.len() as u64 == piece.file.size;
-            match write_sparse(&piece.file.file, piece.offset, &data, ends_file) {
+            let written = match frame {
+                Some(frame) if shared.encoded.load(Ordering::Relaxed) => {
+                    let at = PieceAt {
+                        file: &piece.file,
+                        offset: piece.offset,
+                    };
+                    store_or_write(&shared, &at, &data, &frame, ends_file)
+                }
+                _ => write_sparse(&piece.file.file, piece.offset, &data, ends_file),
+            };
+            match written {
                 Ok(()) => {
                     shared
                         .written
@@ -219,10 +260,14 @@ pub fn writer_count() -> usize {
 }
 
 impl Writers {
-    pub fn start(count: usize) -> Result<Writers> {
+    /// `encoded`: whether zstd frames may be stored as they are (see [`encoded`]).
+    pub fn start(count: usize, encoded: bool) -> Result<Writers> {
         let (jobs, rx) = bounded::<Vec<Piece>>(JOBS_IN_FLIGHT);
         let (recycle, buffers) = bounded::<Vec<u8>>(JOBS_IN_FLIGHT + count);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            encoded: AtomicBool::new(encoded),
+            ..Shared::default()
+        });
         let mut writers = Writers {
             jobs: Some(jobs),
             buffers,

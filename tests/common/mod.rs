@@ -558,6 +558,24 @@ pub fn gnu_manifest(env: &Env, image: &Path) -> Manifest {
     manifest::manifest(&dest).unwrap()
 }
 
+/// unsquashfs' own extraction of `image`, as a manifest.
+pub fn unsquashfs_manifest(env: &Env, image: &Path) -> Manifest {
+    let dest = env.dir.join(format!(
+        "unsquashfs-{}",
+        image.file_name().unwrap().to_string_lossy()
+    ));
+    let _ = std::fs::remove_dir_all(&dest);
+    let status = std::process::Command::new("unsquashfs")
+        .args(["-q", "-n", "-d"])
+        .arg(&dest)
+        .arg(image)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "unsquashfs {}", image.display());
+    manifest::manifest(&dest).unwrap()
+}
+
 /// Asserts two manifests match, printing every difference.
 pub fn assert_same(expected: &Manifest, actual: &Manifest, ignore: &manifest::Ignore) {
     let d = manifest::diff(expected, actual, ignore);
