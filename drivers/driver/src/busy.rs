@@ -64,6 +64,12 @@ fn find_process(uses: impl Fn(&Path, &Path) -> bool) -> std::io::Result<Option<S
             continue;
         }
         let base = PathBuf::from("/proc").join(pid);
+        // A kernel thread or a zombie has no executable, and no working directory or open
+        // files either: passed over after one read (most processes are kernel threads).
+        if fs::read_link(base.join("exe")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            continue;
+        }
         let mut links: Vec<(String, PathBuf)> = ["cwd", "root", "exe"]
             .iter()
             .map(|l| ((*l).to_owned(), base.join(l)))
