@@ -466,10 +466,12 @@ pub(super) fn measure_or_build(
 }
 
 /// A new image volume built from an image seen for the first time, before its key is known:
-/// under a provisional key, while the image's SHA-256 is read beside the unpack on the other
-/// core (one decode and no pass before it). Once both are done it is sealed under the image's
-/// key, or dropped where an image volume with that key is there already (the same bytes seen
-/// in another file): found at the start, that stops the unpack as soon as the hash is read.
+/// under a provisional key (one decode and no pass before it). Once both the unpack and the
+/// image's SHA-256 are done it is sealed under the image's key, or dropped where an image
+/// volume with that key is there already (the same bytes seen in another file). When the pool
+/// holds a sealed image volume, the hash is read beside the unpack on the other core, so that
+/// finding it there stops the unpack early; otherwise no hash can stop it, and the hash is read
+/// while the new image volume syncs, when the cores would wait on the disk.
 struct Provisional<'a> {
     pool: &'a str,
     key: &'a ImageKey,
@@ -499,13 +501,16 @@ impl Provisional<'_> {
         driver.destroy_image(self.key, false)?;
         let budget = budget_of(driver, self.fill)?;
         let superseded = AtomicBool::new(false);
-        let (built, hashed) = std::thread::scope(|scope| {
-            let hashing = scope.spawn(|| {
-                let sha256 = self.opened.sha256()?;
-                if self.parts.key(&sha256).is_some_and(|k| sealed.contains(&k)) {
-                    superseded.store(true, Ordering::Relaxed);
-                }
-                Ok::<_, Error>(sha256)
+        let early = !sealed.is_empty();
+        let (built, hashed, synced) = std::thread::scope(|scope| {
+            let hashing = early.then(|| {
+                scope.spawn(|| {
+                    let sha256 = self.opened.sha256()?;
+                    if self.parts.key(&sha256).is_some_and(|k| sealed.contains(&k)) {
+                        superseded.store(true, Ordering::Relaxed);
+                    }
+                    Ok::<_, Error>(sha256)
+                })
             });
             let built: Result<Option<(Mounted, Measurement)>> = (|| {
                 driver.create_image(self.key, None)?;
@@ -529,10 +534,27 @@ impl Provisional<'_> {
                 fault::point("image:unpacked")?;
                 Ok(Some((root, m)))
             })();
-            let hashed = hashing
-                .join()
-                .unwrap_or_else(|_| Err(Error::internal("the image hash panicked")));
-            (built, hashed)
+            let (hashed, synced) = match hashing {
+                Some(hashing) => (
+                    hashing
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::internal("the image hash panicked"))),
+                    false,
+                ),
+                None => match &built {
+                    Ok(Some((root, _))) => timings.time("sync", || {
+                        let root = root.root();
+                        std::thread::scope(|inner| {
+                            let syncing = inner.spawn(move || rustix::fs::syncfs(root));
+                            let hashed = self.opened.sha256();
+                            let synced = matches!(syncing.join(), Ok(Ok(())));
+                            (hashed, synced)
+                        })
+                    }),
+                    _ => (self.opened.sha256(), false),
+                },
+            };
+            (built, hashed, synced)
         });
         let removed = |e: Error| match driver.destroy_image(self.key, false) {
             Ok(()) => e,
@@ -577,7 +599,12 @@ impl Provisional<'_> {
             }
         };
         let sealing = (|| {
-            sync_image(root, timings)?;
+            if synced {
+                root.release()?;
+                cancelled_check()?;
+            } else {
+                sync_image(root, timings)?;
+            }
             // Sealed under its key by this request, or by another one meanwhile.
             let _lock = lock_image(held.state, self.pool, &key, true)?;
             if driver.images()?.iter().any(|i| i.sealed && i.key == key) {
