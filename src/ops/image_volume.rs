@@ -336,12 +336,19 @@ fn seal_image(
 
 /// The unpacked image volume synced and closed, ready to be sealed.
 fn sync_image(root: Mounted, timings: &mut Timings) -> Result<()> {
-    timings.time("sync", || {
-        rustix::fs::syncfs(root.root())
-            .map_err(|e| Error::new(Code::DriverError, format!("syncfs: {e}")))
-    })?;
+    timings.time("sync", || syncfs(root.root()))?;
+    closed_synced(root)
+}
+
+/// The image volume, already synced, closed and ready to be sealed.
+fn closed_synced(root: Mounted) -> Result<()> {
     root.release()?;
     cancelled_check()
+}
+
+/// Everything written to the filesystem of `root` made durable.
+fn syncfs(root: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    rustix::fs::syncfs(root).map_err(|e| Error::new(Code::DriverError, format!("syncfs: {e}")))
 }
 
 /// Removes the unsealed image volumes that no running request is building: what interrupted
@@ -534,25 +541,26 @@ impl Provisional<'_> {
                 fault::point("image:unpacked")?;
                 Ok(Some((root, m)))
             })();
-            let (hashed, synced) = match hashing {
-                Some(hashing) => (
+            // `synced`: the image volume's sync when it ran beside the hash, `None` if not yet.
+            let (hashed, synced) = match (hashing, &built) {
+                (Some(hashing), _) => (
                     hashing
                         .join()
                         .unwrap_or_else(|_| Err(Error::internal("the image hash panicked"))),
-                    false,
+                    None,
                 ),
-                None => match &built {
-                    Ok(Some((root, _))) => timings.time("sync", || {
-                        let root = root.root();
-                        std::thread::scope(|inner| {
-                            let syncing = inner.spawn(move || rustix::fs::syncfs(root));
-                            let hashed = self.opened.sha256();
-                            let synced = matches!(syncing.join(), Ok(Ok(())));
-                            (hashed, synced)
-                        })
-                    }),
-                    _ => (self.opened.sha256(), false),
-                },
+                (None, Ok(Some((root, _)))) => timings.time("sync", || {
+                    let root = root.root();
+                    std::thread::scope(|inner| {
+                        let syncing = inner.spawn(move || syncfs(root));
+                        let hashed = self.opened.sha256();
+                        let synced = syncing
+                            .join()
+                            .unwrap_or_else(|_| Err(Error::internal("the image sync panicked")));
+                        (hashed, Some(synced))
+                    })
+                }),
+                (None, _) => (self.opened.sha256(), None),
             };
             (built, hashed, synced)
         });
@@ -599,11 +607,9 @@ impl Provisional<'_> {
             }
         };
         let sealing = (|| {
-            if synced {
-                root.release()?;
-                cancelled_check()?;
-            } else {
-                sync_image(root, timings)?;
+            match synced {
+                Some(synced) => synced.and_then(|()| closed_synced(root))?,
+                None => sync_image(root, timings)?,
             }
             // Sealed under its key by this request, or by another one meanwhile.
             let _lock = lock_image(held.state, self.pool, &key, true)?;
