@@ -65,9 +65,15 @@ fn find_process(uses: impl Fn(&Path, &Path) -> bool) -> std::io::Result<Option<S
         }
         let base = PathBuf::from("/proc").join(pid);
         // A kernel thread or a zombie has no executable, and no working directory or open
-        // files either: passed over after one read (most processes are kernel threads).
-        if fs::read_link(base.join("exe")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-        {
+        // files either: passed over after one read (most processes are kernel threads). So
+        // is a process whose links this one may not read (`EACCES`: the same ptrace check
+        // guards all of them), rather than after one refused read per open file.
+        if fs::read_link(base.join("exe")).is_err_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            )
+        }) {
             continue;
         }
         let mut links: Vec<(String, PathBuf)> = ["cwd", "root", "exe"]

@@ -441,12 +441,22 @@ impl Driver for OverlayDriver {
         mount::mount(&layers, &slot.to_string())
     }
 
+    /// A process or mount inside the slot, or an overlay mounted anywhere over its upper
+    /// layer. The two are separate scans of /proc, run side by side.
     fn busy(&self, slot: Slot<'_>) -> Result<Option<String>> {
-        if let Some(holder) = self.pool.busy(slot)? {
+        let upper = self.pool.path_of(slot).join(UPPER);
+        let (inside, overlay) = std::thread::scope(|scope| {
+            let overlay = scope.spawn(|| reimage_driver::overlay_using(&upper));
+            let inside = self.pool.busy(slot);
+            let overlay = overlay
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the overlay scan panicked")));
+            (inside, overlay)
+        });
+        if let Some(holder) = inside? {
             return Ok(Some(holder));
         }
-        let upper = self.pool.path_of(slot).join(UPPER);
-        reimage_driver::overlay_using(&upper).map_err(|e| Error::io("reading mountinfo", e))
+        overlay.map_err(|e| Error::io("reading mountinfo", e))
     }
 
     fn leftovers(&self) -> Result<Vec<(VolumeName, SlotKind)>> {
