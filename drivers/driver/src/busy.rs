@@ -64,40 +64,54 @@ fn find_process(uses: impl Fn(&Path, &Path) -> bool) -> std::io::Result<Option<S
             continue;
         }
         let base = PathBuf::from("/proc").join(pid);
-        // A kernel thread or a zombie has no executable, and no working directory or open
-        // files either: passed over after one read (most processes are kernel threads). So
-        // is a process whose links this one may not read (`EACCES`: the same ptrace check
-        // guards all of them), rather than after one refused read per open file.
-        if fs::read_link(base.join("exe")).is_err_and(|e| {
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-            )
-        }) {
-            continue;
-        }
-        let mut links: Vec<(String, PathBuf)> = ["cwd", "root", "exe"]
-            .iter()
-            .map(|l| ((*l).to_owned(), base.join(l)))
-            .collect();
-        if let Ok(fds) = fs::read_dir(base.join("fd")) {
-            for fd in fds.flatten() {
-                links.push((
-                    format!("fd {}", fd.file_name().to_string_lossy()),
-                    fd.path(),
-                ));
-            }
-        }
-        for (what, link) in links {
-            let Ok(target) = fs::read_link(&link) else {
-                continue;
-            };
-            if uses(&link, &target) {
-                return Ok(Some(format!(
+        let holder = |what: &str, link: &Path, target: &Path| {
+            uses(link, target).then(|| {
+                format!(
                     "pid {pid} ({}): {what} {}",
                     process_name(pid),
                     target.display()
-                )));
+                )
+            })
+        };
+        // A kernel thread or a zombie has no executable, and no working directory or open
+        // files either: passed over after one read (most processes are kernel threads). So
+        // is a process whose links this one may not read (`EACCES`: the same ptrace check
+        // guards all of them), rather than after one refused read per open file. The
+        // executable's target, once read, is not read again.
+        let exe = base.join("exe");
+        let exe_target = match fs::read_link(&exe) {
+            Ok(target) => Some(target),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                continue
+            }
+            Err(_) => None,
+        };
+        for what in ["cwd", "root"] {
+            let link = base.join(what);
+            if let Ok(target) = fs::read_link(&link) {
+                if let Some(found) = holder(what, &link, &target) {
+                    return Ok(Some(found));
+                }
+            }
+        }
+        if let Some(found) = exe_target.and_then(|target| holder("exe", &exe, &target)) {
+            return Ok(Some(found));
+        }
+        let Ok(fds) = fs::read_dir(base.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let link = fd.path();
+            if let Ok(target) = fs::read_link(&link) {
+                let what = format!("fd {}", fd.file_name().to_string_lossy());
+                if let Some(found) = holder(&what, &link, &target) {
+                    return Ok(Some(found));
+                }
             }
         }
     }
