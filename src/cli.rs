@@ -11,6 +11,7 @@ use crate::audit;
 use crate::config::{Config, DriverKind, DEFAULT_CONFIG};
 use crate::error::{Code, Error, Result};
 use crate::ops::{self, Ctx};
+use crate::protocol::event::Confinement;
 use crate::protocol::events::{BarMode, Events};
 use crate::protocol::request::{self, MAX_REQUEST_BYTES};
 use crate::protocol::results::{ImageInfo, OpResult};
@@ -158,11 +159,15 @@ fn execute(
         Some(request::Source::Image { path, .. }) => Some(config.open_image(path)?),
         _ => None,
     };
+    let offered = crate::confine::available();
     events.start(
         op.name(),
         args.driver.as_str(),
-        op.pool(),
-        op.volume().map(|v| v.as_str()),
+        (op.pool(), op.volume().map(|v| v.as_str())),
+        Confinement {
+            seccomp: offered.seccomp,
+            landlock_abi: offered.landlock,
+        },
     );
     // The state directory, opened once: every record below it is reached from here.
     let state = RecordDir::open(&config.state_dir).map_err(|e| {
@@ -219,27 +224,46 @@ fn version() -> String {
     )
 }
 
-/// Runs one request; returns the process exit status. `--help` and `--version` print on
-/// stdout and return before anything else happens (no privilege is given up, no warning).
-pub fn run(args: &[OsString], stdin: &mut dyn Read) -> u8 {
+/// What `main` does first, before privileges are given up: `--help`, `--version` and
+/// `--list-pools` are answered here (no privilege is given up for them, no warning), and a
+/// request's driver has its kernel modules loaded while reimage may still load them.
+pub enum Start {
+    /// Answered; the process exits with this status.
+    Done(u8),
+    /// A request to run once privileges are given up, with what loading modules logged.
+    Request(Result<Parsed>, Vec<String>),
+}
+
+/// Parses the command line and does what must happen before [`crate::privilege::reduce`].
+pub fn start(args: &[OsString]) -> Start {
     let parsed = parse_args(args);
     match parsed {
         Ok(Parsed::Help) => {
             println!("{USAGE}");
-            return 0;
+            Start::Done(0)
         }
         Ok(Parsed::Version) => {
             println!("{}", version());
-            return 0;
+            Start::Done(0)
         }
-        Ok(Parsed::ListPools(config)) => return list_pools(&config),
-        _ => {}
+        Ok(Parsed::ListPools(config)) => Start::Done(list_pools(&config)),
+        Ok(Parsed::Run(a)) => {
+            let notes = crate::privilege::load_modules(a.driver);
+            Start::Request(Ok(Parsed::Run(a)), notes)
+        }
+        Err(e) => Start::Request(Err(e), Vec::new()),
     }
-    let mut hardening = match &parsed {
-        Ok(Parsed::Run(a)) => crate::privilege::load_modules(a.driver),
-        _ => Vec::new(),
-    };
-    hardening.extend(crate::privilege::reduce());
+}
+
+/// Runs one request, its privileges already given up (`reduced`); returns the process exit
+/// status.
+pub fn run(
+    parsed: Result<Parsed>,
+    mut hardening: Vec<String>,
+    reduced: crate::privilege::Reduced,
+    stdin: &mut dyn Read,
+) -> u8 {
+    hardening.extend(reduced.notes);
     signals::install();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let stderr_tty = std::io::stderr().is_terminal();

@@ -104,6 +104,9 @@ pub enum Warning {
     /// Added to v1: the pool keeps image volumes, but this fill unpacked into the volume
     /// (an in-place rebuild, or a refill that keeps snapshots).
     ImageVolumeUnused,
+    /// The unpack ran without part of its confinement (a kernel without Landlock, or one
+    /// that refused the seccomp filter).
+    Unconfined,
 }
 
 impl Warning {
@@ -120,6 +123,7 @@ impl Warning {
             Warning::Overcommitted => "overcommitted",
             Warning::QuotaUnavailable => "quota_unavailable",
             Warning::ImageVolumeUnused => "image_volume_unused",
+            Warning::Unconfined => "unconfined",
         }
     }
 }

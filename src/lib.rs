@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod confine;
 pub mod drivers;
 pub mod error;
 pub mod fault;

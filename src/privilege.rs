@@ -30,9 +30,12 @@ pub fn needed() -> CapabilitySet {
 
 /// Enters a mount namespace of its own in which every mount is a downstream (slave) of the
 /// host's: the host's mounts and unmounts still show here, ours never show there.
-fn private_mounts() -> std::result::Result<(), String> {
+///
+/// # Safety
+/// The caller must be the only thread of the process (`unshare` of a namespace).
+unsafe fn private_mounts() -> std::result::Result<(), String> {
     use rustix::mount::MountPropagationFlags;
-    // SAFETY: called before any other thread of this process exists.
+    // SAFETY: the caller is the process's only thread (this function's contract).
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
         .map_err(|e| format!("could not enter a new mount namespace: {e}"))?;
     rustix::mount::mount_change(
@@ -65,11 +68,24 @@ pub fn load_modules(driver: DriverKind) -> Vec<String> {
     notes
 }
 
+/// Proof that [`reduce`] ran, with what it could not do (for the log). Only [`reduce`] makes
+/// one, so code that takes a `Reduced` runs with the privileges given up.
+#[derive(Debug)]
+pub struct Reduced {
+    pub notes: Vec<String>,
+}
+
 /// Applies the reductions; returns what could not be done (for the log), never failing the
 /// request over a hardening step the kernel refused.
-pub fn reduce() -> Vec<String> {
+///
+/// # Safety
+/// The caller must be the only thread of the process (namespaces are entered with `unshare`,
+/// which is unsound beside other threads), and nothing in the process may own a file
+/// descriptor from 3 up: every one of them is closed here, under whatever holds it. `main`
+/// calls this once, before it opens anything but the standard streams.
+pub unsafe fn reduce() -> Reduced {
     let mut notes = Vec::new();
-    // SAFETY: close_range on fds we do not use; 3.. holds nothing of ours this early.
+    // SAFETY: the caller owns no descriptor from 3 up (this function's contract).
     let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     if closed != 0 {
         notes.push(format!(
@@ -92,12 +108,13 @@ pub fn reduce() -> Vec<String> {
     if let Err(e) = rustix::thread::set_no_new_privs(true) {
         notes.push(format!("could not set no_new_privs: {e}"));
     }
-    // SAFETY: called before any other thread of this process exists.
+    // SAFETY: the caller is the process's only thread (this function's contract).
     if let Err(e) = unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
     {
         notes.push(format!("could not enter a new network namespace: {e}"));
     }
-    if let Err(e) = private_mounts() {
+    // SAFETY: the caller is the process's only thread (this function's contract).
+    if let Err(e) = unsafe { private_mounts() } {
         notes.push(e);
     }
     let keep = needed();
@@ -122,5 +139,5 @@ pub fn reduce() -> Vec<String> {
         }
         Err(e) => notes.push(format!("could not read capabilities: {e}")),
     }
-    notes
+    Reduced { notes }
 }

@@ -53,9 +53,44 @@ pub struct Entry {
     pub sparse: Option<Vec<(u64, u64)>>,
     /// Things about the entry worth a warning (an ACL that could not be used, ...).
     pub notes: Vec<String>,
+    /// Metadata the image gives this entry that no Linux filesystem holds (an NFSv4 ACL, an
+    /// xattr over 64 KiB), left out of `xattrs`: each its attribute's name and a
+    /// description. The request's `unsupported_metadata` decides whether that refuses the
+    /// image.
+    pub unholdable: Vec<(String, String)>,
     /// Where the entry is described in the image (tar: offset of its first header in the
     /// decompressed stream), for messages.
     pub offset: u64,
+}
+
+/// The longest xattr name Linux takes (`XATTR_NAME_MAX`).
+pub const XATTR_NAME_MAX: usize = 255;
+/// The largest xattr value Linux takes (`XATTR_SIZE_MAX`).
+pub const XATTR_SIZE_MAX: usize = 64 << 10;
+
+/// Takes out of `xattrs` those no Linux filesystem can hold (a name over 255 bytes, a value
+/// over 64 KiB) and returns a description of each, for [`Entry::unholdable`].
+pub fn take_unholdable_xattrs(xattrs: &mut BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(String, String)> {
+    let too_big =
+        |name: &[u8], value: &[u8]| name.len() > XATTR_NAME_MAX || value.len() > XATTR_SIZE_MAX;
+    let names: Vec<Vec<u8>> = xattrs
+        .iter()
+        .filter(|(name, value)| too_big(name, value))
+        .map(|(name, _)| name.clone())
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let value = xattrs.remove(&name)?;
+            let shown = String::from_utf8_lossy(&name[..name.len().min(64)]).into_owned();
+            let what = format!(
+                "the xattr {shown} ({} bytes of name, {} of value; Linux holds at most {XATTR_NAME_MAX} and {XATTR_SIZE_MAX})",
+                name.len(),
+                value.len()
+            );
+            Some((shown, what))
+        })
+        .collect()
 }
 
 impl Entry {

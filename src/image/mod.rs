@@ -7,6 +7,7 @@
 pub mod acl;
 pub mod archive;
 pub mod entry;
+pub mod lz4;
 pub mod lzo;
 pub mod lzop;
 pub mod lzw;
@@ -191,7 +192,7 @@ pub fn detect(file: &File) -> Result<Detected> {
     if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         return compressed(Compression::Zstd);
     }
-    if head.starts_with(&[0x04, 0x22, 0x4d, 0x18]) {
+    if head.starts_with(&lz4::FRAME_MAGIC) {
         return compressed(Compression::Lz4);
     }
     if at > 0 {
@@ -199,6 +200,9 @@ pub fn detect(file: &File) -> Result<Detected> {
             Code::ImageInvalid,
             "skippable frames are followed by neither a zstd nor an lz4 frame",
         ));
+    }
+    if head.starts_with(&lz4::LEGACY_MAGIC) {
+        return compressed(Compression::Lz4);
     }
     if head.starts_with(&[0x1f, 0x8b]) {
         return compressed(Compression::Gzip);
@@ -249,34 +253,6 @@ pub fn detect(file: &File) -> Result<Detected> {
     ))
 }
 
-/// lz4 frames with the skippable frames between them passed over (lz4_flex reports one as an
-/// error after reading its 8-byte header; its data is skipped here, bounded by its u32 size).
-struct Lz4Frames<R: BufRead>(lz4_flex::frame::FrameDecoder<R>);
-
-impl<R: BufRead> Read for Lz4Frames<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            match self.0.read(buf) {
-                Err(e) => {
-                    let skip = match e
-                        .get_ref()
-                        .and_then(|inner| inner.downcast_ref::<lz4_flex::frame::Error>())
-                    {
-                        Some(lz4_flex::frame::Error::SkippableFrame(len)) => u64::from(*len),
-                        _ => return Err(e),
-                    };
-                    let inner = self.0.get_mut();
-                    let skipped = std::io::copy(&mut inner.take(skip), &mut std::io::sink())?;
-                    if skipped != skip {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                }
-                other => return other,
-            }
-        }
-    }
-}
-
 fn no_thread(e: std::io::Error) -> Error {
     Error::internal(format!("cannot start the decoder thread: {e}"))
 }
@@ -303,7 +279,7 @@ impl Read for ImageFile {
 
 /// An image opened for reading, whatever its format.
 pub struct Reader {
-    pub archive: Box<dyn archive::Archive>,
+    pub archive: Box<dyn archive::Archive + Send>,
     /// The image file's bytes read so far, before decompression (a squashfs image: the bytes
     /// of file content, not of its tables).
     pub read: Arc<AtomicU64>,
@@ -369,7 +345,12 @@ pub fn open_stream(
             })?)
         }
         Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(raw)),
-        Compression::Lz4 => Box::new(Lz4Frames(lz4_flex::frame::FrameDecoder::new(raw))),
+        Compression::Lz4 => lz4::decoder(raw).map_err(|e| {
+            Error::new(
+                Code::ImageInvalid,
+                format!("cannot start lz4 decoding: {e}"),
+            )
+        })?,
         Compression::Lzip | Compression::Lzma => {
             let stream = if compression == Compression::Lzip {
                 liblzma::stream::Stream::new_lzip_decoder(

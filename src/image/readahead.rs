@@ -25,35 +25,10 @@ impl ReadAhead {
         let (recycle, reuse) = bounded::<Vec<u8>>(BLOCKS_IN_FLIGHT + 2);
         let spawned = std::thread::Builder::new()
             .name("reimage-decode".into())
-            .spawn(move || loop {
-                let mut buf = reuse
-                    .try_recv()
-                    .unwrap_or_else(|_| Vec::with_capacity(BLOCK));
-                buf.resize(BLOCK, 0);
-                let mut filled = 0;
-                let result = loop {
-                    match inner.read(&mut buf[filled..]) {
-                        Ok(0) => break Ok(()),
-                        Ok(n) => {
-                            filled += n;
-                            if filled == buf.len() {
-                                break Ok(());
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => break Err(e),
-                    }
-                };
-                buf.truncate(filled);
-                let last = filled == 0 || result.is_err();
-                let message = match result {
-                    Ok(()) => Ok(buf),
-                    Err(e) => Err(e),
-                };
-                // The parser hung up (it stopped early): nothing more to do.
-                if tx.send(message).is_err() || last {
-                    return;
-                }
+            .spawn(move || {
+                // The decoder reads hostile bytes from the open image and opens nothing.
+                let _ = crate::confine::this_thread(crate::confine::Reach::Nothing);
+                decode(&mut *inner, &tx, &reuse)
             });
         spawned?;
         Ok(ReadAhead {
@@ -63,6 +38,45 @@ impl ReadAhead {
             pos: 0,
             ended: false,
         })
+    }
+}
+
+/// The decoder thread's loop: blocks of `inner` sent on `tx` until its end, an error, or a
+/// parser that stopped listening.
+fn decode(
+    inner: &mut (dyn Read + Send),
+    tx: &Sender<std::io::Result<Vec<u8>>>,
+    reuse: &Receiver<Vec<u8>>,
+) {
+    loop {
+        let mut buf = reuse
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BLOCK));
+        buf.resize(BLOCK, 0);
+        let mut filled = 0;
+        let result = loop {
+            match inner.read(&mut buf[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        buf.truncate(filled);
+        let last = filled == 0 || result.is_err();
+        let message = match result {
+            Ok(()) => Ok(buf),
+            Err(e) => Err(e),
+        };
+        // The parser hung up (it stopped early): nothing more to do.
+        if tx.send(message).is_err() || last {
+            return;
+        }
     }
 }
 

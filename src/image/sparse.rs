@@ -11,8 +11,10 @@ use crate::error::{Code, Error, Result};
 
 /// Sparse maps with more segments than this are refused.
 pub const MAX_SEGMENTS: usize = 1 << 20;
-/// Sparse files claiming a larger size than this are refused (16 TiB).
-pub const MAX_REAL_SIZE: u64 = 16 << 40;
+/// Sparse files claiming a larger size than this are refused: GNU tar's `off_t` range. Holes
+/// cost nothing to read or write; a file larger than the volume's filesystem holds fails
+/// to be written with a message that says so.
+pub const MAX_REAL_SIZE: u64 = i64::MAX as u64;
 
 pub type Map = Vec<(u64, u64)>;
 
@@ -29,7 +31,7 @@ pub fn validate(mut map: Map, real_size: u64, stored: u64, at: u64) -> Result<Ma
     if real_size > MAX_REAL_SIZE {
         return Err(invalid(
             at,
-            format!("a real size of {real_size} bytes is beyond the 16 TiB limit"),
+            format!("a real size of {real_size} bytes is beyond what a file can be (2^63 - 1)"),
         ));
     }
     if map.len() > MAX_SEGMENTS {

@@ -908,7 +908,8 @@ impl Squashfs {
             5 | 12 => Kind::CharDevice,
             _ => Kind::Fifo,
         };
-        let xattrs = self.xattrs(inode.xattr)?;
+        let mut xattrs = self.xattrs(inode.xattr)?;
+        let unholdable = super::entry::take_unholdable_xattrs(&mut xattrs);
         let dev = inode.dev;
         Ok(Entry {
             path,
@@ -924,6 +925,7 @@ impl Squashfs {
             xattrs,
             sparse: None,
             notes: Vec::new(),
+            unholdable,
             offset: 0,
         })
     }

@@ -18,7 +18,7 @@ use crate::unpack::idmap::IdMap;
 use crate::unpack::path::{normalize, RelPath};
 
 pub struct Alongside<'a> {
-    inner: &'a mut dyn Archive,
+    inner: &'a mut (dyn Archive + Send),
     measurer: Measurer,
     /// The entries read to guess the prefix, handed over first.
     peeked: VecDeque<Entry>,
@@ -47,7 +47,7 @@ pub enum Measured {
 impl<'a> Alongside<'a> {
     /// Reads the first entry of `inner` to settle the prefix the unpacker must use.
     pub fn new(
-        inner: &'a mut dyn Archive,
+        inner: &'a mut (dyn Archive + Send),
         prefix_override: Option<&str>,
         idmap: &IdMap,
         budget: Budget,
@@ -189,6 +189,7 @@ mod tests {
             xattrs: BTreeMap::new(),
             sparse: None,
             notes: Vec::new(),
+            unholdable: Vec::new(),
             offset: 0,
         }
     }

@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use reimage_driver::records::RecordDir;
 use serde::{Deserialize, Serialize};
 
-use super::{Measurement, Tally};
+use super::{Measurement, Tally, Unholdable};
 use crate::image::{Compression, Format};
 use crate::unpack::idmap::IdRange;
 use crate::unpack::path::{normalize, RelPath};
@@ -25,7 +25,7 @@ const MAX_RECORDS: usize = 64;
 /// little enough to cost nothing (every request that names an image computes its key).
 const EDGE: u64 = 64 << 10;
 /// Bumped whenever what a measurement contains or validates changes.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -48,6 +48,10 @@ pub struct Stored {
     inodes: u64,
     entries: u64,
     rootfs_prefix: Option<String>,
+    /// Metadata of the image that Linux cannot hold (absent: none, or a record written
+    /// before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unholdable: Option<Unholdable>,
 }
 
 impl Stored {
@@ -59,6 +63,7 @@ impl Stored {
             allocated_bytes: m.tally.allocated_bytes,
             inodes: m.tally.inodes,
             entries: m.tally.entries,
+            unholdable: m.unholdable.clone(),
             rootfs_prefix: m
                 .rootfs_prefix
                 .as_ref()
@@ -81,6 +86,7 @@ impl Stored {
                 inodes: self.inodes,
                 entries: self.entries,
             },
+            unholdable: self.unholdable.clone(),
             rootfs_prefix,
         })
     }

@@ -73,9 +73,56 @@ pub struct Measurement {
     pub format: Format,
     pub compression: Compression,
     pub tally: Tally,
+    /// Metadata of the image that no Linux filesystem holds (see [`Entry::unholdable`]):
+    /// the first item found, and how many there are.
+    pub unholdable: Option<Unholdable>,
     /// The part of the image that becomes the volume root (`rootfs` for a unified
     /// LXD/Incus image), `None` for the whole image.
     pub rootfs_prefix: Option<RelPath>,
+}
+
+/// The first of an image's metadata items that Linux cannot hold, and their number.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Unholdable {
+    /// The entry's path, as messages show it.
+    pub path: String,
+    /// The item's name (an xattr's, or the tar record's).
+    pub attribute: String,
+    /// What the item is, for the message.
+    pub what: String,
+    /// How many such items the image has.
+    pub count: u64,
+}
+
+impl Unholdable {
+    /// The request's error for an image with such items (`unsupported_metadata` "fail").
+    pub fn refusal(&self) -> Error {
+        let more = match self.count {
+            0 | 1 => String::new(),
+            n => format!(" (and {} more such items)", n - 1),
+        };
+        Error::new(
+            Code::Unsupported,
+            format!(
+                "entry {} has {}{more}, which no Linux filesystem holds; send \"unsupported_metadata\": \"warn\" to build the volume without it",
+                self.path, self.what
+            ),
+        )
+        .with("path", self.path.clone())
+        .with("attribute", self.attribute.clone())
+    }
+
+    /// The warning for it under `unsupported_metadata` "warn".
+    pub fn warning(&self) -> String {
+        let more = match self.count {
+            0 | 1 => String::new(),
+            n => format!("; {} more such items are left out too", n - 1),
+        };
+        format!(
+            "entry {} has {}, which no Linux filesystem holds: it is left out{more}",
+            self.path, self.what
+        )
+    }
 }
 
 impl Measurement {
@@ -84,6 +131,7 @@ impl Measurement {
             format: Format::Tar,
             compression: Compression::None,
             tally: Tally::default(),
+            unholdable: None,
             rootfs_prefix: None,
         }
     }
@@ -109,6 +157,7 @@ struct View {
     tally: Tally,
     seen: HashMap<u64, Seen>,
     error: Option<Error>,
+    unholdable: Option<Unholdable>,
 }
 
 impl View {
@@ -118,6 +167,7 @@ impl View {
             tally: Tally::default(),
             seen: HashMap::new(),
             error: None,
+            unholdable: None,
         }
     }
 
@@ -136,6 +186,19 @@ impl View {
     fn add(&mut self, hasher: &RandomState, entry: &Entry, path: &RelPath, idmap: &IdMap) {
         let Some(path) = self.place(path) else { return };
         self.tally.add(entry);
+        for (attribute, what) in &entry.unholdable {
+            match &mut self.unholdable {
+                Some(first) => first.count += 1,
+                None => {
+                    self.unholdable = Some(Unholdable {
+                        path: path.shown(),
+                        attribute: attribute.clone(),
+                        what: what.clone(),
+                        count: 1,
+                    })
+                }
+            }
+        }
         if self.error.is_none() {
             self.error = self.check(hasher, entry, &path, idmap).err();
         }
@@ -397,6 +460,7 @@ impl Measurer {
             format: Format::Tar,
             compression: Compression::None,
             tally: view.tally,
+            unholdable: view.unholdable,
             rootfs_prefix: view.prefix,
         })
     }

@@ -78,6 +78,12 @@ pub(super) fn plan_for(
     written: Option<Tally>,
     blocks: Blocks,
 ) -> Result<Plan> {
+    if let Some(item) = &content.measurement().unholdable {
+        match fill.unsupported_metadata {
+            UnsupportedMetadata::Fail => return Err(item.refusal()),
+            UnsupportedMetadata::Warn => held.events.warning(Warning::XattrFailed, &item.warning()),
+        }
+    }
     let tally = content.measurement().tally;
     let driver = held.driver;
     let need = Need {

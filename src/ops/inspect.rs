@@ -2,13 +2,15 @@
 
 use super::*;
 
-pub(super) fn inspect(ctx: Ctx<'_>, volume: &VolumeName) -> Result<out::VolumeResult> {
+/// `walk`: count bytes and inodes by a walk of the tree where the pool has no counter of
+/// them; without it an inspect does no work proportional to the volume's files.
+pub(super) fn inspect(ctx: Ctx<'_>, volume: &VolumeName, walk: bool) -> Result<out::VolumeResult> {
     let (pool, driver) = needs(&ctx)?;
     let journal = Journal::open(ctx.state, &pool.name)?;
     let pending =
         journal.read(volume)?.is_some() || driver.leftovers()?.iter().any(|(v, _)| v == volume);
     let mut info = if driver.identity(Slot::live(volume))?.is_some() {
-        volume_info(driver, volume)?
+        volume_info_with(driver, volume, walk)?
     } else {
         no_volume(volume)
     };

@@ -99,7 +99,7 @@ pub fn run(ctx: Ctx<'_>, op: &Op) -> Result<OpResult> {
     match op {
         Op::Measure { source } => measure(ctx, source).map(OpResult::Measure),
         Op::Recover { volume, .. } => recover(ctx, volume.as_ref()).map(OpResult::Recover),
-        Op::Inspect { volume, .. } => inspect(ctx, volume).map(OpResult::Inspect),
+        Op::Inspect { volume, walk, .. } => inspect(ctx, volume, *walk).map(OpResult::Inspect),
         Op::Create { volume, fill, .. } => create(ctx, volume, fill).map(OpResult::Create),
         Op::Rebuild {
             volume,

@@ -64,7 +64,7 @@ pub(super) fn rebuild(
     }
     let preserved = preserve_paths(preserve_list)?;
     let idmap = IdMap::new(fill.idmap.clone());
-    let current = driver.usage(live)?;
+    let current = live_usage(driver, live, mode == Mode::InPlace || refill)?;
     // Only a new slot built beside the volume can be a clone of an image volume.
     let clones = mode == Mode::Atomic && !refill;
     let (content, plan) = measure_and_plan(
@@ -273,4 +273,19 @@ pub(super) fn refuse_clones(driver: &dyn Driver, volume: &VolumeName) -> Result<
         ),
     )
     .with("clones", clones))
+}
+
+/// What the plan needs of the volume being replaced: its limit always; its bytes and inodes
+/// only when it is refilled or replaced in place (what the fill frees or must leave room
+/// for). A pool without counters (quotas off) has no limits either, so an atomic rebuild
+/// there reads nothing: a walk of the old tree would cost time proportional to its files.
+fn live_usage(driver: &dyn Driver, live: Slot<'_>, in_place: bool) -> Result<Usage> {
+    if in_place || driver.capabilities().cheap_usage {
+        return driver.usage(live).map_err(Error::from);
+    }
+    Ok(Usage {
+        size: None,
+        used: 0,
+        inodes: None,
+    })
 }

@@ -31,6 +31,18 @@ pub struct Start {
     pub pool: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
+    /// How the threads that unpack an image are confined on this kernel (SECURITY.md).
+    pub confinement: Confinement,
+}
+
+/// The confinement the unpack threads install on themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct Confinement {
+    /// A seccomp allow-list of system calls.
+    pub seccomp: bool,
+    /// The Landlock ABI the file-access ruleset is enforced with; `null` where the kernel
+    /// has no Landlock (the unpack then warns `unconfined`).
+    pub landlock_abi: Option<u32>,
 }
 
 /// How far a phase is. Every phase reports `done` 0 first and `done == total` last.

@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use super::event::{ErrorEvent, Event, Progress, ResultEvent, Start, WarningEvent};
+use super::event::{Confinement, ErrorEvent, Event, Progress, ResultEvent, Start, WarningEvent};
 use super::results::{Cache, OpResult};
 use super::screen::{Display, Screen};
 use crate::error::{Error, Warning};
@@ -99,13 +99,20 @@ impl Events {
         self.screen.line(message);
     }
 
-    pub fn start(&mut self, op: &str, driver: &str, pool: Option<&str>, volume: Option<&str>) {
+    pub fn start(
+        &mut self,
+        op: &str,
+        driver: &str,
+        target: (Option<&str>, Option<&str>),
+        confinement: Confinement,
+    ) {
         self.emit(&Event::Start(Start {
             api: super::request::API_VERSION,
             op: op.to_owned(),
             driver: driver.to_owned(),
-            pool: pool.map(str::to_owned),
-            volume: volume.map(str::to_owned),
+            pool: target.0.map(str::to_owned),
+            volume: target.1.map(str::to_owned),
+            confinement,
         }));
     }
 

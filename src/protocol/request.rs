@@ -81,6 +81,9 @@ pub enum Op {
     Inspect {
         pool: String,
         volume: VolumeName,
+        /// Count the volume's bytes and inodes by walking its tree where the pool keeps no
+        /// counter of them (dir, btrfs and overlay with quotas off); otherwise they are null.
+        walk: bool,
     },
     Create {
         pool: String,
@@ -211,6 +214,11 @@ struct WireVolume {
     op: String,
     pool: String,
     volume: String,
+    /// Count `used` and `inodes` by walking the volume's tree where the pool keeps no counter
+    /// of them (dir, btrfs and overlay pools with quotas off): work proportional to the
+    /// volume's files. Without it they are `null` on such pools.
+    #[serde(default)]
+    walk: bool,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -683,6 +691,7 @@ pub fn parse(text: &str) -> Result<Op> {
             Op::Inspect {
                 pool: w.pool,
                 volume: volume_name(w.volume)?,
+                walk: w.walk,
             }
         }
         "create" => {

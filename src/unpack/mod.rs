@@ -21,6 +21,7 @@ use std::sync::Arc;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
+use crate::confine::{self, Reach};
 use crate::error::{Code, Error, Result, Warning};
 use crate::image::tar::{Entry, Kind};
 use fs::{Born, Meta, RemoveError, Tree, XattrFailure};
@@ -79,7 +80,7 @@ struct Unpacker<'a, 'o> {
     tree: Tree<'a>,
     writers: Option<Writers>,
     options: &'a Options,
-    observer: &'o mut dyn Observer,
+    observer: &'o mut (dyn Observer + Send),
     deferred: HashMap<RelPath, Meta>,
     stats: Stats,
     xattr_failures: u64,
@@ -99,12 +100,16 @@ fn fs_error(entry: &RelPath, what: &str, e: Errno) -> Error {
             Code::ImageInvalid
         }
         Errno::XDEV => Code::UnsafeImage,
+        Errno::FBIG => Code::Unsupported,
         _ => Code::DriverError,
     };
     let hint = match e {
         Errno::NOSPC => " (the volume is full)",
         Errno::DQUOT => " (the volume's quota is exhausted)",
         Errno::NOTDIR => " (a parent is not a directory)",
+        Errno::FBIG => {
+            " (the file is larger than the volume's filesystem holds: use a pool on btrfs or xfs)"
+        }
         _ => "",
     };
     Error::new(
@@ -156,11 +161,45 @@ fn current_umask() -> u32 {
 
 /// Unpacks every entry of `archive` below `root`. On error the tree is left half-written: the
 /// caller owns the volume and destroys it.
+///
+/// The work runs on a thread of its own that confines itself first ([`crate::confine`]:
+/// seccomp, and Landlock beneath `root`); the writers it starts inherit that. The calling
+/// thread stays as it was, and waits.
 pub fn unpack(
-    archive: &mut dyn Archive,
+    archive: &mut (dyn Archive + Send),
     root: BorrowedFd<'_>,
     options: &Options,
-    observer: &mut dyn Observer,
+    observer: &mut (dyn Observer + Send),
+) -> Result<Stats> {
+    // Counted here: std reads the cgroup's CPU limits from /proc and /sys for it.
+    let writers = pipeline::writer_count();
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("reimage-unpack".into())
+            .spawn_scoped(scope, move || {
+                let (_, warning) = confine::this_thread(Reach::Beneath(root));
+                if let Some(warning) = warning {
+                    observer.warning(Warning::Unconfined, &warning);
+                }
+                if let Some(probe) = confine::forbidden_call_probe() {
+                    return Err(Error::internal(probe));
+                }
+                unpack_confined(archive, root, options, observer, writers)
+            })
+            .map_err(|e| Error::internal(format!("cannot start the unpack thread: {e}")))?;
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::internal("the unpack thread panicked")))
+    })
+}
+
+/// [`unpack`]'s work, on its confined thread, with `writers` writer threads.
+fn unpack_confined(
+    archive: &mut (dyn Archive + Send),
+    root: BorrowedFd<'_>,
+    options: &Options,
+    observer: &mut (dyn Observer + Send),
+    writers: usize,
 ) -> Result<Stats> {
     let implicit_owner = (
         options.idmap.map(0).unwrap_or(0),
@@ -185,10 +224,7 @@ pub fn unpack(
     });
     let mut unpacker = Unpacker {
         tree: Tree::new(root, implicit_owner),
-        writers: Some(Writers::start(
-            pipeline::writer_count(),
-            encoded::possible_under(root),
-        )?),
+        writers: Some(Writers::start(writers, encoded::possible_under(root))?),
         options,
         observer,
         deferred: HashMap::new(),

@@ -91,6 +91,10 @@ pub fn write_error(path: &RelPath, what: &str, e: Errno) -> Error {
     let (code, hint) = match e {
         Errno::NOSPC => (Code::InsufficientSpace, " (the volume is full)"),
         Errno::DQUOT => (Code::QuotaExceeded, " (the volume's quota is exhausted)"),
+        Errno::FBIG => (
+            Code::Unsupported,
+            " (the file is larger than the volume's filesystem holds: use a pool on btrfs or xfs)",
+        ),
         _ => (Code::DriverError, ""),
     };
     Error::new(

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 /// Where the programs are looked up, whatever `PATH` the caller had.
 pub const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -83,31 +83,41 @@ struct Outcome {
     timed_out: bool,
 }
 
+/// Whether `child` has exited, without reaping it: a zombie keeps its pid, so its process
+/// group cannot be reused by another until [`reap`] runs, and a kill of the group after a
+/// timeout can only reach what the child started.
+fn exited(child: &Child) -> bool {
+    let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) else {
+        return true;
+    };
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    match rustix::process::waitid(WaitId::Pid(pid), options) {
+        Ok(seen) => seen.is_some(),
+        // ECHILD: not ours to wait for any more; EINTR: look again on the next turn.
+        Err(e) => e != rustix::io::Errno::INTR,
+    }
+}
+
 /// Waits for `child` to exit and close both pipes, reading them as it goes, on this thread
 /// alone: one poll(2) over the two pipes and the child's pidfd (where the kernel has pidfds;
-/// elsewhere the child is checked for every few milliseconds). After `limit` the child's
-/// process group is killed, and a second later the watch ends whatever is still open: a
-/// descendant that left the group and kept the pipes open is not waited for.
-fn watch(child: &mut Child, limit: Duration) -> Outcome {
+/// elsewhere the child is checked for every few milliseconds). After `limit` the process
+/// group `group` (the child's, whose leader is not reaped before this returns) is killed,
+/// and a second later the watch ends whatever is still open: a descendant that left the
+/// group and kept the pipes open is not waited for. The child is reaped last.
+fn watch(child: &mut Child, group: Pid, limit: Duration) -> Outcome {
     let mut pipes = [
         child.stdout.take().map(OwnedFd::from),
         child.stderr.take().map(OwnedFd::from),
     ];
     let mut printed = [Vec::new(), Vec::new()];
     let pidfd = rustix::process::pidfd_open(Pid::from_child(child), PidfdFlags::empty()).ok();
-    let mut status = None;
+    let mut has_exited = false;
     let mut timed_out = false;
     let mut deadline = Instant::now() + limit;
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        if status.is_none() {
-            match child.try_wait() {
-                Ok(Some(s)) => status = Some(Ok(s)),
-                Ok(None) => {}
-                Err(e) => status = Some(Err(e)),
-            }
-        }
-        if status.is_some() && pipes.iter().all(Option::is_none) {
+        has_exited = has_exited || exited(child);
+        if has_exited && pipes.iter().all(Option::is_none) {
             break;
         }
         let now = Instant::now();
@@ -116,16 +126,15 @@ fn watch(child: &mut Child, limit: Duration) -> Outcome {
                 break;
             }
             timed_out = true;
-            // The whole group: the program and whatever it started.
-            if let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) {
-                let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-            }
+            // The whole group: the program and whatever it started. Its leader is not
+            // reaped yet, so the group id still names this group.
+            let _ = rustix::process::kill_process_group(group, Signal::KILL);
             deadline = now + Duration::from_secs(1);
             continue;
         }
         let mut wait = deadline - now;
-        let exit_seen_by_poll = status.is_none() && pidfd.is_some();
-        if status.is_none() && pidfd.is_none() {
+        let exit_seen_by_poll = !has_exited && pidfd.is_some();
+        if !has_exited && pidfd.is_none() {
             wait = wait.min(Duration::from_millis(5));
         }
         let mut fds: Vec<PollFd<'_>> = pipes
@@ -162,12 +171,24 @@ fn watch(child: &mut Child, limit: Duration) -> Outcome {
             }
         }
     }
+    let status = reap(child, has_exited);
     let [stdout, stderr] = printed;
     Outcome {
         status,
         stdout,
         stderr,
         timed_out,
+    }
+}
+
+/// The exit status of `child`, reaped: waited for when it was seen to exit, looked at
+/// without waiting otherwise (`None`: still running after its kill, as a program stuck in
+/// the kernel is; it is reaped when reimage exits).
+fn reap(child: &mut Child, ended: bool) -> Option<std::io::Result<ExitStatus>> {
+    if ended {
+        Some(child.wait())
+    } else {
+        child.try_wait().transpose()
     }
 }
 
@@ -226,7 +247,14 @@ where
         Ok(child) => child,
         Err(e) => return Err(failure(None, cannot_run(program, &e), String::new())),
     };
-    let outcome = watch(&mut child, limit);
+    let Some(group) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) else {
+        return Err(failure(
+            None,
+            format!("{program} has no process id"),
+            String::new(),
+        ));
+    };
+    let outcome = watch(&mut child, group, limit);
     let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&outcome.stderr).trim().to_owned();
     if outcome.timed_out {
@@ -264,7 +292,15 @@ pub fn run_piped(first: (&str, &[&str]), second: (&str, &[&str])) -> Result<Stri
         .process_group(0)
         .spawn()
         .map_err(|e| cannot(first.0, e))?;
-    let group = i32::try_from(writer.id()).unwrap_or(0);
+    let Some(group) = i32::try_from(writer.id()).ok().and_then(Pid::from_raw) else {
+        let _ = writer.kill();
+        let _ = writer.wait();
+        return Err(failure(
+            None,
+            format!("{} has no process id", first.0),
+            String::new(),
+        ));
+    };
     let Some(pipe) = writer.stdout.take() else {
         let _ = writer.kill();
         let _ = writer.wait();
@@ -276,7 +312,7 @@ pub fn run_piped(first: (&str, &[&str]), second: (&str, &[&str])) -> Result<Stri
     };
     let reader = prepared(second.0, second.1)
         .stdin(Stdio::from(pipe))
-        .process_group(group)
+        .process_group(group.as_raw_nonzero().get())
         .spawn();
     let mut reader = match reader {
         Ok(child) => child,
@@ -287,11 +323,9 @@ pub fn run_piped(first: (&str, &[&str]), second: (&str, &[&str])) -> Result<Stri
         }
     };
     let limit = timeout();
-    let outcome = watch(&mut reader, limit);
-    if outcome.timed_out {
-        // The whole group went with the reader; the writer is reaped below.
-        let _ = writer.kill();
-    }
+    // The group is the writer's, which is reaped only below: the id cannot be reused while
+    // the watch may kill it.
+    let outcome = watch(&mut reader, group, limit);
     // The writer's stderr is small (a message at most) and read once it has exited.
     let written = writer.wait_with_output();
     let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
@@ -354,7 +388,8 @@ mod tests {
 
     #[test]
     fn children_get_a_cleared_environment() {
-        std::env::set_var("REIMAGE_LEAK_CHECK", "leaked");
+        // The test runner's own environment (HOME, PATH, CARGO_*) is what must not leak.
+        assert!(std::env::vars_os().count() > 2);
         let out = run("env", std::iter::empty::<&str>()).unwrap();
         let mut vars: Vec<&str> = out.lines().collect();
         vars.sort();

@@ -26,12 +26,22 @@ const PREFIX: Range<usize> = 345..500;
 const GNU_SPARSE: Range<usize> = 386..482;
 const GNU_IS_EXTENDED: usize = 482;
 const GNU_REAL_SIZE: Range<usize> = 483..495;
+/// star's layout of a POSIX ustar block: a 131-byte prefix (its last byte NUL), then the
+/// access and change times, each octal digits ended by a space (what tells star's headers
+/// from other POSIX ones, as GNU tar tells them).
+const STAR_PREFIX_LAST: usize = 475;
+const STAR_ATIME: Range<usize> = 476..488;
+const STAR_CTIME: Range<usize> = 488..500;
+/// star's sparse members (`S`) keep their map where the prefix would be: a flag saying an
+/// extension block follows, four (offset, size) pairs, and the file's real size.
+const STAR_IS_EXTENDED: usize = 355;
+const STAR_SPARSE: Range<usize> = 356..452;
+const STAR_REAL_SIZE: Range<usize> = 452..464;
 /// An old GNU sparse extension block: 21 more pairs and the same flag.
 const EXT_SPARSE: Range<usize> = 0..504;
 const EXT_IS_EXTENDED: usize = 504;
 
-/// Pairs in the header's own sparse map, and in each extension block.
-pub const GNU_SPARSE_PAIRS: usize = 4;
+/// Pairs in each extension block.
 pub const EXT_SPARSE_PAIRS: usize = 21;
 
 /// One header block.
@@ -72,6 +82,30 @@ impl Header<'_> {
     /// A POSIX ustar header, whose `prefix` field holds part of the path.
     pub fn is_posix_ustar(&self) -> bool {
         &self.0[MAGIC] == b"ustar\0"
+    }
+    /// A header written by star: POSIX ustar with star's time fields (GNU tar's test).
+    pub fn is_star(&self) -> bool {
+        let octal_then_space = |field: &[u8]| {
+            field.first().is_some_and(|b| (b'0'..=b'7').contains(b)) && field.last() == Some(&b' ')
+        };
+        self.is_posix_ustar()
+            && self.0[STAR_PREFIX_LAST] == 0
+            && octal_then_space(&self.0[STAR_ATIME])
+            && octal_then_space(&self.0[STAR_CTIME])
+    }
+    /// star's sparse map in the header, where it has one there: the prefix is empty and the
+    /// first offset is written out (its eleventh byte set); otherwise the whole map is in
+    /// extension blocks.
+    pub fn star_sparse(&self) -> Option<&[u8]> {
+        let first_offset_written = self.0[STAR_SPARSE.start + 10] != 0;
+        (self.0[PREFIX.start] == 0 && first_offset_written).then(|| &self.0[STAR_SPARSE])
+    }
+    /// Whether an extension block follows, for a star header with its map in it.
+    pub fn star_is_extended(&self) -> bool {
+        self.0[STAR_IS_EXTENDED] != 0
+    }
+    pub fn star_real_size(&self) -> &[u8] {
+        &self.0[STAR_REAL_SIZE]
     }
     pub fn devmajor(&self) -> &[u8] {
         &self.0[DEVMAJOR]

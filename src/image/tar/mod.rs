@@ -28,7 +28,7 @@ use std::io::{BufRead, ErrorKind};
 
 mod header;
 
-use header::{Header, SparseExtension, EXT_SPARSE_PAIRS, GNU_SPARSE_PAIRS};
+use header::{Header, SparseExtension, EXT_SPARSE_PAIRS};
 
 use super::archive::{Archive, PieceData};
 use crate::error::{Code, Error, Result};
@@ -157,14 +157,28 @@ fn ambiguous(offset: u64, construction: impl std::fmt::Display) -> Error {
     .with("offset", offset)
 }
 
-/// Whether GNU tar applies a global header's `key` to the members after it: anything that a
-/// member is made of. `comment`, `charset`, times that are not restored and unknown vendor
-/// keys change nothing.
+/// Whether GNU tar applies a global header's `key` to the members after it: a key it knows
+/// that a member is made of. `comment`, `charset`, times that are not restored, and the keys
+/// GNU tar does not know (star's `SCHILY.fflags`, `SCHILY.dev`, `SCHILY.ino`, `SCHILY.nlink`,
+/// `SCHILY.acl.ace`; `SUN.*`; `LIBARCHIVE.creationtime`) change nothing for either tool,
+/// since bsdtar ignores global headers whole. Checked against GNU tar 1.34.
 fn applies_to_members(key: &str) -> bool {
     matches!(
         key,
-        "path" | "linkpath" | "size" | "uid" | "gid" | "uname" | "gname" | "mtime"
-    ) || ["GNU.sparse.", "SCHILY.", "LIBARCHIVE.", "RHT."]
+        "path"
+            | "linkpath"
+            | "size"
+            | "uid"
+            | "gid"
+            | "uname"
+            | "gname"
+            | "mtime"
+            | "SCHILY.devmajor"
+            | "SCHILY.devminor"
+            | "SCHILY.acl.access"
+            | "SCHILY.acl.default"
+            | "RHT.security.selinux"
+    ) || ["GNU.sparse.", "SCHILY.xattr.", "LIBARCHIVE.xattr."]
         .iter()
         .any(|prefix| key.starts_with(prefix))
 }
@@ -603,6 +617,15 @@ impl<R: BufRead> TarReader<R> {
             ),
         ];
         let mut notes = Vec::new();
+        let mut unholdable = super::entry::take_unholdable_xattrs(&mut xattrs);
+        // NFSv4 ACLs (star's and bsdtar's `SCHILY.acl.ace`): no Linux filesystem reimage
+        // fills holds them (GNU tar ignores the record, bsdtar fails to set it).
+        if record("SCHILY.acl.ace").is_some() {
+            unholdable.push((
+                "SCHILY.acl.ace".to_owned(),
+                "an NFSv4 ACL (SCHILY.acl.ace)".to_owned(),
+            ));
+        }
         for (name, text) in acls {
             let Some(text) = text else { continue };
             // GNU tar with --xattrs also stores the binary value; that one wins.
@@ -638,15 +661,25 @@ impl<R: BufRead> TarReader<R> {
                 (b'S', _) => {
                     let number =
                         |f: &[u8]| parse_number(f).ok().and_then(|v| u64::try_from(v).ok());
+                    // star's sparse members put the map and the real size elsewhere in the
+                    // header, or the whole map in extension blocks (read as GNU tar reads
+                    // them); GNU's own in the old GNU places.
+                    let (in_header, size_field, mut extended) = if h.is_star() {
+                        match h.star_sparse() {
+                            Some(pairs) => (pairs, h.star_real_size(), h.star_is_extended()),
+                            None => (&[][..], h.star_real_size(), true),
+                        }
+                    } else {
+                        (h.gnu_sparse(), h.gnu_real_size(), h.gnu_is_extended())
+                    };
                     let mut map = super::sparse::parse_gnu_entries(
-                        h.gnu_sparse(),
-                        GNU_SPARSE_PAIRS,
+                        in_header,
+                        in_header.len() / 24,
                         at,
                         number,
                     )?;
-                    real_size = number(h.gnu_real_size())
+                    real_size = number(size_field)
                         .ok_or_else(|| invalid(at, "unreadable sparse real size"))?;
-                    let mut extended = h.gnu_is_extended();
                     while extended {
                         let mut block = [0u8; BLOCK as usize];
                         self.read_exact(&mut block)?;
@@ -731,6 +764,7 @@ impl<R: BufRead> TarReader<R> {
             xattrs,
             sparse,
             notes,
+            unholdable,
             offset: at,
         })
     }
