@@ -337,6 +337,19 @@ impl Unpacker<'_, '_> {
         for note in &entry.notes {
             self.observer.warning(Warning::AclSkipped, note);
         }
+        // Measure found these first where it ran first (and the plan refused or warned);
+        // an unpack that measures as it goes stops at the first.
+        if let (Some((attribute, what)), UnsupportedMetadata::Fail) =
+            (entry.unholdable.first(), self.options.unsupported_metadata)
+        {
+            let item = crate::measure::Unholdable {
+                path: path.shown(),
+                attribute: attribute.clone(),
+                what: what.clone(),
+                count: 1,
+            };
+            return Err(item.refusal());
+        }
         self.stats.entries += 1;
         let Some((parent_path, name)) = path.split_last() else {
             // The volume root: only a directory entry may describe it, and it keeps being a

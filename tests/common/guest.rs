@@ -92,7 +92,10 @@ echo 2 > /proc/sys/fs/suid_dumpable
 ";
 
 /// Prints the backtrace of every core left, with the binary that dumped it: reimage, a
-/// command on the PATH of that name (`zfs`, `zpool`, `lvcreate`, ...), else the test binary.
+/// command on the PATH of that name (`zfs`, `zpool`, `lvcreate`, ...), else the test binary;
+/// and the state of the thread that faulted: every register (the vector ones too), the code
+/// before the faulting instruction, and the top of its stack, so that a stack slot holding a
+/// correct value beside a register holding garbage shows.
 fn backtraces(test_exe: &Path) -> String {
     format!(
         "for core in /scratch/cores/core.*; do
@@ -104,6 +107,8 @@ fn backtraces(test_exe: &Path) -> String {
     esac
     echo \"== $core ($exe)\"
     gdb -q -batch -ex 'thread apply all bt' \"$exe\" \"$core\" 2>&1 | tail -n 80 || true
+    gdb -q -batch -ex 'info all-registers' -ex 'x/16i $pc-48' -ex 'x/32gx $sp' \
+        \"$exe\" \"$core\" 2>&1 | grep -v '^\\[New LWP' | tail -n 200 || true
 done
 ",
         super::BIN,

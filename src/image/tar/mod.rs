@@ -695,6 +695,27 @@ impl<R: BufRead> TarReader<R> {
                         }
                         extended = ext.is_extended();
                     }
+                    // GNU tar reads each segment's data from a block boundary, bsdtar (and
+                    // star) back to back: they agree only where every segment but the last
+                    // fills whole blocks, as the tools that write these members make them.
+                    let mut lengths = map.iter().map(|&(_, len)| len).filter(|&len| len > 0);
+                    let last = lengths.next_back();
+                    if last.is_some() && lengths.any(|len| len % BLOCK != 0) {
+                        return Err(ambiguous(
+                            at,
+                            "a sparse segment that is not whole blocks before the last one",
+                        ));
+                    }
+                    if h.is_star() {
+                        // GNU tar makes a star sparse file as long as its map reaches (the
+                        // last segment's end, or a final empty segment's offset), whatever
+                        // the header's real size says; bsdtar reads none of star's map.
+                        real_size = map
+                            .iter()
+                            .map(|&(offset, len)| offset.saturating_add(len))
+                            .max()
+                            .unwrap_or(0);
+                    }
                     Some(map)
                 }
                 (_, (Some(major), minor, _, real_text))
