@@ -5,8 +5,14 @@
 use std::process::Command;
 
 fn guest(script: &str) -> (i32, String) {
+    guest_booted_with("", script)
+}
+
+/// `script` in a guest whose kernel command line also has `append`.
+fn guest_booted_with(append: &str, script: &str) -> (i32, String) {
     let root = env!("CARGO_MANIFEST_DIR");
     let out = Command::new(format!("{root}/scripts/guest"))
+        .env("GUEST_APPEND", append)
         .arg(script)
         .current_dir(root)
         .output()
@@ -51,4 +57,44 @@ fn a_failing_command_fails_the_run() {
     let (status, out) = guest("echo about to fail; exit 7");
     assert_eq!(status, 7, "{out}");
     assert!(out.contains("about to fail"));
+}
+
+#[test]
+fn a_kernel_without_landlock_leaves_the_unpack_confined_by_seccomp_and_warned() {
+    // Debian's kernel booted with an `lsm=` list that leaves Landlock out: a real kernel
+    // without it. The unpack still runs, under its seccomp list (kill mode), with a warning.
+    let script = r#"set -e
+mkdir -p /etc/reimage-ll /tmp/ll/pool /tmp/ll/images /tmp/ll/state /tmp/ll/src/etc
+echo guest > /tmp/ll/src/etc/hostname
+tar -C /tmp/ll/src -cf /tmp/ll/images/a.tar .
+cat > /etc/reimage-ll/config.toml <<'TOML'
+state_dir = "/tmp/ll/state"
+[images]
+allow = ["/tmp/ll/images"]
+[pools.default]
+driver = "dir"
+path = "/tmp/ll/pool"
+TOML
+[ -e /sys/kernel/security/lsm ] || mount -t securityfs none /sys/kernel/security
+echo "lsm: $(cat /sys/kernel/security/lsm)"
+echo '{"api":1,"op":"create","pool":"default","volume":"v","source":{"image":"/tmp/ll/images/a.tar"}}' |
+    REIMAGE_SECCOMP=kill BIN --config /etc/reimage-ll/config.toml --progress never dir
+echo "volume: $(cat /tmp/ll/pool/v/etc/hostname)"
+"#
+    .replace("BIN", env!("CARGO_BIN_EXE_reimage"));
+    let (status, out) = guest_booted_with("lsm=lockdown,yama", &script);
+    eprintln!("{out}");
+    assert_eq!(status, 0, "{out}");
+    let lsm = out
+        .lines()
+        .find(|l| l.starts_with("lsm: "))
+        .unwrap_or_default();
+    assert!(lsm.contains("yama") && !lsm.contains("landlock"), "{out}");
+    assert!(out.contains("\"landlock_abi\":null"), "{out}");
+    assert!(out.contains("\"code\":\"unconfined\""), "{out}");
+    assert!(out.contains("\"event\":\"result\""), "{out}");
+    assert!(
+        out.contains("volume: guest"),
+        "the volume holds the image: {out}"
+    );
 }
