@@ -32,7 +32,9 @@ pub struct Start {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
     /// How the threads that unpack an image are confined on this kernel (SECURITY.md).
-    pub confinement: Confinement,
+    /// Always sent; optional in the schema, as a field added to api 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confinement: Option<Confinement>,
 }
 
 /// The confinement the unpack threads install on themselves.

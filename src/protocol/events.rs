@@ -112,7 +112,7 @@ impl Events {
             driver: driver.to_owned(),
             pool: target.0.map(str::to_owned),
             volume: target.1.map(str::to_owned),
-            confinement,
+            confinement: Some(confinement),
         }));
     }
 
