@@ -154,21 +154,21 @@ fn kill_mode() -> bool {
         && std::env::var_os("REIMAGE_SECCOMP").is_some_and(|v| v == "kill")
 }
 
-fn masked_flag(arg: u8, flag: u64) -> Result<SeccompRule, String> {
-    let condition = SeccompCondition::new(
-        arg,
-        SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(flag),
-        flag,
-    )
-    .map_err(|e| e.to_string())?;
+/// A rule of one condition on argument `arg`.
+fn rule(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompRule, String> {
+    let condition = SeccompCondition::new(arg, len, op, value).map_err(|e| e.to_string())?;
     SeccompRule::new(vec![condition]).map_err(|e| e.to_string())
 }
 
+/// Argument `arg` equals `value` in its low 32 bits (as the kernel reads an ioctl request or
+/// a `prctl` option).
 fn equals(arg: u8, value: u64) -> Result<SeccompRule, String> {
-    let condition = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-        .map_err(|e| e.to_string())?;
-    SeccompRule::new(vec![condition]).map_err(|e| e.to_string())
+    rule(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
 }
 
 /// The allow-list as a BPF program: [`ALLOWED`] as they are; `clone` only for threads
@@ -180,7 +180,12 @@ fn allow_list(kill: bool) -> Result<BpfProgram, String> {
         ALLOWED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
     rules.insert(
         libc::SYS_clone,
-        vec![masked_flag(0, libc::CLONE_THREAD as u64)?],
+        vec![rule(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )?],
     );
     rules.insert(libc::SYS_clone3, Vec::new());
     rules.insert(

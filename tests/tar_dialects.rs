@@ -15,6 +15,7 @@ use std::process::Command;
 
 use common::{assert_same, gnu_manifest, Env};
 use reimage_fixtures::manifest::Ignore;
+use reimage_fixtures::rawtar::RawTar;
 use reimage_fixtures::tree::{noise, set_mtime};
 
 fn run(cmd: &mut Command) {
@@ -255,30 +256,16 @@ fn root_mtime() -> Ignore {
     }
 }
 
-/// A tar stream of raw blocks ended by two zero blocks.
-fn raw_archive(blocks: &[Vec<u8>]) -> Vec<u8> {
-    let mut out: Vec<u8> = blocks.concat();
-    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
-    out
-}
-
-/// `data` padded to whole blocks.
-fn padded(data: &[u8]) -> Vec<u8> {
-    let mut out = data.to_vec();
-    out.resize(data.len().div_ceil(512) * 512, 0);
-    out
-}
-
-/// Sets the checksum of a header block.
-fn seal(block: &mut [u8; 512]) {
-    block[148..156].copy_from_slice(b"        ");
-    let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
-    block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-}
-
-/// A star sparse member as star writes it (POSIX magic, star's time fields, the map in the
-/// header where the prefix would be): segments of `data` at `offsets`, `real` bytes in all.
-fn star_sparse(name: &[u8], segments: &[(u64, &[u8])], real: u64, in_header: bool) -> Vec<Vec<u8>> {
+/// Appends a star sparse member as star writes it (POSIX magic, star's time fields, the map
+/// in the header where the prefix would be, or only in extension blocks): `segments` of data
+/// at their offsets, `real` bytes in all.
+fn star_sparse(
+    tar: &mut RawTar,
+    name: &[u8],
+    segments: &[(u64, &[u8])],
+    real: u64,
+    in_header: bool,
+) {
     let stored: Vec<u8> = segments.iter().flat_map(|(_, d)| d.to_vec()).collect();
     let mut h = reimage_fixtures::rawtar::Header::new(b'S', name);
     h.size = stored.len() as u64;
@@ -298,7 +285,6 @@ fn star_sparse(name: &[u8], segments: &[(u64, &[u8])], real: u64, in_header: boo
     block[476..488].copy_from_slice(b"15000000000 ");
     block[488..500].copy_from_slice(b"15000000000 ");
     block[508..512].copy_from_slice(b"tar\0");
-    let mut blocks = Vec::new();
     let rest: &[[u8; 24]] = if in_header {
         let here = pairs.len().min(4);
         for (i, pair) in pairs[..here].iter().enumerate() {
@@ -309,8 +295,8 @@ fn star_sparse(name: &[u8], segments: &[(u64, &[u8])], real: u64, in_header: boo
     } else {
         &pairs
     };
-    seal(&mut block);
-    blocks.push(block.to_vec());
+    reimage_fixtures::rawtar::seal(&mut block, None);
+    tar.raw(&block);
     let chunks: Vec<&[[u8; 24]]> = rest.chunks(21).collect();
     for (i, chunk) in chunks.iter().enumerate() {
         let mut ext = [0u8; 512];
@@ -318,16 +304,9 @@ fn star_sparse(name: &[u8], segments: &[(u64, &[u8])], real: u64, in_header: boo
             ext[j * 24..j * 24 + 24].copy_from_slice(pair);
         }
         ext[504] = u8::from(i + 1 < chunks.len());
-        blocks.push(ext.to_vec());
+        tar.raw(&ext);
     }
-    blocks.push(padded(&stored));
-    blocks
-}
-
-fn plain_member(name: &[u8], data: &[u8]) -> Vec<Vec<u8>> {
-    let mut h = reimage_fixtures::rawtar::Header::new(b'0', name);
-    h.size = data.len() as u64;
-    vec![h.to_block().to_vec(), padded(data)]
+    tar.data(&stored);
 }
 
 #[test]
@@ -346,11 +325,18 @@ fn star_sparse_members_read_as_gnu_tar_reads_them() {
         .map(|(i, d)| (i as u64 * 65536, d.as_slice()))
         .collect();
     for (name, in_header) in [("in-header", true), ("extension-only", false)] {
-        let mut blocks = star_sparse(b"small", &[(4096, &a), (1 << 20, &b)], 3 << 20, in_header);
-        blocks.extend(star_sparse(b"many", &many_segments, 30 * 65536, in_header));
-        blocks.extend(plain_member(b"after", b"the member after them\n"));
+        let mut tar = RawTar::new();
+        star_sparse(
+            &mut tar,
+            b"small",
+            &[(4096, &a), (1 << 20, &b)],
+            3 << 20,
+            in_header,
+        );
+        star_sparse(&mut tar, b"many", &many_segments, 30 * 65536, in_header);
+        tar.file(b"after", b"the member after them\n");
         let image = env.image(&format!("star-{name}.tar"));
-        std::fs::write(&image, raw_archive(&blocks)).unwrap();
+        std::fs::write(&image, tar.finish()).unwrap();
         check_ignoring(&env, &image, &root_mtime());
         let small = std::fs::read(env.volume("v").join("small")).unwrap();
         // As long as the map reaches, as GNU tar makes it (not the header's 3 MiB).
@@ -361,10 +347,11 @@ fn star_sparse_members_read_as_gnu_tar_reads_them() {
     // A segment that is not whole blocks before the last: GNU tar reads the next one from a
     // block boundary, bsdtar right after it. Read two ways, so refused.
     let (c, d) = (noise(100, 5), noise(100, 6));
-    let mut blocks = star_sparse(b"odd", &[(0, &c), (4096, &d)], 8192, true);
-    blocks.extend(plain_member(b"after", b"x"));
+    let mut tar = RawTar::new();
+    star_sparse(&mut tar, b"odd", &[(0, &c), (4096, &d)], 8192, true);
+    tar.file(b"after", b"x");
     let odd = env.image("star-odd.tar");
-    std::fs::write(&odd, raw_archive(&blocks)).unwrap();
+    std::fs::write(&odd, tar.finish()).unwrap();
     env.rebuild_from("v", &odd).failed("unsafe_image", 1);
 }
 
